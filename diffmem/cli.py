@@ -1,0 +1,55 @@
+"""The shared command line of `python -m diffmem.train` and `python -m diffmem.optimum`.
+
+Bad input (unknown key, missing file, size larger than the dataset, NaN loss) ends with one line on stderr
+that names the fix and a non-zero exit; the run folder keeps whatever was already measured.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+DEFAULT_CONFIG = "experiments/digits.yaml"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set model.channels=64 (repeatable)")
+
+
+def fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def run_cli(prog: str, description: str, run, argv=None) -> int:
+    from diffmem.config import ConfigError, load_config
+    from diffmem.data import training_set
+    from diffmem.train import TrainingDiverged
+
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    add_config_arguments(parser)
+    parser.add_argument("--output", help="run folder (default runs/<name>-<time>); an existing one is resumed")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        training_set(cfg.data)   # a missing dataset or impossible size fails now, before any work
+    except ConfigError as e:
+        return fail(str(e))
+    run_dir = Path(args.output or f"runs/{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    config_file = run_dir / "config.yaml"
+    resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
+    if config_file.exists() and config_file.read_text() != resolved:
+        return fail(f"run folder {run_dir} holds a run of a different config; choose another --output")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(resolved)
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(run_dir)) as writer:
+        try:
+            return run(cfg, run_dir, writer)
+        except TrainingDiverged as e:
+            return fail(str(e), code=1)

@@ -1,0 +1,282 @@
+"""Typed configuration: dataclasses for data, model, training and evaluation.
+
+Loaded from YAML plus dotted overrides (`--set model.channels=64`). Every key is checked at load time:
+an unknown key, a wrong type or an impossible value raises `ConfigError` with one line that names the
+key and the closest valid one. Defaults are the paper's basic setup (paper.md §6): DDPM++ with VP
+preconditioning, 128 channels, 2 blocks, batch 512, lr 2e-4, 40k epochs, EMA half-life 10 epochs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message is one line that names the fix."""
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"            # digits (embedded, scikit-learn's 8x8 handwritten digits)
+    path: str | None = None            # where an on-disk dataset lives (not needed for digits)
+    resolution: int | None = None      # None: the dataset's own resolution
+    size: int = 1000                   # |D|: training-set size
+    num_classes: int | None = None     # keep only the first C classes (inter-class diversity); None: all
+    labels: str = "none"               # none | true | random | unique (paper §4 conditioning)
+    label_classes: int = 10            # C for random labels
+    seed: int | None = None            # None: file order within each class (the paper's) and random labels
+                                       # drawn with seed 1024 (the paper's); an int reseeds both
+
+
+@dataclass
+class ModelConfig:
+    precond: str = "vp"                # vp (paper's basic setup) | edm
+    channels: int = 128                # width (model_channels)
+    channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])
+    channel_mult_emb: int = 4
+    num_blocks: int = 2                # depth
+    attn_resolutions: list[int] = field(default_factory=lambda: [16])
+    dropout: float = 0.13
+    embedding: str = "positional"      # positional | fourier
+    skip_connections: list[int] | None = None   # 0/1 per encoder skip; None: all on
+
+
+@dataclass
+class TrainConfig:
+    duration: str = "40000ep"          # "<number>ep" (epochs of |D|) or "<number>kimg" (thousands of images)
+    batch_size: int = 512
+    lr: float = 2e-4
+    lr_warmup: str = "200ep"           # linear warm-up (EDM's 10 Mimg at 50k scaled to |D|, paper §6)
+    weight_decay: float = 0.0          # Adam's L2-coupled weight decay (not AdamW), paper Table 2
+    ema_halflife: str = "10ep"         # EMA half-life (paper: 0.5|D|/50 kimg = 10 epochs)
+    ema_beta: float | None = None      # fixed per-step EMA beta after ramp-up (paper Table 3); overrides halflife
+    ema_rampup: float = 0.05           # half-life <= rampup * images seen (EDM)
+    seed: int = 1024
+    device: str = "auto"               # auto | cpu | cuda
+    checkpoint_every: str = "1000ep"
+    log_every: str = "10ep"
+
+
+@dataclass
+class EvalConfig:
+    every: str = "2500kimg"            # snapshot spacing (paper: every 2.5M images)
+    num_samples: int = 10000           # generated images per evaluation, seeds 0..num_samples-1
+    batch_size: int = 1000
+    num_steps: int = 18                # EDM Heun sampler, 35 network evaluations
+    sigma_min: float = 0.002
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    threshold: float = 1 / 3           # ||x-NN1|| / ||x-NN2|| strictly below counts as memorized
+    stop_at: float | None = None       # stop training once the running max reaches this ratio
+    quantize: bool = True              # measure distances on 8-bit images, as the paper does
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+CHOICES = {
+    "data.labels": ("none", "true", "random", "unique"),
+    "model.precond": ("vp", "edm"),
+    "model.embedding": ("positional", "fourier"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ep|kimg)\s*$")
+
+
+def parse_duration(text: str, key: str = "duration") -> tuple[float, str]:
+    """'40000ep' -> (40000.0, 'ep'); '2500kimg' -> (2500.0, 'kimg')."""
+    m = _DURATION.match(str(text))
+    if not m or float(m.group(1)) <= 0:
+        raise ConfigError(f"{key}={text!r} is not a duration; write a positive number with a unit, "
+                          f"e.g. '200ep' (epochs of |D|) or '2500kimg' (thousands of images)")
+    return float(m.group(1)), m.group(2)
+
+
+def duration_images(text: str, size: int, key: str = "duration") -> int:
+    """A duration in images for a training set of `size` images."""
+    value, unit = parse_duration(text, key)
+    return max(1, round(value * size if unit == "ep" else value * 1000))
+
+
+def _closest(name: str, options, prefix: str = "") -> str:
+    near = difflib.get_close_matches(name, list(options), n=1, cutoff=0.0)
+    return f"; did you mean '{prefix}{near[0]}'?" if near else ""
+
+
+def _coerce(key: str, value, hint):
+    """Check and convert one value against its type annotation; raise one clear line if it cannot."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[1,2]")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if hint is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ConfigError(f"{key}={value!r} must be an integer")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be a string")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {hint}")
+
+
+def _build(cls, raw: dict, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix} must be a mapping of keys to values, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}"
+        if name not in hints:
+            raise ConfigError(f"unknown config key '{key}'{_closest(name, hints, prefix + '.')}")
+        kwargs[name] = _coerce(key, value, hints[name])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict) -> Config:
+    raw = dict(raw or {})
+    sections = {}
+    for name in list(raw):
+        if name in SECTIONS:
+            sections[name] = _build(SECTIONS[name], raw.pop(name) or {}, name)
+    if raw:
+        name = next(iter(raw))
+        raise ConfigError(f"unknown config section '{name}'{_closest(name, SECTIONS)}")
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'model.channels=64' -> ('model.channels', 64); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. model.channels=64")
+    key, value = text.split("=", 1)
+    value = yaml.safe_load(value) if value.strip() else None
+    if isinstance(value, str):   # YAML 1.1 reads '4e-3' as a string; a number is meant
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Set dotted keys in a nested dict (a copy). Unknown keys are caught by from_dict."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in (raw or {}).items()}
+    for key, value in overrides.items():
+        parts = key.split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key '{key}' must be section.name, e.g. model.channels")
+        section, name = parts
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section '{section}' in '{key}'{_closest(section, SECTIONS)}")
+        out.setdefault(section, {})
+        if out[section] is None:
+            out[section] = {}
+        out[section][name] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass --config experiments/digits.yaml "
+                          f"or another file under experiments/")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, train, eval)")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides=()) -> Config:
+    """Load a YAML config (or the defaults) and apply 'key=value' overrides or a {key: value} dict."""
+    raw = read_yaml(path) if path else {}
+    if not isinstance(overrides, dict):
+        overrides = dict(parse_override(o) for o in overrides)
+    return from_dict(apply_overrides(raw, overrides))
+
+
+def _check_choice(key: str, value):
+    options = CHOICES[key]
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}{_closest(str(value), options)}")
+
+
+def validate(cfg: Config) -> None:
+    """Impossible values fail here, before anything is trained."""
+    for key in CHOICES:
+        section, name = key.split(".")
+        _check_choice(key, getattr(getattr(cfg, section), name))
+    d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    positive = {"data.size": d.size, "data.label_classes": d.label_classes, "model.channels": m.channels,
+                "model.num_blocks": m.num_blocks, "model.channel_mult_emb": m.channel_mult_emb,
+                "train.batch_size": t.batch_size, "train.lr": t.lr, "eval.num_samples": e.num_samples,
+                "eval.batch_size": e.batch_size, "eval.num_steps": e.num_steps}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    if d.num_classes is not None and d.num_classes <= 0:
+        raise ConfigError(f"data.num_classes={d.num_classes} must be positive (or null for all classes)")
+    if d.resolution is not None and (d.resolution < 8 or d.resolution & (d.resolution - 1)):
+        raise ConfigError(f"data.resolution={d.resolution} must be a power of two >= 8, e.g. 8, 16 or 32")
+    if not m.channel_mult or any(c <= 0 for c in m.channel_mult):
+        raise ConfigError(f"model.channel_mult={m.channel_mult} must be a non-empty list of positive ints")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.ema_beta is not None and not 0 <= t.ema_beta < 1:
+        raise ConfigError(f"train.ema_beta={t.ema_beta} must be in [0, 1) (or null for the half-life rule)")
+    for key in ("train.duration", "train.lr_warmup", "train.ema_halflife", "train.checkpoint_every",
+                "train.log_every", "eval.every"):
+        section, name = key.split(".")
+        if key == "train.lr_warmup" and str(getattr(t, name)).strip() in ("0", "0ep", "0kimg"):
+            continue
+        parse_duration(getattr(getattr(cfg, section), name), key)
+    if not 0 < e.threshold <= 1:
+        raise ConfigError(f"eval.threshold={e.threshold} must be in (0, 1]; the paper uses 1/3")
+    if e.stop_at is not None and not 0 < e.stop_at <= 1:
+        raise ConfigError(f"eval.stop_at={e.stop_at} must be in (0, 1] or null")
+    if not 0 < e.sigma_min < e.sigma_max:
+        raise ConfigError(f"eval.sigma_min={e.sigma_min} and eval.sigma_max={e.sigma_max} need 0 < min < max")
+    if m.skip_connections is not None:
+        expected = len(m.channel_mult) * (m.num_blocks + 1)
+        if len(m.skip_connections) != expected or any(s not in (0, 1) for s in m.skip_connections):
+            raise ConfigError(f"model.skip_connections has {len(m.skip_connections)} entries, expected {expected} "
+                              f"= len(channel_mult) * (num_blocks + 1) zeros and ones; e.g. {[1] * expected}")

@@ -1,0 +1,196 @@
+"""Train one EDM model on one training subset and measure how much it memorizes.
+
+The paper's procedure (paper.md §6): Adam with L2 weight decay, linear lr warm-up, EMA, no augmentation,
+one fixed shuffle cycled every epoch; a snapshot every `eval.every`, whose EMA model is sampled and scored;
+the reported number is the highest memorization ratio over snapshots. Once that running maximum reaches
+`eval.stop_at` the answer cannot change, so training may stop there.
+
+    python -m diffmem.train --config experiments/digits.yaml --set data.size=64
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from diffmem.config import Config, duration_images
+from diffmem.data import TrainingSet, grid_array, save_grid, training_set
+from diffmem.edm import PRECONDITIONERS, denoising_loss
+from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
+from diffmem.networks import DDPMpp
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite: this training's result would be garbage."""
+
+
+@dataclass
+class TrainResult:
+    best_mem_ratio: float
+    images_seen: int
+    steps: int
+    stopped_early: bool
+    history: list = field(default_factory=list)   # one dict per evaluation
+    train_seconds: float = 0.0
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def build_denoiser(cfg: Config, train_set: TrainingSet) -> torch.nn.Module:
+    m = cfg.model
+    channels, resolution = train_set.images.shape[1], train_set.images.shape[-1]
+    net = DDPMpp(img_resolution=resolution, in_channels=channels, out_channels=channels,
+                 label_dim=train_set.label_dim, model_channels=m.channels, channel_mult=m.channel_mult,
+                 channel_mult_emb=m.channel_mult_emb, num_blocks=m.num_blocks,
+                 attn_resolutions=m.attn_resolutions, dropout=m.dropout, embedding=m.embedding,
+                 skip_connections=m.skip_connections)
+    return PRECONDITIONERS[m.precond](net)
+
+
+def ema_beta(cfg: Config, batch: int, images_seen: int, size: int) -> float:
+    """EDM's EMA with the paper's scaling: half-life in epochs of |D|, ramped up to <= rampup * images seen."""
+    t = cfg.train
+    rampup = images_seen * t.ema_rampup if t.ema_rampup else math.inf
+    beta_ramp = 0.5 ** (batch / max(rampup, 1e-8))
+    if t.ema_beta is not None:           # paper Table 3: a fixed beta after the ramp-up
+        return min(t.ema_beta, beta_ramp)
+    halflife = min(duration_images(t.ema_halflife, size), rampup)
+    return 0.5 ** (batch / max(halflife, 1e-8))
+
+
+def train(cfg: Config, run_dir: str | Path | None = None,
+          report: Callable[[dict, Path | None], None] | None = None, writer=None, log=print) -> TrainResult:
+    """Train cfg on its subset; resume from run_dir/checkpoint.pt if present. report(metrics, checkpoint)
+    is called after every evaluation (the sweep layer forwards it; this package knows nothing of Ray)."""
+    t, e = cfg.train, cfg.eval
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    data = training_set(cfg.data)
+    images = data.images.to(device)
+    labels = None if data.labels is None else data.labels.to(device)
+    n, batch = len(images), t.batch_size
+    total = duration_images(t.duration, n, "train.duration")
+    warmup = 0 if str(t.lr_warmup).strip() in ("0", "0ep", "0kimg") else duration_images(t.lr_warmup, n)
+    eval_every = duration_images(e.every, n, "eval.every")
+    log_every = duration_images(t.log_every, n, "train.log_every")
+
+    denoiser = build_denoiser(cfg, data).to(device).train()
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+    noise_rng = torch.Generator(device=device).manual_seed(t.seed)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
+    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0}
+
+    run_dir = Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
+    if ckpt_path is not None and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        denoiser.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        noise_rng.set_state(ckpt["noise_rng"].to(noise_rng.get_state().device))
+        torch.set_rng_state(ckpt["torch_rng"])
+        state = ckpt["state"]
+        log(f"resumed from {ckpt_path} at {state['images_seen']} images")
+
+    def stopped():
+        return e.stop_at is not None and state["best"] >= e.stop_at
+
+    next_eval = (state["images_seen"] // eval_every + 1) * eval_every
+    next_log = (state["images_seen"] // log_every + 1) * log_every
+    tic, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+    while state["images_seen"] < total and not stopped():
+        idx = order[(torch.arange(batch, device=device) + state["images_seen"]) % n]
+        lr = t.lr * min(state["images_seen"] / warmup, 1.0) if warmup else t.lr
+        for g in opt.param_groups:
+            g["lr"] = lr
+        loss = denoising_loss(denoiser, images[idx], None if labels is None else labels[idx], noise_rng).mean()
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss.item()} at step {state['step']} ({state['images_seen']} images "
+                                   f"seen); lower train.lr (now {t.lr:g}) or check the data")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for p in denoiser.parameters():   # EDM/paper: sanitise NaN/Inf gradients
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        opt.step()
+        state["step"] += 1
+        state["images_seen"] += batch
+        beta = ema_beta(cfg, batch, state["images_seen"], n)
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
+                p_ema.lerp_(p, 1 - beta)
+        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+
+        if state["images_seen"] >= next_log:
+            next_log += log_every
+            if writer is not None:
+                writer.add_scalar("train/loss", loss_sum / loss_count, state["images_seen"])
+                writer.add_scalar("train/lr", lr, state["images_seen"])
+            loss_sum, loss_count = 0.0, 0
+
+        if state["images_seen"] >= next_eval or state["images_seen"] >= total:
+            next_eval += eval_every
+            state["train_seconds"] += time.perf_counter() - tic
+            result = evaluate_denoiser(ema, data, e, data.label_dim, device=device)
+            state["best"] = max(state["best"], result.ratio)
+            metrics = {"images_seen": state["images_seen"], "epoch": state["images_seen"] / n, "step": state["step"],
+                       "loss": loss.item(), "lr": lr, "mem_ratio": result.ratio, "best_mem_ratio": state["best"],
+                       "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9)}
+            state["history"].append(metrics)
+            saved = None
+            if ckpt_path is not None:
+                saved = _save_checkpoint(ckpt_path, denoiser, ema, opt, noise_rng, state)
+            if writer is not None:
+                for key in ("mem_ratio", "best_mem_ratio", "images_per_sec"):
+                    writer.add_scalar(f"memorization/{key}" if "mem" in key else f"train/{key}",
+                                      metrics[key], state["images_seen"])
+                writer.add_image("samples/generated_nn1_nn2", grid_array(nn_grid_rows(result, data)),
+                                 state["images_seen"], dataformats="HWC")
+            if run_dir is not None:
+                save_grid(run_dir / "samples.png", nn_grid_rows(result, data))
+            log(f"{state['images_seen']:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "
+                f"mem_ratio {result.ratio:.4f}  best {state['best']:.4f}")
+            if report is not None:
+                report(metrics, saved)
+            tic = time.perf_counter()
+    state["train_seconds"] += time.perf_counter() - tic
+    return TrainResult(state["best"], state["images_seen"], state["step"], stopped() and state["images_seen"] < total,
+                       state["history"], state["train_seconds"])
+
+
+def _save_checkpoint(path: Path, denoiser, ema, opt, noise_rng, state) -> Path:
+    """Model, EMA, optimizer, step and RNG state; written to a temporary name, then renamed (atomic)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None) -> int:
+    from diffmem.cli import run_cli
+
+    def run(cfg, run_dir, writer):
+        result = train(cfg, run_dir, writer=writer)
+        print(f"|D|={cfg.data.size}: best memorization ratio {result.best_mem_ratio:.4f} over "
+              f"{len(result.history)} evaluations, {result.images_seen} images, {result.train_seconds:.1f} s"
+              f"{' (stopped early)' if result.stopped_early else ''}; run folder {run_dir}")
+        return 0
+
+    return run_cli("diffmem.train", "train one EDM model and print its memorization ratio", run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

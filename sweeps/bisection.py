@@ -1,0 +1,429 @@
+"""Search for the effective model memorization (EMM) of each grid point: pure Python, no Ray.
+
+EMM_eps = the largest training-set size |D| whose training still memorizes, i.e. whose best
+(running-max over snapshots) memorization ratio is >= 1 - eps (paper.md §3; the paper uses eps = 0.1).
+The paper finds it with a grid over |D|; here each grid point (one value of a swept factor) gets a
+bracket over the allowed sizes that is narrowed by bisection in log |D|:
+
+- `low`  = largest size known to memorize, `high` = smallest size known not to.
+- Robustness rule for noisy, non-monotone curves: `high` is the smallest size observed not to memorize,
+  and `low` is the largest memorizing size *below* `high`. Memorizing sizes above `high` are kept in the
+  observations but do not move the bracket, so the EMM estimate (= `low`) is conservative.
+- Resolved when high / low <= 1 + tolerance, or when low and high are neighbours among the allowed sizes.
+- The initial range (lo, hi) is trusted: its ends are treated as if lo memorizes and hi does not, so the
+  interior is bisected first and an end is only trained when the crossing may lie beyond it. If it
+  does, the bracket expands by `expand_factor` (doubling / halving), and an expansion end is trained
+  first (exponential search). It is censored when it cannot expand: ">=max" (the largest allowed size
+  memorizes) or "<min" (the smallest allowed size does not).
+- With several free workers per grid point, a bracket is split into k+1 equal parts in log |D| (k-section)
+  instead of two; extra workers go to the widest gaps.
+- A failed training frees its size for re-proposal; after `max_failures` failures at the same size the
+  grid point is `unresolved` and stops.
+
+`EMMSearchState` holds one `SizeBracket` per grid point, plans the probes for the free workers
+(`propose`), takes results in any order (`start`, `observe`, `fail`, `cancel`) and round-trips through a
+versioned JSON-compatible dict (`to_dict` / `from_dict`).
+"""
+from __future__ import annotations
+
+import bisect
+import copy
+import math
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+
+# Grid-point statuses. The last three are what summary() calls "censored".
+OPEN, RESOLVED = "open", "resolved"
+AT_LEAST_MAX, BELOW_MIN, UNRESOLVED = ">=max", "<min", "unresolved"
+DONE_STATUSES = (RESOLVED, AT_LEAST_MAX, BELOW_MIN, UNRESOLVED)
+
+# How a bracket end is known: observed, assumed from the initial range, or a not-yet-tested expansion.
+KNOWN, INITIAL, EXPANSION = "known", "initial", "expansion"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """What every bracket shares: the allowed sizes, the initial range and the stopping rules."""
+    allowed_sizes: tuple[int, ...]
+    lo_index: int                  # initial range, as indices into allowed_sizes
+    hi_index: int
+    epsilon: float = 0.1           # memorized iff best ratio >= 1 - epsilon (paper: 0.1)
+    tolerance: float = 0.1         # resolved when high / low <= 1 + tolerance
+    max_failures: int = 2          # failures at one size before the grid point is unresolved
+    expand_factor: float = 2.0     # growth per expansion step beyond the initial range
+
+    @classmethod
+    def build(cls, allowed_sizes, size_range, **rules) -> "SearchSettings":
+        sizes = sorted({int(s) for s in allowed_sizes})
+        if not sizes or sizes[0] <= 0:
+            raise ValueError(f"allowed_sizes must hold positive integers, got {list(allowed_sizes)[:5]}...")
+        lo, hi = size_range
+        if not 0 < lo <= hi:
+            raise ValueError(f"size_range must be (lo, hi) with 0 < lo <= hi, got {size_range}")
+        lo_index, hi_index = _nearest_index(sizes, lo), _nearest_index(sizes, hi)
+        if hi_index <= lo_index:   # both ends snapped onto one size: widen by one step
+            if lo_index + 1 < len(sizes):
+                hi_index = lo_index + 1
+            else:
+                lo_index = max(0, hi_index - 1)
+        settings = cls(tuple(sizes), lo_index, hi_index, **rules)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        if not 0 < self.epsilon < 1:
+            raise ValueError(f"epsilon must lie in (0, 1), got {self.epsilon}")
+        if self.tolerance <= 0:
+            raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
+        if self.max_failures < 1:
+            raise ValueError(f"max_failures must be >= 1, got {self.max_failures}")
+        if self.expand_factor <= 1:
+            raise ValueError(f"expand_factor must be > 1, got {self.expand_factor}")
+
+    def memorized(self, best_ratio: float) -> bool:
+        return best_ratio >= 1 - self.epsilon
+
+    def index_of(self, size: int) -> int:
+        i = bisect.bisect_left(self.allowed_sizes, size)
+        if i == len(self.allowed_sizes) or self.allowed_sizes[i] != size:
+            raise ValueError(f"size {size} is not one of the allowed sizes")
+        return i
+
+    def log_width(self, a: int, b: int) -> float:
+        return math.log(self.allowed_sizes[b] / self.allowed_sizes[a])
+
+    def narrow_enough(self, a: int, b: int) -> bool:
+        """A bracket (a, b) of indices needs no further splitting."""
+        return b - a <= 1 or self.allowed_sizes[b] <= (1 + self.tolerance) * self.allowed_sizes[a]
+
+    def expand_up(self, i: int) -> int:
+        """The allowed size about expand_factor times sizes[i] (at least one step up, at most the max)."""
+        j = bisect.bisect_left(self.allowed_sizes, self.allowed_sizes[i] * self.expand_factor)
+        return max(i + 1, min(j, len(self.allowed_sizes) - 1))
+
+    def expand_down(self, i: int) -> int:
+        j = bisect.bisect_right(self.allowed_sizes, self.allowed_sizes[i] / self.expand_factor) - 1
+        return min(i - 1, max(j, 0))
+
+    def to_dict(self) -> dict:
+        return {"allowed_sizes": list(self.allowed_sizes),
+                "size_range": [self.allowed_sizes[self.lo_index], self.allowed_sizes[self.hi_index]],
+                "epsilon": self.epsilon, "tolerance": self.tolerance,
+                "max_failures": self.max_failures, "expand_factor": self.expand_factor}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SearchSettings":
+        return cls.build(d["allowed_sizes"], tuple(d["size_range"]), epsilon=d["epsilon"],
+                         tolerance=d["tolerance"], max_failures=d["max_failures"],
+                         expand_factor=d["expand_factor"])
+
+
+def _nearest_index(sizes, target: float, candidates: range | None = None) -> int:
+    """Index of the size nearest `target` in log space (ties go to the smaller size)."""
+    candidates = candidates if candidates is not None else range(len(sizes))
+    lo, hi = candidates.start, candidates.stop - 1
+    j = min(max(bisect.bisect_left(sizes, target, lo, hi + 1), lo), hi)
+    if j > lo and abs(math.log(sizes[j - 1] / target)) <= abs(math.log(sizes[j] / target)):
+        return j - 1
+    return j
+
+
+@dataclass
+class ProbeOptions:
+    """Where a bracket could use a training now."""
+    ends: list[int]                  # untested bracket ends to train (expansion ends, exhausted initial ends)
+    gaps: list[tuple[int, int]]      # open intervals worth splitting: (index, index) of their ends
+
+
+class SizeBracket:
+    """The search at one grid point: observations, pending trainings and failures over allowed sizes."""
+
+    def __init__(self, settings: SearchSettings):
+        self.settings = settings
+        self.observations: list[tuple[int, float, bool, float]] = []   # (size, best_ratio, memorized, images)
+        self.pending: dict[int, int] = {}     # size -> number of trainings running at that size
+        self.failures: dict[int, int] = {}    # size -> failed trainings at that size
+        self.error: str | None = None         # set once the grid point is unresolved
+
+    # ---- what is known ----
+    def known_ends(self) -> tuple[int | None, int | None]:
+        """(low, high) as indices: the robust rule of the module docstring."""
+        index_of = self.settings.index_of
+        not_memorized = [index_of(s) for s, _, mem, _ in self.observations if not mem]
+        high = min(not_memorized) if not_memorized else None
+        memorized = [index_of(s) for s, _, mem, _ in self.observations
+                     if mem and (high is None or index_of(s) < high)]
+        low = max(memorized) if memorized else None
+        return low, high
+
+    @property
+    def low(self) -> int | None:
+        low, _ = self.known_ends()
+        return None if low is None else self.settings.allowed_sizes[low]
+
+    @property
+    def high(self) -> int | None:
+        _, high = self.known_ends()
+        return None if high is None else self.settings.allowed_sizes[high]
+
+    @property
+    def status(self) -> str:
+        if self.error is not None:
+            return UNRESOLVED
+        low, high = self.known_ends()
+        if low == len(self.settings.allowed_sizes) - 1:
+            return AT_LEAST_MAX
+        if low is None and high == 0:
+            return BELOW_MIN
+        if low is not None and high is not None and self.settings.narrow_enough(low, high):
+            return RESOLVED
+        return OPEN
+
+    @property
+    def done(self) -> bool:
+        return self.status in DONE_STATUSES
+
+    def edges(self) -> tuple[int, str, int, str]:
+        """(lo, lo_kind, hi, hi_kind): the interval still searched, with virtual ends where unknown."""
+        s = self.settings
+        low, high = self.known_ends()
+        if low is not None:
+            lo, lo_kind = low, KNOWN
+        elif high is None or high > s.lo_index:
+            lo, lo_kind = s.lo_index, INITIAL
+        else:                                   # everything tried so far failed: look lower
+            lo, lo_kind = s.expand_down(high), EXPANSION
+        if high is not None:
+            hi, hi_kind = high, KNOWN
+        elif low is None or low < s.hi_index:
+            hi, hi_kind = s.hi_index, INITIAL
+        else:                                   # everything tried so far memorized: look higher
+            hi, hi_kind = s.expand_up(low), EXPANSION
+        return lo, lo_kind, hi, hi_kind
+
+    def width(self) -> float:
+        lo, _, hi, _ = self.edges()
+        return self.settings.log_width(lo, hi)
+
+    def pending_indices(self) -> set[int]:
+        return {self.settings.index_of(s) for s, n in self.pending.items() if n > 0}
+
+    def taken_indices(self) -> set[int]:
+        """Sizes that must not be proposed: running or already observed."""
+        return self.pending_indices() | {self.settings.index_of(s) for s, *_ in self.observations}
+
+    def probe_options(self) -> ProbeOptions:
+        if self.status != OPEN:
+            return ProbeOptions([], [])
+        lo, lo_kind, hi, hi_kind = self.edges()
+        taken = self.taken_indices()
+        pending = self.pending_indices()
+        # running probes inside the interval split it; each part is a gap of its own
+        points = [lo] + sorted(p for p in pending if lo < p < hi) + [hi]
+        gaps = [(a, b) for a, b in zip(points, points[1:])
+                if not self.settings.narrow_enough(a, b) and any(k not in taken for k in range(a + 1, b))]
+        ends = []
+        for end, kind in ((hi, hi_kind), (lo, lo_kind)):
+            if kind == KNOWN or end in taken or end in ends:
+                continue
+            # an expansion end is tested first; an initial end once the interior is used up
+            if kind == EXPANSION or not gaps:
+                ends.append(end)
+        return ProbeOptions(ends, gaps)
+
+    # ---- updates ----
+    def start(self, size: int) -> None:
+        self.settings.index_of(size)
+        self.pending[size] = self.pending.get(size, 0) + 1
+
+    def _release(self, size: int) -> None:
+        if self.pending.get(size, 0) > 0:
+            self.pending[size] -= 1
+            if self.pending[size] == 0:
+                del self.pending[size]
+
+    def observe(self, size: int, best_ratio: float, images: float = 0.0) -> None:
+        self.settings.index_of(size)
+        self._release(size)
+        memorized = self.settings.memorized(best_ratio)
+        self.observations.append((size, float(best_ratio), memorized, float(images)))
+
+    def fail(self, size: int, error: str = "") -> None:
+        self.settings.index_of(size)
+        self._release(size)
+        self.failures[size] = self.failures.get(size, 0) + 1
+        # a late failure of a leftover probe does not undo a finished grid point
+        if self.status == OPEN and self.failures[size] >= self.settings.max_failures:
+            self.error = f"size {size} failed {self.failures[size]} times; last error: {error or 'unknown'}"
+
+    def cancel(self, size: int) -> None:
+        """A training that was stopped without a result: its size may be proposed again."""
+        self._release(size)
+
+    # ---- reporting and persistence ----
+    def summary(self) -> dict:
+        status = self.status
+        return {"emm": self.low, "low": self.low, "high": self.high,
+                "censored": status if status in (AT_LEAST_MAX, BELOW_MIN, UNRESOLVED) else "",
+                "status": status,
+                "trials": len(self.observations) + sum(self.failures.values()),
+                "images": sum(images for *_, images in self.observations),
+                "observations": [(s, r, m) for s, r, m, _ in self.observations],
+                "pending": sorted(s for s, n in self.pending.items() for _ in range(n)),
+                "error": self.error}
+
+    def to_dict(self) -> dict:
+        return {"observations": [list(o) for o in self.observations],
+                "pending": sorted([s, n] for s, n in self.pending.items()),
+                "failures": sorted([s, n] for s, n in self.failures.items()),
+                "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict, settings: SearchSettings) -> "SizeBracket":
+        bracket = cls(settings)
+        bracket.observations = [(int(s), float(r), bool(m), float(i)) for s, r, m, i in d["observations"]]
+        bracket.pending = {int(s): int(n) for s, n in d["pending"]}
+        bracket.failures = {int(s): int(n) for s, n in d["failures"]}
+        bracket.error = d["error"]
+        return bracket
+
+
+class EMMSearchState:
+    """One SizeBracket per grid point, plus the planner that shares free workers among them."""
+
+    def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
+                 max_failures: int = 2, expand_factor: float = 2.0):
+        """grid_points: dicts with at least "label" and "value" (other keys, e.g. overrides, are kept)."""
+        self.grid_points = [copy.deepcopy(dict(g)) for g in grid_points]
+        if not self.grid_points:
+            raise ValueError("need at least one grid point")
+        for g in self.grid_points:
+            if "label" not in g:
+                raise ValueError(f"grid point {g} has no 'label'")
+        self.settings = SearchSettings.build(allowed_sizes, size_range, epsilon=epsilon, tolerance=tolerance,
+                                             max_failures=max_failures, expand_factor=expand_factor)
+        self.brackets = [SizeBracket(self.settings) for _ in self.grid_points]
+
+    # ---- queries ----
+    @property
+    def finished(self) -> bool:
+        """Every grid point is resolved, censored or unresolved."""
+        return all(b.done for b in self.brackets)
+
+    def pending_count(self) -> int:
+        return sum(sum(b.pending.values()) for b in self.brackets)
+
+    # ---- planning ----
+    def propose(self, free_slots: int) -> list[tuple[int, int]]:
+        """Up to `free_slots` new (grid_index, size) probes. Pure: call start() for the ones launched.
+
+        1. every open grid point with nothing running gets one probe, widest bracket first;
+        2. bracket ends still to test get a probe (expansion ends, or initial ends once the inside is used);
+        3. further slots split the widest gaps (log ratio) again: a gap with n probes is cut into n + 1
+           equal parts in log |D| (k-section), so idle workers shorten the search.
+        """
+        options = {i: b.probe_options() for i, b in enumerate(self.brackets)}
+        options = {i: o for i, o in options.items() if o.ends or o.gaps}
+        rank = {i: r for r, i in enumerate(sorted(options, key=lambda i: (-self.brackets[i].width(), i)))}
+        ends_left = {i: list(o.ends) for i, o in options.items()}
+        room = {(i, gap): self._free_inside(i, gap) for i, o in options.items() for gap in o.gaps}
+        per_gap: dict[tuple[int, tuple[int, int]], int] = {}
+        units: list[tuple[int, str, object]] = []     # (grid index, "end" | "gap", index | gap)
+
+        def best_gap(indices):
+            """The gap whose parts would stay widest, among the given grid points."""
+            candidates = [(key, self.settings.log_width(*key[1]) / (per_gap.get(key, 0) + 1))
+                          for key in room if key[0] in indices and per_gap.get(key, 0) < len(room[key])]
+            if not candidates:
+                return None
+            return max(candidates, key=lambda c: (c[1], -rank[c[0][0]], -c[0][1][0]))[0]
+
+        def add_gap_probe(key):
+            per_gap[key] = per_gap.get(key, 0) + 1
+            units.append((key[0], "gap", key[1]))
+
+        slots = max(0, int(free_slots))
+        for i in sorted(options, key=rank.get):                         # 1. one each, widest first
+            if slots and not self.brackets[i].pending:
+                if ends_left[i]:
+                    units.append((i, "end", ends_left[i].pop(0)))
+                else:
+                    add_gap_probe(best_gap({i}))
+                slots -= 1
+        for i in sorted(options, key=rank.get):                         # 2. ends to test
+            while slots and ends_left[i]:
+                units.append((i, "end", ends_left[i].pop(0)))
+                slots -= 1
+        while slots:                                                    # 3. k-section of the widest gaps
+            key = best_gap(set(options))
+            if key is None:
+                break
+            add_gap_probe(key)
+            slots -= 1
+
+        # place the probes: n per gap at the allowed sizes nearest the k-section points
+        placed = {key: self._k_section(room[key], key[1], n) for key, n in per_gap.items()}
+        proposals = []
+        for i, kind, where in units:
+            index = where if kind == "end" else placed[(i, where)].pop(0)
+            proposals.append((i, self.settings.allowed_sizes[index]))
+        return proposals
+
+    def _free_inside(self, i: int, gap: tuple[int, int]) -> list[int]:
+        taken = self.brackets[i].taken_indices()
+        return [k for k in range(gap[0] + 1, gap[1]) if k not in taken]
+
+    def _k_section(self, free: list[int], gap: tuple[int, int], n: int) -> list[int]:
+        """n distinct indices from `free` nearest the points cutting the gap into n + 1 equal log parts,
+        ordered from the gap's centre outwards (the probe that halves the gap is launched first)."""
+        sizes = self.settings.allowed_sizes
+        free_sizes = [sizes[k] for k in free]
+        log_a, log_b = math.log(sizes[gap[0]]), math.log(sizes[gap[1]])
+        chosen, previous = [], -1
+        for j in range(1, n + 1):
+            target = math.exp(log_a + j * (log_b - log_a) / (n + 1))
+            # keep the choices increasing and leave room for the probes still to place
+            position = _nearest_index(free_sizes, target, range(previous + 1, len(free) - (n - j)))
+            chosen.append(free[position])
+            previous = position
+        centre = (log_a + log_b) / 2
+        return sorted(chosen, key=lambda k: (abs(math.log(sizes[k]) - centre), k))
+
+    # ---- updates (sizes are training-set sizes, not indices) ----
+    def start(self, grid_index: int, size: int) -> None:
+        self.brackets[grid_index].start(size)
+
+    def observe(self, grid_index: int, size: int, best_ratio: float, images: float = 0.0) -> None:
+        self.brackets[grid_index].observe(size, best_ratio, images)
+
+    def fail(self, grid_index: int, size: int, error: str = "") -> None:
+        self.brackets[grid_index].fail(size, error)
+
+    def cancel(self, grid_index: int, size: int) -> None:
+        self.brackets[grid_index].cancel(size)
+
+    # ---- reporting and persistence ----
+    def summary(self) -> list[dict]:
+        return [{"label": g["label"], "value": g.get("value"), **b.summary()}
+                for g, b in zip(self.grid_points, self.brackets)]
+
+    def to_dict(self) -> dict:
+        return {"format": "diffmem.EMMSearchState", "version": FORMAT_VERSION,
+                "settings": self.settings.to_dict(),
+                "grid_points": copy.deepcopy(self.grid_points),
+                "brackets": [b.to_dict() for b in self.brackets]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EMMSearchState":
+        if d.get("format") != "diffmem.EMMSearchState" or d.get("version") != FORMAT_VERSION:
+            raise ValueError(f"cannot restore search state format {d.get('format')!r} version "
+                             f"{d.get('version')!r}; this code reads version {FORMAT_VERSION}")
+        s = d["settings"]
+        state = cls(d["grid_points"], s["allowed_sizes"], tuple(s["size_range"]), epsilon=s["epsilon"],
+                    tolerance=s["tolerance"], max_failures=s["max_failures"],
+                    expand_factor=s["expand_factor"])
+        if len(d["brackets"]) != len(state.grid_points):
+            raise ValueError(f"{len(d['brackets'])} brackets saved for {len(state.grid_points)} grid points")
+        state.brackets = [SizeBracket.from_dict(b, state.settings) for b in d["brackets"]]
+        return state

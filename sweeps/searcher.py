@@ -1,0 +1,169 @@
+"""Ray Tune Searcher that runs the EMM search (sweeps/bisection.py) over several grid points at once.
+
+Each Tune trial trains one model at one training-set size |D| for one grid point and reports its best
+(running-max) memorization ratio; the trial is "memorized" iff that ratio >= 1 - epsilon (paper.md §3).
+
+Ray 2.60 behaviour this relies on (read in ray/tune/search/{searcher,search_generator}.py and
+ray/tune/execution/tune_controller.py):
+- `suggest` returning None means "nothing now, ask again later"; returning `Searcher.FINISHED` is sticky:
+  the SearchGenerator never calls suggest again, but trials already running finish and are still passed
+  to `on_trial_complete`.
+- `on_trial_complete(trial_id, result, error)` gets `result = flatten_dict(trial.last_result)`: the last
+  reported dict plus Tune's auto-filled keys, with nested dicts flattened by "/" ("config/size", ...).
+  A trial that errors (after Tune's own retries) arrives with result=None, error=True; a trial stopped
+  before it ran (PENDING/PAUSED) arrives with result=None, error=False.
+- `TuneConfig(max_concurrent_trials=N)` wraps the searcher in a ConcurrencyLimiter, which calls
+  `set_max_concurrency(N)`; returning True hands the limit to this class (it plans k-section probes
+  for N workers). Without that setting Tune keeps only one trial pending at a time for custom searchers.
+- Tune calls `save(path)` on every experiment snapshot and `restore(path)` in `Tuner.restore`, on the
+  searcher unpickled from tuner.pkl. The class must live in an importable module (this one) so it is
+  pickled by reference. State is only as fresh as the last snapshot, so ids may come back unknown or twice.
+"""
+from __future__ import annotations
+
+import copy
+import glob
+import json
+import logging
+import math
+import os
+
+from ray.tune.search import Searcher
+
+from sweeps.bisection import EMMSearchState
+
+logger = logging.getLogger(__name__)
+
+SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
+
+
+def load_experiment_state(experiment_dir: str) -> EMMSearchState:
+    """The search state of the newest snapshot in a Tune experiment dir (searcher-state-<time>.pkl, which
+    holds our JSON). Use it after `Tuner.restore(...).fit()`, where the restored searcher object is not
+    reachable through Ray's public API."""
+    paths = glob.glob(os.path.join(experiment_dir, Searcher.CKPT_FILE_TMPL.format("*")))
+    if not paths:
+        raise FileNotFoundError(f"no searcher state in {experiment_dir}")
+    with open(max(paths)) as f:         # the timestamped names sort in time order (as Ray picks them)
+        saved = json.load(f)
+    if saved.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{max(paths)} was not written by EMMSearcher")
+    return EMMSearchState.from_dict(saved["state"])
+
+
+class EMMSearcher(Searcher):
+    """Suggests {"grid_index", "grid_label", "grid_value", "overrides", "size"} trial configs."""
+
+    def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
+                 max_concurrent: int = 2, metric: str = "best_mem_ratio", mode: str = "max",
+                 max_failures: int = 2):
+        if mode != "max":
+            raise ValueError(f"EMMSearcher compares the memorization ratio against 1 - epsilon, so mode must "
+                             f"be 'max', got {mode!r}")
+        super().__init__(metric=metric, mode=mode)
+        if int(max_concurrent) < 1:
+            raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        self.max_concurrent = int(max_concurrent)
+        self.state = EMMSearchState(grid_points, allowed_sizes, size_range, epsilon=epsilon,
+                                    tolerance=tolerance, max_failures=max_failures)
+        self._running: dict[str, tuple[int, int]] = {}    # trial_id -> (grid_index, size)
+        self._completed: set[str] = set()                 # ids whose completion was counted
+        self._plan: list[tuple[int, int]] = []            # planned for the free slots, not yet launched
+
+    # ---- Tune hooks ----
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        self.max_concurrent = int(max_concurrent)
+        self._plan.clear()
+        return True     # we limit concurrency ourselves (and plan k-section probes for that many workers)
+
+    def suggest(self, trial_id: str):
+        if self.state.finished:
+            return Searcher.FINISHED
+        free = self.max_concurrent - len(self._running)
+        if free <= 0 or trial_id in self._running or trial_id in self._completed:
+            return None
+        probe = self._next_probe(free)
+        if probe is None:
+            return None          # waiting for running trials
+        grid_index, size = probe
+        self.state.start(grid_index, size)
+        self._running[trial_id] = probe
+        point = self.state.grid_points[grid_index]
+        return {"grid_index": grid_index, "grid_label": point["label"], "grid_value": point.get("value"),
+                "overrides": copy.deepcopy(point.get("overrides", {})), "size": size}
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed:
+            logger.debug("EMMSearcher: trial %s completed twice; ignoring the second", trial_id)
+            return
+        probe = self._running.pop(trial_id, None) or self._adopt(trial_id, result)
+        if probe is None:
+            logger.debug("EMMSearcher: ignoring unknown trial %s", trial_id)
+            return
+        self._completed.add(trial_id)
+        self._plan.clear()           # new information: plan again
+        grid_index, size = probe
+        if error:
+            self.state.fail(grid_index, size, f"trial {trial_id} errored")
+        elif result is None:
+            self.state.cancel(grid_index, size)       # stopped before it ran: propose the size again
+        else:
+            ratio = result.get(self.metric)
+            if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+                self.state.fail(grid_index, size, f"trial {trial_id} reported {self.metric}={ratio!r}")
+            else:
+                images = float(result.get("images_seen") or 0)
+                self.state.observe(grid_index, size, float(ratio), images=images)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.to_dict(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.load_dict(json.load(f))
+
+    # ---- helpers ----
+    def to_dict(self) -> dict:
+        return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "metric": self.metric,
+                "state": self.state.to_dict(),
+                "running": {tid: list(p) for tid, p in self._running.items()},
+                "completed": sorted(self._completed)}
+
+    def load_dict(self, d: dict) -> None:
+        if d.get("format") != SAVE_FORMAT or d.get("version") != SAVE_VERSION:
+            raise ValueError(f"cannot restore searcher state {d.get('format')!r} "
+                             f"version {d.get('version')!r}; "
+                             f"this code reads {SAVE_FORMAT!r} version {SAVE_VERSION}")
+        self._metric = d["metric"]
+        self.state = EMMSearchState.from_dict(d["state"])
+        self._running = {tid: (int(g), int(s)) for tid, (g, s) in d["running"].items()}
+        self._completed = set(d["completed"])
+        self._plan = []
+
+    def _next_probe(self, free: int) -> tuple[int, int] | None:
+        """The next probe of the current plan. The plan covers all free slots at once, so that several
+        probes for one bracket are k-section points rather than repeated halvings."""
+        if not self._plan:
+            self._plan = self.state.propose(free)
+        return self._plan.pop(0) if self._plan else None
+
+    def _adopt(self, trial_id: str, result: dict | None) -> tuple[int, int] | None:
+        """A trial we never suggested but whose config is ours: Tune restarted a trial under a new id
+        (Tuner.restore with restart_errored=True, or a trial suggested after the last snapshot)."""
+        if not result:
+            return None
+        config = result.get("config") if isinstance(result.get("config"), dict) else {}
+        grid_index = result.get("config/grid_index", config.get("grid_index"))
+        size = result.get("config/size", config.get("size"))
+        if not isinstance(grid_index, int) or not isinstance(size, int):
+            return None
+        if not 0 <= grid_index < len(self.state.brackets) or size not in self.state.settings.allowed_sizes:
+            return None
+        # the old id of a restarted trial will never report: forget it so its slot is freed
+        for old_id, probe in list(self._running.items()):
+            if probe == (grid_index, size):
+                del self._running[old_id]
+                break
+        logger.debug("EMMSearcher: adopting trial %s as grid point %d, size %d", trial_id, grid_index, size)
+        return grid_index, size

@@ -1,0 +1,54 @@
+"""Config loading: YAML plus dotted overrides; every mistake is one line naming the key and the fix."""
+import pytest
+
+from diffmem.config import ConfigError, duration_images, load_config, parse_duration
+from diffmem.data import training_set
+
+DIGITS = "experiments/digits.yaml"
+
+
+def test_defaults_are_the_papers_basic_setup():
+    cfg = load_config()
+    assert (cfg.model.precond, cfg.model.channels, cfg.model.num_blocks, cfg.model.channel_mult) == ("vp", 128, 2, [2, 2, 2])
+    assert (cfg.train.batch_size, cfg.train.lr, cfg.train.duration, cfg.model.dropout) == (512, 2e-4, "40000ep", 0.13)
+    assert cfg.eval.num_samples == 10000 and cfg.eval.threshold == pytest.approx(1 / 3)
+
+
+def test_yaml_plus_overrides():
+    cfg = load_config(DIGITS, ["model.channels=64", "model.channel_mult=[1,1]", "data.labels=random", "train.ema_beta=0.9"])
+    assert cfg.model.channels == 64 and cfg.model.channel_mult == [1, 1]
+    assert cfg.data.labels == "random" and cfg.train.ema_beta == 0.9
+    assert load_config(DIGITS, {"data.size": 128}).data.size == 128
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.chanels=64", "unknown config key 'model.chanels'; did you mean 'model.channels'?"),
+    ("modle.channels=64", "unknown config section 'modle' in 'modle.channels'; did you mean 'model'?"),
+    ("model.channels=wide", "model.channels='wide' must be an integer"),
+    ("data.labels=randm", "data.labels='randm' is not one of none, true, random, unique; did you mean 'random'?"),
+    ("data.size=0", "data.size=0 must be positive"),
+    ("train.duration=40000", "train.duration='40000' is not a duration"),
+    ("model.skip_connections=[1,1]", "model.skip_connections has 2 entries, expected 9"),
+    ("model.skip_connections=[1,1,1,1,1,1,1,1,2]", "model.skip_connections has 9 entries, expected 9"),
+    ("model.dropout=1.5", "model.dropout=1.5 must be in [0, 1)"),
+    ("channels=3", "override key 'channels' must be section.name"),
+])
+def test_bad_values_fail_with_one_line(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_bad_files_and_data():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("experiments/nope.yaml")
+    with pytest.raises(ConfigError, match="unknown dataset 'mnist'; available: digits"):
+        training_set(load_config(None, ["data.dataset=mnist"]).data)
+    with pytest.raises(ConfigError, match=r"data.size=5000 is larger than the 1797 images of digits; use data.size<=1797"):
+        training_set(load_config(None, ["data.size=5000"]).data)
+
+
+def test_durations():
+    assert parse_duration("40000ep") == (40000.0, "ep")
+    assert duration_images("2500kimg", 1000) == 2_500_000
+    assert duration_images("200ep", 1000) == 200_000

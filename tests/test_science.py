@@ -1,0 +1,178 @@
+"""Tests that pin the science: sampler, theoretical optimum, memorization ratio, subsets and labels."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from diffmem.config import DataConfig, EvalConfig, load_config
+from diffmem.data import balanced_order, load_dataset, training_set
+from diffmem.edm import EDMPrecond, VPPrecond, edm_sampler
+from diffmem.evaluate import evaluate_denoiser
+from diffmem.memorization import memorization_ratio, nearest_neighbour_ratio, nearest_neighbours
+from diffmem.optimum import EmpiricalOptimalDenoiser
+
+
+# ---------------------------------------------------------------- sampler
+def reference_heun(D, x_T, N=18, s_min=0.002, s_max=80.0, rho=7.0):
+    """EDM Algorithm 1, written from the paper independently of diffmem.edm (Python floats per step)."""
+    sig = [(s_max ** (1 / rho) + i / (N - 1) * (s_min ** (1 / rho) - s_max ** (1 / rho))) ** rho for i in range(N)]
+    sig.append(0.0)
+    x = x_T.double() * sig[0]
+    calls = 0
+    for i in range(N):
+        d = (x - D(x, sig[i]).double()) / sig[i]
+        calls += 1
+        x_new = x + (sig[i + 1] - sig[i]) * d
+        if sig[i + 1] != 0:
+            d2 = (x_new - D(x_new, sig[i + 1]).double()) / sig[i + 1]
+            calls += 1
+            x_new = x + (sig[i + 1] - sig[i]) * (d + d2) / 2
+        x = x_new
+    return x.float(), calls
+
+
+def test_sampler_matches_algorithm_1_and_uses_35_evaluations():
+    torch.manual_seed(0)
+    W = torch.randn(16, 16) * 0.1
+
+    calls = []
+
+    def denoiser(x, sigma, labels):   # a smooth nonlinear stand-in for a network
+        calls.append(1)
+        s = torch.as_tensor(sigma, dtype=torch.float64)
+        return torch.tanh(x.reshape(len(x), -1) @ W.double()).reshape(x.shape) / (1 + s)
+
+    latents = torch.randn(4, 1, 4, 4)
+    ours = edm_sampler(denoiser, latents)
+    assert len(calls) == 35
+    ref, ref_calls = reference_heun(lambda x, s: denoiser(x, s, None), latents)
+    assert ref_calls == 35
+    torch.testing.assert_close(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_vp_and_edm_preconditioning_match_table_1():
+    net_out = torch.randn(2, 1, 8, 8)
+    net = lambda x, c_noise, labels: net_out   # noqa: E731  (isolate the c_* coefficients)
+    x = torch.randn(2, 1, 8, 8)
+    vp, edm = VPPrecond(net), EDMPrecond(net)
+    sigma = torch.tensor([0.5, 3.0])
+    s = sigma.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(vp(x, sigma), x - s * net_out)                                   # c_skip 1, c_out -sigma
+    c_skip, c_out = 0.25 / (s ** 2 + 0.25), s * 0.5 / (s ** 2 + 0.25).sqrt()
+    torch.testing.assert_close(edm(x, sigma), c_skip * x + c_out * net_out)
+    assert math.isclose(vp.sigma_min, 0.0010, rel_tol=0.05) and math.isclose(vp.sigma_max, 152.17, rel_tol=1e-3)
+    t = torch.tensor([0.3, 0.9], dtype=torch.float64)
+    torch.testing.assert_close(vp.sigma_inv(vp.sigma(t)), t)
+
+
+# ---------------------------------------------------------------- theoretical optimum
+def brute_force_optimum(train, x, sigma):
+    y = train.reshape(len(train), -1).double()
+    xs = x.reshape(len(x), -1).double()
+    d2 = ((xs[:, None, :] - y[None]) ** 2).sum(-1)
+    w = torch.softmax(-d2 / (2 * sigma ** 2), dim=1)
+    return (w @ y).reshape(x.shape)
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.5, 5.0, 80.0])
+def test_optimal_denoiser_matches_brute_force_formula(sigma):
+    torch.manual_seed(1)
+    train = torch.rand(37, 3, 8, 8) * 2 - 1
+    x = train[:5] + sigma * torch.randn(5, 3, 8, 8)
+    ours = EmpiricalOptimalDenoiser(train, chunk_size=8, dtype=torch.float64)(x.double(), sigma)  # 5 chunks
+    torch.testing.assert_close(ours, brute_force_optimum(train, x, sigma), rtol=1e-9, atol=1e-9)
+
+
+def test_optimal_denoiser_with_labels_averages_within_class():
+    train = torch.tensor([[-1.0], [1.0], [0.5]]).reshape(3, 1, 1, 1)
+    labels = torch.tensor([0, 1, 1])
+    D = EmpiricalOptimalDenoiser(train, labels, dtype=torch.float64)
+    out = D(torch.zeros(1, 1, 1, 1, dtype=torch.float64), 100.0, torch.tensor([0]))
+    assert out.item() == pytest.approx(-1.0)                  # only class 0's image can be the answer
+
+
+def test_theoretical_optimum_reproduces_training_images_on_digits():
+    cfg = load_config(None, {"data.size": 200, "eval.num_samples": 200, "eval.batch_size": 200})
+    ts = training_set(cfg.data)
+    result = evaluate_denoiser(EmpiricalOptimalDenoiser(ts.images), ts, cfg.eval, label_dim=0)
+    assert result.ratio >= 0.99
+    assert result.samples.shape == (200, 1, 8, 8)
+
+
+# ---------------------------------------------------------------- memorization ratio
+def test_memorization_ratio_on_hand_made_cases():
+    train = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 30.0]])
+    copy = train[1:2] + torch.tensor([[0.01, 0.0]])              # a near copy of image 1
+    midpoint = (train[0:1] + train[1:2]) / 2                     # equidistant from images 0 and 1: ratio 1
+    ratios = nearest_neighbour_ratio(torch.cat([copy, midpoint]), train)
+    assert ratios[0] < 0.01 and ratios[1] == pytest.approx(1.0)
+    assert memorization_ratio(torch.cat([copy, midpoint]), train) == 0.5
+    # strictly below the threshold: a point with ratio exactly 1/3 does not count
+    line = torch.tensor([[0.0, 0.0], [4.0, 0.0], [-4.0, 0.0]])
+    edge = torch.tensor([[1.0, 0.0]])                            # d1 = 1, d2 = 3: ratio exactly 1/3
+    assert nearest_neighbour_ratio(edge, line)[0].item() == pytest.approx(1 / 3)
+    assert memorization_ratio(edge, line, threshold=1 / 3) == 0.0
+    assert memorization_ratio(edge, line, threshold=0.34) == 1.0
+
+
+def test_chunked_nearest_neighbours_are_exact():
+    torch.manual_seed(2)
+    train, gen = torch.randn(300, 50), torch.randn(70, 50)
+    d, i = nearest_neighbours(gen, train, k=2, chunk_generated=16, chunk_train=32)
+    full = torch.cdist(gen.double(), train.double())
+    ref_d, ref_i = torch.topk(full, 2, dim=1, largest=False)
+    assert torch.equal(i, ref_i)
+    torch.testing.assert_close(d.double(), ref_d, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- subsets and labels
+def test_subsets_are_nested_and_class_balanced():
+    cfg = DataConfig(size=300)
+    small, big = training_set(cfg), training_set(DataConfig(size=1000))
+    assert np.array_equal(big.indices[:300], small.indices)
+    labels = load_dataset(cfg).labels
+    counts = np.bincount(labels[small.indices], minlength=10)
+    assert counts.max() - counts.min() <= 0 and counts.sum() == 300
+    counts = np.bincount(labels[training_set(DataConfig(size=305)).indices], minlength=10)
+    assert counts.max() - counts.min() == 1
+    seeded = training_set(DataConfig(size=300, seed=5)).indices
+    assert not np.array_equal(seeded, small.indices)
+    assert np.array_equal(seeded, training_set(DataConfig(size=1000, seed=5)).indices[:300])
+    assert np.array_equal(seeded, training_set(DataConfig(size=300, seed=5)).indices)   # reproducible
+
+
+def test_balanced_order_interleaves_classes():
+    labels = np.array([1, 1, 0, 1, 0, 2])
+    assert labels[balanced_order(labels)].tolist() == [0, 1, 2, 0, 1, 1]
+
+
+def test_first_classes_only():
+    ts = training_set(DataConfig(size=100, num_classes=2, labels="true"))
+    assert set(ts.labels.tolist()) == {0, 1} and ts.label_dim == 2
+
+
+def test_random_labels_are_fixed_per_image_and_unique_labels_are_indices():
+    a = training_set(DataConfig(size=200, labels="random", label_classes=7))
+    b = training_set(DataConfig(size=500, labels="random", label_classes=7))
+    assert a.label_dim == 7 and torch.equal(a.labels, b.labels[:200])   # an image keeps its label
+    assert set(b.labels.tolist()) == set(range(7))
+    true = load_dataset(DataConfig()).labels[a.indices]
+    assert (a.labels.numpy() != true).mean() > 0.5                       # uninformative, not the true class
+    u = training_set(DataConfig(size=50, labels="unique"))
+    assert u.label_dim == 50 and u.labels.tolist() == list(range(50))
+    n = training_set(DataConfig(size=50, labels="none"))
+    assert n.labels is None and n.label_dim == 0
+
+
+def test_images_are_scaled_to_unit_range():
+    ts = training_set(DataConfig(size=1797))
+    assert ts.images.min() == -1.0 and ts.images.max() == 1.0 and ts.images.dtype == torch.float32
+
+
+def test_evaluation_samples_depend_only_on_their_seed():
+    ts = training_set(DataConfig(size=50))
+    D = EmpiricalOptimalDenoiser(ts.images)
+    a = evaluate_denoiser(D, ts, EvalConfig(num_samples=6, batch_size=6, num_steps=4), 0)
+    b = evaluate_denoiser(D, ts, EvalConfig(num_samples=4, batch_size=3, num_steps=4), 0)
+    torch.testing.assert_close(a.samples[:4], b.samples)
