@@ -165,6 +165,7 @@ def _build(cls, raw: dict, prefix: str):
 
 def from_dict(raw: dict) -> Config:
     raw = dict(raw or {})
+    raw.pop("sweep", None)   # an experiment file's sweep settings belong to sweeps/, not to one training
     sections = {}
     for name in list(raw):
         if name in SECTIONS:

@@ -1,8 +1,11 @@
 """One memorization evaluation: sample a denoiser on fixed seeds, find nearest training images, score.
 
 Sample i always comes from seed i (its own generator, as EDM's StackedRandomGenerator), so it does not
-depend on the batch size or on how many samples are drawn; a class-conditional model gets a label drawn
-uniformly from its label_dim classes by the same generator (paper.md §1).
+depend on the batch size or on how many samples are drawn. A class-conditional model gets a label drawn
+uniformly by the same generator (paper.md §1) from the classes present in its training subset: the paper
+draws from all label_dim classes, which is the same whenever every class has images (its C <= |D|); with
+random labels and C close to |D| some classes are empty, and a sample of a class never trained on says
+nothing about memorization.
 """
 from __future__ import annotations
 
@@ -23,24 +26,26 @@ class Evaluation:
     samples: torch.Tensor         # (num_samples, C, H, W) in [-1, 1]
 
 
-def seeded_latents(seeds, shape, label_dim: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def seeded_latents(seeds, shape, classes: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Latents (and labels drawn from `classes`) of the given seeds."""
     latents, labels = [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
         latents.append(torch.randn(shape, generator=g))
-        if label_dim:
-            labels.append(torch.randint(label_dim, (), generator=g))
-    return torch.stack(latents).to(device), (torch.stack(labels).to(device) if label_dim else None)
+        if classes is not None:
+            labels.append(classes[torch.randint(len(classes), (), generator=g)])
+    return torch.stack(latents).to(device), (torch.stack(labels).to(device) if classes is not None else None)
 
 
 @torch.no_grad()
-def evaluate_denoiser(denoiser, train_set: TrainingSet, cfg: EvalConfig, label_dim: int, device=None) -> Evaluation:
+def evaluate_denoiser(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=None) -> Evaluation:
     device = device or train_set.images.device
     shape = train_set.images.shape[1:]
+    classes = None if train_set.labels is None else torch.unique(train_set.labels.cpu())
     samples = []
     for start in range(0, cfg.num_samples, cfg.batch_size):
         seeds = range(start, min(start + cfg.batch_size, cfg.num_samples))
-        latents, labels = seeded_latents(seeds, shape, label_dim, device)
+        latents, labels = seeded_latents(seeds, shape, classes, device)
         samples.append(edm_sampler(denoiser, latents, labels, cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho))
     samples = torch.cat(samples)
     train = train_set.images.to(device)

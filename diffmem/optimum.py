@@ -56,7 +56,8 @@ def main(argv=None) -> int:
 
     def run(cfg, run_dir, writer):
         train_set = training_set(cfg.data)
-        result = evaluate_denoiser(EmpiricalOptimalDenoiser(train_set.images), train_set, cfg.eval, label_dim=0)
+        optimum = EmpiricalOptimalDenoiser(train_set.images, train_set.labels)   # conditional if cfg has labels
+        result = evaluate_denoiser(optimum, train_set, cfg.eval)
         rows = nn_grid_rows(result, train_set)
         save_grid(run_dir / "samples.png", rows)
         writer.add_scalar("optimum/mem_ratio", result.ratio, cfg.data.size)
@@ -68,5 +69,6 @@ def main(argv=None) -> int:
     return run_cli("diffmem.optimum", "sample the theoretical optimum and print its memorization ratio", run, argv)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # through the imported module, so its exception classes are the ones caught
+    from diffmem.optimum import main
     raise SystemExit(main())

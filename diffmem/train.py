@@ -19,13 +19,13 @@ from typing import Callable
 
 import torch
 
-from diffmem.config import Config, duration_images
+from diffmem.config import Config, ConfigError, duration_images
 from diffmem.data import TrainingSet, grid_array, save_grid, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
 from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
 from diffmem.networks import DDPMpp
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint/checkpoint.pt"   # in its own folder: the sweep hands that folder to Tune
 
 
 class TrainingDiverged(RuntimeError):
@@ -70,11 +70,17 @@ def ema_beta(cfg: Config, batch: int, images_seen: int, size: int) -> float:
 
 def train(cfg: Config, run_dir: str | Path | None = None,
           report: Callable[[dict, Path | None], None] | None = None, writer=None, log=print) -> TrainResult:
-    """Train cfg on its subset; resume from run_dir/checkpoint.pt if present. report(metrics, checkpoint)
+    """Train cfg on its subset; resume from run_dir/checkpoint/checkpoint.pt if present. report(metrics, checkpoint)
     is called after every evaluation (the sweep layer forwards it; this package knows nothing of Ray)."""
     t, e = cfg.train, cfg.eval
     device = resolve_device(t.device)
-    torch.manual_seed(t.seed)
+    # Under torch.distributed (DDP, one process per worker) each worker takes its slice of the global batch;
+    # DDP averages gradients, so the update is the single-process one (paper: 512 = 8 x 64).
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the {world} workers")
+    torch.manual_seed(t.seed + rank)
     data = training_set(cfg.data)
     images = data.images.to(device)
     labels = None if data.labels is None else data.labels.to(device)
@@ -85,9 +91,10 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     log_every = duration_images(t.log_every, n, "train.log_every")
 
     denoiser = build_denoiser(cfg, data).to(device).train()
+    net = denoiser.net
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
-    noise_rng = torch.Generator(device=device).manual_seed(t.seed)
+    noise_rng = torch.Generator(device=device).manual_seed(t.seed + rank)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
     state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0}
 
@@ -95,13 +102,16 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        denoiser.load_state_dict(ckpt["model"])
+        net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
-        noise_rng.set_state(ckpt["noise_rng"].to(noise_rng.get_state().device))
-        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["world"] == world:   # the same workers continue their own random streams
+            noise_rng.set_state(ckpt["noise_rng"][rank].to(noise_rng.get_state().device))
+            torch.set_rng_state(ckpt["torch_rng"][rank])
         state = ckpt["state"]
         log(f"resumed from {ckpt_path} at {state['images_seen']} images")
+    if distributed:
+        denoiser.net = torch.nn.parallel.DistributedDataParallel(net)
 
     def stopped():
         return e.stop_at is not None and state["best"] >= e.stop_at
@@ -110,7 +120,7 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     next_log = (state["images_seen"] // log_every + 1) * log_every
     tic, loss_sum, loss_count = time.perf_counter(), 0.0, 0
     while state["images_seen"] < total and not stopped():
-        idx = order[(torch.arange(batch, device=device) + state["images_seen"]) % n]
+        idx = order[(torch.arange(batch, device=device) + state["images_seen"]) % n][rank::world]
         lr = t.lr * min(state["images_seen"] / warmup, 1.0) if warmup else t.lr
         for g in opt.param_groups:
             g["lr"] = lr
@@ -142,25 +152,26 @@ def train(cfg: Config, run_dir: str | Path | None = None,
         if state["images_seen"] >= next_eval or state["images_seen"] >= total:
             next_eval += eval_every
             state["train_seconds"] += time.perf_counter() - tic
-            result = evaluate_denoiser(ema, data, e, data.label_dim, device=device)
-            state["best"] = max(state["best"], result.ratio)
-            metrics = {"images_seen": state["images_seen"], "epoch": state["images_seen"] / n, "step": state["step"],
-                       "loss": loss.item(), "lr": lr, "mem_ratio": result.ratio, "best_mem_ratio": state["best"],
-                       "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9)}
+            metrics, result = None, None
+            if rank == 0:   # one worker samples and scores the EMA model (the others wait at the broadcast)
+                result = evaluate_denoiser(ema, data, e, device=device)
+                state["best"] = max(state["best"], result.ratio)
+                metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
+                           "step": state["step"], "loss": loss.item(), "lr": lr, "mem_ratio": result.ratio,
+                           "best_mem_ratio": state["best"],
+                           "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9)}
+            if distributed:
+                shared = [metrics]
+                torch.distributed.broadcast_object_list(shared, src=0)
+                metrics = shared[0]
+                state["best"] = metrics["best_mem_ratio"]
             state["history"].append(metrics)
+            rng = _gather_rng(noise_rng, world)
             saved = None
-            if ckpt_path is not None:
-                saved = _save_checkpoint(ckpt_path, denoiser, ema, opt, noise_rng, state)
-            if writer is not None:
-                for key in ("mem_ratio", "best_mem_ratio", "images_per_sec"):
-                    writer.add_scalar(f"memorization/{key}" if "mem" in key else f"train/{key}",
-                                      metrics[key], state["images_seen"])
-                writer.add_image("samples/generated_nn1_nn2", grid_array(nn_grid_rows(result, data)),
-                                 state["images_seen"], dataformats="HWC")
-            if run_dir is not None:
-                save_grid(run_dir / "samples.png", nn_grid_rows(result, data))
-            log(f"{state['images_seen']:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "
-                f"mem_ratio {result.ratio:.4f}  best {state['best']:.4f}")
+            if rank == 0 and ckpt_path is not None:
+                saved = _save_checkpoint(ckpt_path, net, ema, opt, rng, world, state)
+            if rank == 0:
+                _log_evaluation(writer, run_dir, log, metrics, result, data)
             if report is not None:
                 report(metrics, saved)
             tic = time.perf_counter()
@@ -169,14 +180,37 @@ def train(cfg: Config, run_dir: str | Path | None = None,
                        state["history"], state["train_seconds"])
 
 
-def _save_checkpoint(path: Path, denoiser, ema, opt, noise_rng, state) -> Path:
-    """Model, EMA, optimizer, step and RNG state; written to a temporary name, then renamed (atomic)."""
+def _gather_rng(noise_rng, world: int) -> tuple[list, list]:
+    """Every worker's RNG states, so a resumed run continues the same random streams."""
+    mine = (noise_rng.get_state().cpu(), torch.get_rng_state())
+    if world == 1:
+        return [mine[0]], [mine[1]]
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, mine)
+    return [s[0] for s in everyone], [s[1] for s in everyone]
+
+
+def _save_checkpoint(path: Path, net, ema, opt, rng, world: int, state) -> Path:
+    """Model, EMA, optimizer, step and RNG states; written to a temporary name, then renamed (atomic)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": denoiser.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "noise_rng": noise_rng.get_state(), "torch_rng": torch.get_rng_state(), "state": state}, tmp)
+    torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "noise_rng": rng[0], "torch_rng": rng[1], "world": world, "state": state}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
+    step = metrics["images_seen"]
+    if writer is not None:
+        for key in ("mem_ratio", "best_mem_ratio"):
+            writer.add_scalar(f"memorization/{key}", metrics[key], step)
+        writer.add_scalar("train/images_per_sec", metrics["images_per_sec"], step)
+        writer.add_image("samples/generated_nn1_nn2", grid_array(nn_grid_rows(result, data)), step, dataformats="HWC")
+    if run_dir is not None:
+        save_grid(run_dir / "samples.png", nn_grid_rows(result, data))
+    log(f"{step:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "
+        f"mem_ratio {metrics['mem_ratio']:.4f}  best {metrics['best_mem_ratio']:.4f}")
 
 
 def main(argv=None) -> int:
@@ -192,5 +226,6 @@ def main(argv=None) -> int:
     return run_cli("diffmem.train", "train one EDM model and print its memorization ratio", run, argv)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":   # through the imported module, so its exception classes are the ones caught
+    from diffmem.train import main
     raise SystemExit(main())

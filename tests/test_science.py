@@ -95,7 +95,7 @@ def test_optimal_denoiser_with_labels_averages_within_class():
 def test_theoretical_optimum_reproduces_training_images_on_digits():
     cfg = load_config(None, {"data.size": 200, "eval.num_samples": 200, "eval.batch_size": 200})
     ts = training_set(cfg.data)
-    result = evaluate_denoiser(EmpiricalOptimalDenoiser(ts.images), ts, cfg.eval, label_dim=0)
+    result = evaluate_denoiser(EmpiricalOptimalDenoiser(ts.images), ts, cfg.eval)
     assert result.ratio >= 0.99
     assert result.samples.shape == (200, 1, 8, 8)
 
@@ -173,6 +173,21 @@ def test_images_are_scaled_to_unit_range():
 def test_evaluation_samples_depend_only_on_their_seed():
     ts = training_set(DataConfig(size=50))
     D = EmpiricalOptimalDenoiser(ts.images)
-    a = evaluate_denoiser(D, ts, EvalConfig(num_samples=6, batch_size=6, num_steps=4), 0)
-    b = evaluate_denoiser(D, ts, EvalConfig(num_samples=4, batch_size=3, num_steps=4), 0)
+    a = evaluate_denoiser(D, ts, EvalConfig(num_samples=6, batch_size=6, num_steps=4))
+    b = evaluate_denoiser(D, ts, EvalConfig(num_samples=4, batch_size=3, num_steps=4))
     torch.testing.assert_close(a.samples[:4], b.samples)
+
+
+def test_conditional_samples_use_only_classes_of_the_subset():
+    ts = training_set(DataConfig(size=30, labels="random", label_classes=100))
+    present = set(ts.labels.tolist())
+    seen = []
+    D = EmpiricalOptimalDenoiser(ts.images, ts.labels)
+    D_call = D.__call__
+
+    def spy(x, sigma, class_labels=None):
+        seen.extend(class_labels.tolist())
+        return D_call(x, sigma, class_labels)
+    result = evaluate_denoiser(spy, ts, EvalConfig(num_samples=64, batch_size=64, num_steps=4))
+    assert set(seen) <= present and len(set(seen)) > 5
+    assert result.ratio >= 0.99   # the class-conditional optimum also reproduces training images

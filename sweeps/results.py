@@ -1,0 +1,145 @@
+"""What a sweep leaves behind: emm.csv, trials.csv, emm.md, emm.png and curves.png in its output folder.
+
+Every file is written to a temporary name and renamed, so a crash never leaves a half-written table.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "training_images", "train_seconds"]
+TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "memorized", "stopped_early", "images_seen",
+                 "planned_images", "train_seconds", "trial_id", "status"]
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -> pd.DataFrame:
+    """One row per training, from Tune's ResultGrid dataframe (last reported result of each trial)."""
+    rows = []
+    values = {p["label"]: p["value"] for p in grid_points}
+    for _, r in frame.iterrows():
+        label = r.get("config/grid_label")
+        if not isinstance(label, str):
+            continue
+        best = r.get("best_mem_ratio", float("nan"))
+        images, planned = r.get("images_seen", float("nan")), r.get("planned_images", float("nan"))
+        rows.append({"grid_label": label, "value": values.get(label), "size": int(r["config/size"]),
+                     "best_mem_ratio": best, "memorized": bool(best >= 1 - epsilon) if best == best else None,
+                     "stopped_early": bool(images < planned) if images == images else None,
+                     "images_seen": images, "planned_images": planned,
+                     "train_seconds": r.get("time_total_s", float("nan")), "trial_id": r.get("trial_id"),
+                     "status": "error" if r.get("error") else "done"})
+    table = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+    order = {p["label"]: i for i, p in enumerate(grid_points)}
+    return table.sort_values(["grid_label", "size"], key=lambda c: c.map(order) if c.name == "grid_label" else c,
+                             ignore_index=True)
+
+
+def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.DataFrame:
+    """One row per grid point: EMM (the largest |D| found to memorize) with its bracket and what it cost."""
+    rows = []
+    for point in summary:
+        mine = trials[trials.grid_label == point["label"]]
+        rows.append({"factor": factor, "value": point["value"], "emm": point["emm"], "low": point["low"],
+                     "high": point["high"], "censored": point["censored"], "trials": point["trials"],
+                     "training_images": int(point["images"]), "train_seconds": round(float(mine.train_seconds.sum()), 1)})
+    return pd.DataFrame(rows, columns=EMM_COLUMNS)
+
+
+def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) -> dict:
+    """EMM read off a measured curve (factor data_size): the largest size below the first that fails."""
+    done = trials[(trials.grid_label == grid_label) & trials.memorized.notna()].sort_values("size")
+    failing = done[~done.memorized.astype(bool)]
+    high = int(failing["size"].iloc[0]) if len(failing) else None
+    below = done[done.memorized.astype(bool) & ((done["size"] < high) if high else True)]
+    low = int(below["size"].iloc[-1]) if len(below) else None
+    censored = ">=max" if high is None else ("<min" if low is None else "")
+    return {"label": grid_label, "value": value, "emm": low, "low": low, "high": high, "censored": censored,
+            "trials": len(done), "images": float(done.images_seen.sum())}
+
+
+def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
+    lines = [f"EMM (largest |D| with memorization ratio >= {1 - epsilon:.2f})", "",
+             "| value | EMM | bracket | trainings | images | seconds |", "|---|---|---|---|---|---|"]
+    for _, r in emm.iterrows():
+        lines.append(f"| {r.value} | {format_emm(r)} | [{_int(r.low)}, {_int(r.high)}) | {r.trials} | "
+                     f"{r.training_images:,} | {r.train_seconds:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def format_emm(row) -> str:
+    if row.censored == ">=max":
+        return f">= {_int(row.low)}"
+    if row.censored == "<min":
+        return f"< {_int(row.high)}"
+    if row.censored == "unresolved":
+        return "unresolved"
+    if row.emm is None or row.emm != row.emm or row.high is None or row.high != row.high:
+        return "open"      # the sweep stopped before this bracket closed
+    return _int(row.emm)
+
+
+def _int(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else str(int(x))
+
+
+def plot_emm(path: Path, factor: str, emm: pd.DataFrame) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = list(range(len(emm)))
+    for i, r in emm.iterrows():
+        lo = r.low if r.low == r.low and r.low is not None else (r.high or 1) / 2
+        hi = r.high if r.high == r.high and r.high is not None else lo * 2
+        centre = r.emm if r.emm == r.emm and r.emm is not None else lo
+        ax.errorbar([i], [centre], yerr=[[max(centre - lo, 0)], [max(hi - centre, 0)]], fmt="o", capsize=4,
+                    color="C3" if r.censored else "C0")
+    ax.set_xticks(x, [str(v) for v in emm.value])
+    ax.set_yscale("log")
+    ax.set_xlabel(factor)
+    ax.set_ylabel("EMM (|D|), bracket as error bar")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsilon: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, point in enumerate(grid_points):
+        mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()].sort_values("size")
+        if len(mine):
+            ax.plot(mine["size"], mine.best_mem_ratio * 100, "o-", color=f"C{i % 10}", label=str(point["value"]))
+    ax.axhline((1 - epsilon) * 100, ls="--", color="gray", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("training-set size |D|")
+    ax.set_ylabel("memorization ratio (%)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_results(output: Path, factor: str, emm: pd.DataFrame, trials: pd.DataFrame, grid_points: list[dict],
+                  epsilon: float) -> str:
+    output.mkdir(parents=True, exist_ok=True)
+    _atomic(output / "emm.csv", lambda p: emm.to_csv(p, index=False))
+    _atomic(output / "trials.csv", lambda p: trials.to_csv(p, index=False))
+    table = markdown_table(emm, epsilon)
+    _atomic(output / "emm.md", lambda p: p.write_text(f"# {factor}\n\n{table}"))
+    plot_emm(output / "emm.png", factor, emm)
+    plot_curves(output / "curves.png", trials, grid_points, epsilon)
+    return table

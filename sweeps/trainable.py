@@ -1,0 +1,115 @@
+"""Tune function trials: one EDM training of one grid point at one |D|, through diffmem's narrow door.
+
+`emm_trial` trains in the trial's own process (one worker). `emm_trial_ddp` is the Ray 2.60 Train V2
+pattern (shared/reference/ray-2.60-notes.md §2b): the Tune trial is a light driver that builds and fits a
+TorchTrainer whose workers run the same `diffmem.train.train` loop under DDP. Both report the running
+maximum memorization ratio after every evaluation and stop once it reaches 1 - epsilon: the maximum can
+only grow, so the trial's answer ("memorized") is then final.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from diffmem.config import apply_overrides, from_dict
+from diffmem.train import CHECKPOINT, train
+
+
+def trial_config(settings: dict, config: dict):
+    """The resolved diffmem Config of one trial: base config, grid-point overrides, |D| and the stop rule."""
+    stop_at = 1 - settings["epsilon"] if settings.get("early_stop", True) else None
+    overrides = {**config["overrides"], "data.size": config["size"], "eval.stop_at": stop_at}
+    return from_dict(apply_overrides(settings["base"], overrides))
+
+
+def trial_logdir(settings: dict, config: dict) -> Path:
+    """Where a trial's TensorBoard events and sample grids go: OUTPUT/tensorboard/<grid point>/D=<size>."""
+    label = config["grid_label"].replace("/", "_")
+    return Path(settings["output"]) / "tensorboard" / label / f"D={config['size']}"
+
+
+def _restore_into(checkpoint, run_dir: Path) -> None:
+    """Copy a reported checkpoint folder back to where diffmem.train looks for it."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as d:
+        target = run_dir / CHECKPOINT
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(d) / target.name, target)
+
+
+def _run(settings: dict, config: dict, run_dir: Path, report, writer) -> None:
+    torch.set_num_threads(max(1, int(settings.get("threads_per_worker", 1))))
+    train(trial_config(settings, config), run_dir, report=report, writer=writer, log=lambda *_: None)
+
+
+def emm_trial(config: dict, settings: dict) -> None:
+    """One training in this process. Checkpoints go to Tune, so a failed or restored trial resumes."""
+    from torch.utils.tensorboard import SummaryWriter
+    run_dir = Path(tempfile.mkdtemp(prefix="diffmem-trial-"))
+    try:
+        _restore_into(tune.get_checkpoint(), run_dir)
+
+        def report(metrics: dict, saved: Path | None) -> None:
+            checkpoint = tune.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
+            tune.report(metrics, checkpoint=checkpoint)
+
+        with SummaryWriter(str(trial_logdir(settings, config))) as writer:
+            _run(settings, config, run_dir, report, writer)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _ddp_worker(loop_config: dict) -> None:
+    """One Ray Train worker: the same training loop, its share of each batch, gradients averaged by DDP."""
+    import ray.train
+    from torch.utils.tensorboard import SummaryWriter
+    settings, config = loop_config["settings"], loop_config["config"]
+    rank = ray.train.get_context().get_world_rank()
+    run_dir = Path(tempfile.mkdtemp(prefix=f"diffmem-rank{rank}-"))
+    try:
+        _restore_into(ray.train.get_checkpoint(), run_dir)
+
+        def report(metrics: dict, saved: Path | None) -> None:   # every rank reports; rank 0 holds the checkpoint
+            checkpoint = ray.train.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+        writer = SummaryWriter(str(trial_logdir(settings, config))) if rank == 0 else None
+        try:
+            _run(settings, config, run_dir, report, writer)
+        finally:
+            if writer is not None:
+                writer.close()
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def emm_trial_ddp(config: dict, settings: dict) -> None:
+    """A Tune trial that drives a TorchTrainer with settings["workers"] DDP workers (gloo on CPU, NCCL on GPU).
+
+    The Train run is named after the Tune trial id, which survives Tuner.restore, so a restored trial's
+    TorchTrainer resumes from its own last checkpoint (Train V2 auto-resume)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+    use_gpu = settings.get("gpus_per_worker", 0) > 0
+    trainer = TorchTrainer(
+        _ddp_worker,
+        train_loop_config={"settings": settings, "config": config},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=settings["workers"], use_gpu=use_gpu,
+            resources_per_worker={"GPU": 1} if use_gpu else {"CPU": settings.get("threads_per_worker", 1)}),
+        run_config=ray.train.RunConfig(
+            name=f"train_{tune.get_context().get_trial_id()}",
+            storage_path=str(Path(settings["output"]) / "train"),
+            callbacks=[TuneReportCallback()],
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # fail instead of waiting forever for workers that cannot be placed (notes §2b)
+            failure_config=ray.train.FailureConfig(max_failures=settings.get("max_failures", 1),
+                                                   controller_failure_limit=1)),
+    )
+    trainer.fit()

@@ -1,0 +1,134 @@
+"""The sweep layer: factor registry, input validation before Ray starts, and real Ray Tune / Ray Train runs."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from diffmem.config import ConfigError, load_config
+from sweeps.factors import FACTORS, get_factor, grid_points, skip_mask
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH = str(ROOT / "sweeps" / "emm_search.py")
+DIGITS = str(ROOT / "experiments" / "digits.yaml")
+
+
+def test_every_factor_of_the_paper_is_registered():
+    assert {"data_size", "width", "depth", "time_embedding", "skip_connections", "class_labels", "random_labels",
+            "num_classes", "resolution", "epochs", "batch_size", "weight_decay", "ema"} <= set(FACTORS)
+
+
+def test_factor_values_become_config_overrides_that_load():
+    base = load_config(DIGITS)
+    points = grid_points(get_factor("random_labels"), ["none", 1, 10, "unique"], base)
+    assert [p["label"] for p in points] == ["random_labels=none", "random_labels=1", "random_labels=10",
+                                            "random_labels=unique"]
+    assert points[2]["overrides"] == {"data.labels": "random", "data.label_classes": 10}
+    batch = grid_points(get_factor("batch_size"), [128], base)[0]["overrides"]
+    assert batch["train.lr"] == pytest.approx(base.train.lr * 128 / base.train.batch_size)   # paper Table 1 scaling
+    for name, factor in FACTORS.items():   # every value of the digits grid yields a config that loads
+        import yaml
+        values = yaml.safe_load(open(DIGITS))["sweep"]["factors"][name]
+        for point in grid_points(factor, values, base):
+            load_config(DIGITS, point["overrides"])
+
+
+def test_skip_masks_follow_the_papers_numbering():
+    paper = load_config(None, {"data.resolution": 32})   # 3 levels x 3 skips: 32, 16, 8
+    assert skip_mask("single:1", paper) == [1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert skip_mask("level:16", paper) == [0, 0, 0, 1, 1, 1, 0, 0, 0]
+    assert skip_mask("101000000", paper) == [1, 0, 1, 0, 0, 0, 0, 0, 0]
+    with pytest.raises(ConfigError, match="'single:1'..'single:9'"):
+        skip_mask("single:10", paper)
+
+
+def test_unknown_factor_and_value():
+    with pytest.raises(ConfigError, match="unknown factor 'widht'; did you mean 'width'"):
+        get_factor("widht")
+    with pytest.raises(ConfigError, match="random_labels value 'ten' must be"):
+        grid_points(get_factor("random_labels"), ["ten"], load_config(DIGITS))
+
+
+def _search(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, SEARCH, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--factor", "widht"], "error: unknown factor 'widht'; did you mean 'width'?"),
+    (["--values", "ten"], "error: random_labels value 'ten' must be a number of classes C >= 1"),
+    (["--size-range", "10", "5000"], "error: --size-range 10 5000 goes past the 1797 images available"),
+    (["--size-range", "300", "30"], "error: --size-range 300 30 is impossible"),
+    (["--set", "model.chanels=4"], "error: unknown config key 'model.chanels'; did you mean 'model.channels'?"),
+    (["--config", "experiments/nope.yaml"], "error: config file 'experiments/nope.yaml' does not exist"),
+    (["--preset", "smok"], "error: unknown preset 'smok'; available: smoke"),
+    (["--resume", "."], "error: . is not a sweep folder"),
+])
+def test_bad_input_fails_before_ray_starts(tmp_path, args, message):
+    started = time.time()
+    run = _search(*args, "--output", str(tmp_path / "out"), cwd=ROOT)
+    assert run.returncode == 2
+    assert run.stderr.startswith(message), run.stderr
+    assert run.stderr.count("\n") == 1
+    assert "Ray" not in run.stdout + run.stderr and time.time() - started < 60
+    assert not (tmp_path / "out").exists()   # nothing written for a sweep that never started
+
+
+def test_list_factors():
+    run = _search("--list-factors")
+    assert run.returncode == 0
+    assert "random_labels" in run.stdout and "this config: ['none', 1, 4, 16, 'unique']" in run.stdout
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end_through_ray_tune(tmp_path):
+    out = tmp_path / "smoke"
+    run = _search("--preset", "smoke", "--no-dashboard", "--output", str(out), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name in ("emm.csv", "trials.csv", "emm.md", "emm.png", "curves.png", "sweep.json"):
+        assert (out / name).stat().st_size > 0, name
+    emm = pd.read_csv(out / "emm.csv")
+    assert list(emm.value) == ["none", "unique"]
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == emm.trials.sum() and trials.best_mem_ratio.between(0, 1).all()
+    # the bracket is consistent with what was measured
+    for _, row in emm.iterrows():
+        mine = trials[trials.grid_label == f"random_labels={row.value}"]
+        if row.low == row.low:
+            assert mine[mine["size"] == row.low].memorized.all()
+        if row.high == row.high:
+            assert not mine[mine["size"] == row.high].memorized.any()
+    # unique labels memorize at least as much as none (paper Fig. 5); on 16 kimg the gap is clear
+    emm_of = dict(zip(emm.value, emm.low.fillna(0)))
+    assert emm_of["unique"] >= emm_of["none"]
+    assert "| none |" in run.stdout and "| unique |" in run.stdout
+    assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
+
+
+@pytest.mark.slow
+def test_two_worker_ddp_trial_reports_like_the_in_process_one(tmp_path):
+    import ray
+    from ray import tune
+
+    from sweeps.trainable import emm_trial, emm_trial_ddp
+    base = load_config(DIGITS, {"model.channels": 8, "train.duration": "4kimg", "eval.every": "2kimg",
+                                "eval.num_samples": 32, "eval.batch_size": 32}).to_dict()
+    settings = {"base": base, "epsilon": 0.1, "output": str(tmp_path), "workers": 2, "gpus_per_worker": 0}
+    config = {"grid_index": 0, "grid_label": "ddp", "grid_value": None, "overrides": {}, "size": 20}
+    ray.init(num_cpus=2, resources={"trial_slot": 1}, include_dashboard=False)
+    try:
+        results = {}
+        for name, fn, resources in [("single", emm_trial, {"cpu": 1}),
+                                    ("ddp", emm_trial_ddp, {"cpu": 0, "trial_slot": 1})]:
+            trainable = tune.with_resources(tune.with_parameters(fn, settings=settings), resources)
+            grid = tune.Tuner(trainable, param_space=config,
+                              run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0)).fit()
+            assert not grid.errors, grid.errors
+            results[name] = grid[0].metrics
+    finally:
+        ray.shutdown()
+    keys = {"best_mem_ratio", "mem_ratio", "images_seen", "planned_images", "loss", "epoch"}
+    assert keys <= set(results["single"]) and keys <= set(results["ddp"])
+    assert results["single"]["planned_images"] == results["ddp"]["planned_images"] == 4000
+    assert 0 <= results["ddp"]["best_mem_ratio"] <= 1

@@ -1,0 +1,106 @@
+"""The training loop for real on the digits: resume, reproducibility, bad input, what it writes."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffmem.config import load_config
+from diffmem.train import CHECKPOINT, train
+
+DIGITS = "experiments/digits.yaml"
+TINY = {"data.size": 20, "model.channels": 8, "train.duration": "3kimg", "train.batch_size": 32,
+        "eval.every": "1kimg", "eval.num_samples": 16, "eval.batch_size": 16, "eval.num_steps": 6,
+        "model.dropout": 0.1, "train.log_every": "1kimg"}
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _weights(run_dir):
+    ckpt = torch.load(run_dir / CHECKPOINT, weights_only=False)
+    return ckpt["model"], ckpt["ema"], ckpt["state"]
+
+
+def test_killed_run_resumes_to_the_same_weights(tmp_path):
+    cfg = load_config(DIGITS, TINY)
+    whole = train(cfg, tmp_path / "whole", log=lambda *_: None)
+
+    def crash_after_first_checkpoint(metrics, saved):
+        if metrics["images_seen"] >= 1000:
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        train(cfg, tmp_path / "split", report=crash_after_first_checkpoint, log=lambda *_: None)
+    assert _weights(tmp_path / "split")[2]["images_seen"] < whole.images_seen
+    resumed = train(cfg, tmp_path / "split", log=lambda *_: None)
+
+    (m1, e1, s1), (m2, e2, s2) = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
+    for a, b in [(m1, m2), (e1, e2)]:
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    assert [h["mem_ratio"] for h in whole.history] == [h["mem_ratio"] for h in resumed.history]
+    assert s1["step"] == s2["step"] and whole.best_mem_ratio == resumed.best_mem_ratio
+
+
+def test_same_config_and_seed_same_result(tmp_path):
+    cfg = load_config(DIGITS, {**TINY, "train.duration": "1kimg"})
+    a, b = train(cfg, log=lambda *_: None), train(cfg, log=lambda *_: None)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    c = train(load_config(DIGITS, {**TINY, "train.duration": "1kimg", "train.seed": 7}), log=lambda *_: None)
+    assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]
+
+
+def test_stops_once_the_running_max_reaches_the_target(tmp_path):
+    cfg = load_config(DIGITS, {**TINY, "eval.stop_at": 0.0001, "eval.threshold": 1.0})   # every sample counts
+    result = train(cfg, log=lambda *_: None)
+    assert result.stopped_early and result.images_seen < 3000 and len(result.history) == 1
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+def test_cli_trains_and_writes_tensorboard_and_grid(tmp_path):
+    sets = [a for k, v in TINY.items() for a in ("--set", f"{k}={v}")]
+    run = _cli("diffmem.train", "--config", DIGITS, *sets, "--output", str(tmp_path / "run"))
+    assert run.returncode == 0, run.stderr
+    assert "best memorization ratio" in run.stdout
+    assert (tmp_path / "run" / "samples.png").stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "run")).Reload()
+    tags = events.Tags()
+    assert {"train/loss", "train/lr", "memorization/mem_ratio", "memorization/best_mem_ratio"} <= set(tags["scalars"])
+    assert "samples/generated_nn1_nn2" in tags["images"]
+    assert [e.step for e in events.Scalars("memorization/mem_ratio")] == [1024, 2016, 3008]
+
+
+def test_cli_optimum_prints_its_ratio(tmp_path):
+    run = _cli("diffmem.optimum", "--config", DIGITS, "--set", "data.size=30", "--set", "eval.num_samples=50",
+               "--output", str(tmp_path / "opt"))
+    assert run.returncode == 0, run.stderr
+    assert "theoretical optimum |D|=30: memorization ratio 1.0000" in run.stdout
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["data.dataset=mnist"], "error: unknown dataset 'mnist'; available: digits"),
+    (["data.size=5000"], "error: data.size=5000 is larger than the 1797 images of digits; use data.size<=1797"),
+    (["model.skip_connections=[1,0]"], "error: model.skip_connections has 2 entries, expected 4"),
+    (["train.lr=1e30"], "error: loss became"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, sets, message):
+    args = [a for s in sets for a in ("--set", s)]
+    run = _cli("diffmem.train", "--config", DIGITS, *args, "--set", "eval.every=100kimg",
+               "--output", str(tmp_path / "bad"))
+    assert run.returncode != 0
+    assert run.stderr.startswith(message), run.stderr
+    assert run.stderr.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_digits_memorize_at_small_size_and_generalize_at_large():
+    small = train(load_config(DIGITS, {"data.size": 20}), log=lambda *_: None)
+    large = train(load_config(DIGITS, {"data.size": 320}), log=lambda *_: None)
+    assert small.best_mem_ratio >= 0.9
+    assert large.best_mem_ratio < 0.5
