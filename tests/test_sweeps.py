@@ -81,11 +81,18 @@ def test_list_factors():
     assert "random_labels" in run.stdout and "this config: ['none', 1, 4, 16, 'unique']" in run.stdout
 
 
-@pytest.mark.slow
-def test_smoke_sweep_end_to_end_through_ray_tune(tmp_path):
-    out = tmp_path / "smoke"
-    run = _search("--preset", "smoke", "--no-dashboard", "--output", str(out), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def smoke_sweep(tmp_path_factory):
+    """One uninterrupted smoke sweep, shared by the tests that read or compare its output."""
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    run = _search("--preset", "smoke", "--no-dashboard", "--output", str(out), cwd=out.parent)
     assert run.returncode == 0, run.stderr[-3000:]
+    return out, run
+
+
+@pytest.mark.slow
+def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
+    out, run = smoke_sweep
     for name in ("emm.csv", "trials.csv", "emm.md", "emm.png", "curves.png", "sweep.json"):
         assert (out / name).stat().st_size > 0, name
     emm = pd.read_csv(out / "emm.csv")
@@ -104,6 +111,25 @@ def test_smoke_sweep_end_to_end_through_ray_tune(tmp_path):
     assert emm_of["unique"] >= emm_of["none"]
     assert "| none |" in run.stdout and "| unique |" in run.stdout
     assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_resumes_to_the_same_table(smoke_sweep, tmp_path):
+    import signal
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for line in proc.stdout:             # Ctrl-C once the first training has finished
+        if "best ratio" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    proc.communicate(timeout=300)
+    assert "open" in (out / "emm.md").read_text()        # the partial table says what is not known yet
+    run = _search("--resume", str(out), "--no-dashboard", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    columns = ["value", "emm", "low", "high", "censored", "trials"]
+    resumed, whole = pd.read_csv(out / "emm.csv")[columns], pd.read_csv(smoke_sweep[0] / "emm.csv")[columns]
+    pd.testing.assert_frame_equal(resumed, whole)
 
 
 @pytest.mark.slow
