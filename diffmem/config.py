@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    dataset: str = "digits"            # digits (embedded, scikit-learn's 8x8 handwritten digits)
+    dataset: str = "digits"            # digits (embedded, scikit-learn's 8x8 handwritten digits), cifar10,
+                                       # folder (PNG/JPEG folder or .zip), ffhq, imagenette (diffmem/data.py)
     path: str | None = None            # where an on-disk dataset lives (not needed for digits)
     resolution: int | None = None      # None: the dataset's own resolution
     size: int = 1000                   # |D|: training-set size
@@ -33,6 +34,9 @@ class DataConfig:
     label_classes: int = 10            # C for random labels
     seed: int | None = None            # None: file order within each class (the paper's) and random labels
                                        # drawn with seed 1024 (the paper's); an int reseeds both
+    mix_path: str | None = None        # intra-class diversity (paper §4): a folder or .zip of images mixed into
+    mix_class: int = 5                 # this class (CIFAR-10 dogs in the paper) ...
+    mix_rate: float = 0.0              # ... as this share alpha of |D|; > 0 trains on that one class only
 
 
 @dataclass
@@ -144,7 +148,9 @@ def _coerce(key: str, value, hint):
             raise ConfigError(f"{key}={value!r} must be a number")
         return float(value)
     if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):   # YAML reads an unquoted true/false as a bool; the word is meant
+            return "true" if value else "false"
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{key}={value!r} must be a string")
         return str(value)
     raise ConfigError(f"{key}: unsupported type {hint}")
@@ -254,6 +260,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value} must be positive")
     if d.num_classes is not None and d.num_classes <= 0:
         raise ConfigError(f"data.num_classes={d.num_classes} must be positive (or null for all classes)")
+    if not 0 <= d.mix_rate <= 1:
+        raise ConfigError(f"data.mix_rate={d.mix_rate} must be in [0, 1], the share of data.mix_path images in |D|")
+    if d.mix_class < 0:
+        raise ConfigError(f"data.mix_class={d.mix_class} must be a class index >= 0")
+    if d.mix_rate > 0 and not d.mix_path:
+        raise ConfigError(f"data.mix_rate={d.mix_rate} needs data.mix_path, a folder or .zip of the images to mix "
+                          f"into class data.mix_class={d.mix_class}")
     if d.resolution is not None and (d.resolution < 8 or d.resolution & (d.resolution - 1)):
         raise ConfigError(f"data.resolution={d.resolution} must be a power of two >= 8, e.g. 8, 16 or 32")
     if not m.channel_mult or any(c <= 0 for c in m.channel_mult):

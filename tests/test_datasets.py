@@ -1,0 +1,199 @@
+"""Datasets written to tmp_path in the real on-disk formats (CIFAR-10 python batches, image folders, .zip,
+.tar.gz) and read back: contents, order, resizing, subsets, intra-class mixing, errors and the CLI."""
+import pickle
+import subprocess
+import sys
+import tarfile
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffmem.config import ConfigError, DataConfig, load_config
+from diffmem.data import load_dataset, main, training_set
+
+PER_BATCH = 20   # 2 images of each class per batch, 100 training images in all
+
+
+def write_cifar(root):
+    """cifar-10-batches-py as the official download: Python-2-style dicts with bytes keys, protocol 2."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch_labels = rng.permutation(np.repeat(np.arange(10), PER_BATCH // 10)).tolist()
+        data = rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8)
+        batch = {b"batch_label": name.encode(), b"labels": batch_labels, b"data": data,
+                 b"filenames": [f"img_{i}.png".encode() for i in range(PER_BATCH)]}
+        # numpy 1.x's module name, as in the real files (numpy 2 writes numpy._core)
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core."))
+        if name != "test_batch":
+            images.append(data)
+            labels += batch_labels
+    meta = {b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072,
+            b"label_names": [n.encode() for n in ("airplane automobile bird cat deer dog frog horse ship truck").split()]}
+    (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    archive = root / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(folder, arcname="cifar-10-batches-py")
+    return folder, archive, np.concatenate(images).reshape(-1, 3, 32, 32), np.array(labels)
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    return write_cifar(tmp_path_factory.mktemp("cifar"))
+
+
+def write_folder(root, size=16):
+    """cat/ with two PNGs (one grayscale), dog/ with a PNG and a JPEG; returns the PNG pixels by path."""
+    rng = np.random.default_rng(1)
+    pixels = {}
+    for rel, mode in [("dog/b.png", "RGB"), ("dog/a.jpg", "RGB"), ("cat/2.png", "L"), ("cat/1.png", "RGB")]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shape = (size, size, 3) if mode == "RGB" else (size, size)
+        arr = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        if rel.endswith(".jpg"):   # smooth, so that lossy JPEG stays close
+            arr = np.broadcast_to(np.linspace(0, 255, size, dtype=np.uint8)[:, None, None], shape).copy()
+        Image.fromarray(arr, mode).save(root / rel)
+        pixels[rel] = np.stack([arr] * 3, -1) if mode == "L" else arr
+    return pixels
+
+
+def test_cifar_batches_read_from_folder_and_tar_gz_alike(cifar):
+    folder, archive, images, labels = cifar
+    for path in (folder, archive):
+        data = load_dataset(DataConfig(dataset="cifar10", path=str(path)))
+        assert data.images.dtype == np.uint8 and data.images.shape == (100, 3, 32, 32)   # test_batch left out
+        assert np.array_equal(data.images, images) and np.array_equal(data.labels, labels)   # batches 1..5 in order
+
+
+def test_cifar_subsets_take_the_first_images_of_each_class_in_file_order(cifar):
+    folder, _, images, labels = cifar
+    for size in (30, 50):
+        ts = training_set(DataConfig(dataset="cifar10", path=str(folder), size=size, labels="true"))
+        expected = np.concatenate([np.flatnonzero(labels == c)[:size // 10] for c in range(10)])
+        assert sorted(ts.indices.tolist()) == sorted(expected.tolist())         # open_cifar10_balance
+        assert np.bincount(ts.labels.numpy(), minlength=10).tolist() == [size // 10] * 10
+    small = training_set(DataConfig(dataset="cifar10", path=str(folder), size=30))
+    big = training_set(DataConfig(dataset="cifar10", path=str(folder), size=50))
+    assert np.array_equal(big.indices[:30], small.indices)                      # nested
+    assert np.array_equal(((small.images.numpy() + 1) * 127.5).round(), images[small.indices])
+
+
+def test_cifar_resized(cifar):
+    data = load_dataset(DataConfig(dataset="cifar10", path=str(cifar[1]), resolution=16))
+    assert data.images.shape == (100, 3, 16, 16) and data.images.dtype == np.uint8
+
+
+def test_image_folder_and_its_zip(tmp_path):
+    pixels = write_folder(tmp_path / "pets")
+    data = load_dataset(DataConfig(dataset="folder", path=str(tmp_path / "pets")))
+    assert data.images.shape == (4, 3, 16, 16) and data.labels.tolist() == [0, 0, 1, 1]   # cat=0, dog=1
+    assert np.array_equal(data.images[0], pixels["cat/1.png"].transpose(2, 0, 1))        # sorted path order
+    assert np.array_equal(data.images[1], pixels["cat/2.png"].transpose(2, 0, 1))        # grayscale -> RGB
+    assert np.abs(data.images[2].astype(int) - pixels["dog/a.jpg"].transpose(2, 0, 1)).mean() < 8    # JPEG, lossy
+    assert np.array_equal(data.images[3], pixels["dog/b.png"].transpose(2, 0, 1))
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as z:   # zipped with its wrapping folder, as `zip -r pets.zip pets`
+        for rel in sorted(pixels):
+            z.write(tmp_path / "pets" / rel, f"pets/{rel}")
+        z.writestr("__MACOSX/pets/cat/._1.png", b"not an image")
+    zipped = load_dataset(DataConfig(dataset="imagenette", path=str(archive)))
+    assert np.array_equal(zipped.images, data.images) and np.array_equal(zipped.labels, data.labels)
+    faces = load_dataset(DataConfig(dataset="ffhq", path=str(tmp_path / "pets")))   # FFHQ: subfolders are no classes
+    assert faces.labels.tolist() == [0, 0, 0, 0]
+
+
+def test_flat_folder_is_one_class_and_mixed_sizes_need_a_resolution(tmp_path):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (24, 40), "blue").save(tmp_path / "b.jpeg")
+    with pytest.raises(ConfigError, match=r"holds images of size 16x16 and 24x40, .*set data.resolution=32") as err:
+        load_dataset(DataConfig(dataset="folder", path=str(tmp_path)))
+    assert "\n" not in str(err.value)
+    data = load_dataset(DataConfig(dataset="folder", path=str(tmp_path), resolution=8))
+    assert data.images.shape == (2, 3, 8, 8) and data.labels.tolist() == [0, 0]
+    assert (data.images[1, 2] > 200).all() and (data.images[1, 0] < 50).all()   # still blue after crop + Lanczos
+
+
+@pytest.mark.parametrize("dataset, path, message", [
+    ("cifar10", "data/nope", "data.path='data/nope' does not exist; download "
+                             "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and set data.path to the "
+                             ".tar.gz or its unpacked cifar-10-batches-py folder"),
+    ("cifar10", None, "data.path is not set; download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"),
+    ("cifar10", "EMPTY", "has no data_batch_1; download"),
+    ("cifar10", "NOT_A_TAR", "is neither a folder nor a .tar.gz; download"),
+    ("folder", "EMPTY", "holds no PNG/JPEG images; set data.path to a folder or .zip of PNG/JPEG images"),
+    ("ffhq", None, "data.path is not set; download FFHQ's thumbnails128x128 folder"),
+    ("imagenette", "data/nope", "does not exist; download https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz"),
+])
+def test_missing_data_is_one_line_that_names_the_fix(tmp_path, dataset, path, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("not a tar")
+    path = {"EMPTY": str(tmp_path / "empty"), "NOT_A_TAR": str(tmp_path / "notes.txt")}.get(path, path)
+    with pytest.raises(ConfigError) as err:
+        load_dataset(DataConfig(dataset=dataset, path=path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("a pickle that runs code",))
+
+
+def test_cifar_pickles_that_would_run_code_are_refused(tmp_path, cifar):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        (folder / f"data_batch_{i}").write_bytes((cifar[0] / f"data_batch_{i}").read_bytes())
+    (folder / "data_batch_3").write_bytes(pickle.dumps(RunsCode(), protocol=2))
+    with pytest.raises(ConfigError, match="refusing to load __builtin__.print"):
+        load_dataset(DataConfig(dataset="cifar10", path=str(folder)))
+
+
+def test_intra_class_mixing(tmp_path, cifar):
+    folder, _, images, labels = cifar
+    rng = np.random.default_rng(2)
+    for i in range(6):   # the mix set: 16x16 images, resized to CIFAR's 32x32
+        Image.fromarray(rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8)).save(tmp_path / f"dog{i}.png")
+    base = dict(dataset="cifar10", path=str(folder), mix_path=str(tmp_path), labels="true")
+    ts = training_set(DataConfig(size=10, mix_rate=0.5, **base))
+    from_cifar = ts.indices[ts.indices < 100]
+    assert from_cifar.tolist() == np.flatnonzero(labels == 5)[:5].tolist()   # the first floor(|D|(1-a)) dogs
+    assert sorted(ts.indices[ts.indices >= 100] - 100) == [0, 1, 2, 3, 4]
+    assert ts.labels.tolist() == [5] * 10 and ts.images.shape == (10, 3, 32, 32)
+    small = training_set(DataConfig(size=6, mix_rate=0.5, **base))
+    assert np.array_equal(ts.indices[:6], small.indices)                      # nested at the same alpha
+    assert (training_set(DataConfig(size=5, mix_rate=0.8, **base)).indices < 100).sum() == 1   # 5 * 0.2, not 0
+    assert (training_set(DataConfig(size=6, mix_rate=1.0, **base)).indices >= 100).all()
+    with pytest.raises(ConfigError, match=r"data.size=20 is larger than the 12 images of class 5 at "
+                                          r"data.mix_rate=0.5 \(10 in cifar10, 6 in data.mix_path\); use data.size<=12"):
+        training_set(DataConfig(size=20, mix_rate=0.5, **base))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.mix_rate=1.5", "data.mix_rate=1.5 must be in [0, 1]"),
+    ("data.mix_class=-1", "data.mix_class=-1 must be a class index >= 0"),
+    ("data.mix_rate=0.5", "data.mix_rate=0.5 needs data.mix_path"),
+])
+def test_mixing_settings_are_checked(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_cli_summary_and_grid(tmp_path, capsys, cifar):
+    grid = tmp_path / "out" / "grid.png"
+    assert main(["--config", "experiments/digits.yaml", "--set", "data.size=40", "--grid", str(grid)]) == 0
+    assert capsys.readouterr().out == "digits: 40 of 1797 images, 1x8x8, 10 classes, labels none (label_dim 0)\n"
+    assert Image.open(grid).size[0] > Image.open(grid).size[1] > 0                # 2 rows of 16
+    assert main(["--set", "data.dataset=cifar10", "--set", f"data.path={cifar[0]}", "--set", "data.size=30",
+                 "--set", "data.labels=random"]) == 0
+    assert capsys.readouterr().out == "cifar10: 30 of 100 images, 3x32x32, 10 classes, labels random (label_dim 10)\n"
+    assert main(["--set", "data.dataset=cifar10"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.path is not set; download") and err.count("\n") == 1
+    run = subprocess.run([sys.executable, "-m", "diffmem.data", "--set", "data.size=20"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.startswith("digits: 20 of 1797 images")
