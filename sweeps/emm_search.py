@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:      # `python sweeps/emm_search.py` from a checko
 from diffmem.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml  # noqa: E402
 from diffmem.data import load_dataset  # noqa: E402
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
+from sweeps.ledger import Ledger  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "experiments" / "digits.yaml"
 PRESETS = ROOT / "experiments" / "presets"
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", help="output folder (default results/<factor>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep from its output folder")
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
+    p.add_argument("--ledger", help="results ledger shared across sweeps (default OUTPUT/ledger.sqlite)")
+    p.add_argument("--no-reuse", action="store_true", help="train again even what the ledger already holds")
     return p.parse_args(argv)
 
 
@@ -89,6 +92,9 @@ def build_spec(args) -> dict:
     if args.seed is not None:
         overrides["train.seed"] = args.seed
     base_cfg = from_dict(apply_overrides(raw, overrides))       # the config itself loads
+    for key in ("path", "mix_path"):   # trials run in their own working directories
+        if getattr(base_cfg.data, key):
+            setattr(base_cfg.data, key, str(Path(getattr(base_cfg.data, key)).expanduser().resolve()))
     base = base_cfg.to_dict()
 
     factor = get_factor(args.factor)
@@ -201,11 +207,11 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
 
     from sweeps.progress import ProgressPrinter, trial_dirname, trial_name
     from sweeps.searcher import EMMSearcher
-    from sweeps.trainable import emm_trial, emm_trial_ddp
+    from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
 
     settings = {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
                 "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
-                "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1}
+                "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"]}
     if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (notes §2b)
         trainable = tune.with_resources(tune.with_parameters(emm_trial_ddp, settings=settings),
                                         {"cpu": 0, "trial_slot": 1})
@@ -226,7 +232,8 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
                                       trial_dirname_creator=trial_dirname)
         return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
-                           tolerance=spec["tolerance"], max_concurrent=max_concurrent)
+                           tolerance=spec["tolerance"], max_concurrent=max_concurrent,
+                           known_results=None if spec["no_reuse"] else KnownResults(settings))
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=max_concurrent,
                                   trial_name_creator=trial_name,
                                       trial_dirname_creator=trial_dirname)
@@ -234,15 +241,15 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
 
 
 def collect(spec: dict, output: Path, result_grid) -> tuple:
-    from sweeps.results import curve_summary, emm_table, trials_table
+    from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
     from sweeps.searcher import load_experiment_state
     frame = result_grid.get_dataframe()
-    trials = trials_table(frame, spec["grid_points"] if spec["factor"] != "data_size" else
-                          [{"label": "data_size", "value": None}], spec["epsilon"])
     if spec["factor"] == "data_size":
+        trials = trials_table(frame, [{"label": "data_size", "value": None}], spec["epsilon"])
         summary = [curve_summary("data_size", "curve", trials, spec["epsilon"])]
     else:
         summary = load_experiment_state(str(output.resolve() / TUNE_NAME)).summary()
+        trials = trials_from_search(summary, frame, spec["epsilon"])
     return emm_table(spec["factor"], summary, trials), trials
 
 
@@ -263,6 +270,9 @@ def main(argv=None) -> int:
             if (output / SPEC_FILE).exists():
                 raise ConfigError(f"{output} already holds a sweep; continue it with --resume {output} "
                                   f"or choose another --output")
+            spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").resolve())
+            spec["no_reuse"] = args.no_reuse
+            Ledger(spec["ledger"])   # an incompatible ledger fails here, before Ray starts
             write_spec(output, spec)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pandas as pd
 
-EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "training_images", "train_seconds"]
+EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "reused", "training_images",
+               "train_seconds"]
 TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "memorized", "stopped_early", "images_seen",
                  "planned_images", "train_seconds", "trial_id", "status"]
 
@@ -43,13 +44,31 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                              ignore_index=True)
 
 
+def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
+    """Every training the search observed, in order: run by this sweep (details from Tune's results) or
+    answered by the results ledger (status 'reused': trained before, by this or another sweep)."""
+    ran = trials_table(frame, summary, epsilon)
+    rows = []
+    for point in summary:
+        for size, ratio, memorized in point["observations"]:
+            match = ran[(ran.grid_label == point["label"]) & (ran["size"] == size)]
+            if len(match):
+                rows.append(match.iloc[-1].to_dict())
+            else:
+                rows.append({"grid_label": point["label"], "value": point["value"], "size": size,
+                             "best_mem_ratio": ratio, "memorized": memorized, "status": "reused"})
+    return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
+
+
 def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point: EMM (the largest |D| found to memorize) with its bracket and what it cost."""
     rows = []
     for point in summary:
         mine = trials[trials.grid_label == point["label"]]
+        reused = int((mine.status == "reused").sum())
         rows.append({"factor": factor, "value": point["value"], "emm": point["emm"], "low": point["low"],
-                     "high": point["high"], "censored": point["censored"], "trials": point["trials"],
+                     "high": point["high"], "censored": point["censored"], "trials": point["trials"] - reused,
+                     "reused": reused,
                      "training_images": int(point["images"]), "train_seconds": round(float(mine.train_seconds.sum()), 1)})
     return pd.DataFrame(rows, columns=EMM_COLUMNS)
 
@@ -68,9 +87,9 @@ def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) 
 
 def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
     lines = [f"EMM (largest |D| with memorization ratio >= {1 - epsilon:.2f})", "",
-             "| value | EMM | bracket | trainings | images | seconds |", "|---|---|---|---|---|---|"]
+             "| value | EMM | bracket | trainings | from ledger | images | seconds |", "|---|---|---|---|---|---|---|"]
     for _, r in emm.iterrows():
-        lines.append(f"| {r.value} | {format_emm(r)} | [{_int(r.low)}, {_int(r.high)}) | {r.trials} | "
+        lines.append(f"| {r.value} | {format_emm(r)} | [{_int(r.low)}, {_int(r.high)}) | {r.trials} | {r.reused} | "
                      f"{r.training_images:,} | {r.train_seconds:.0f} |")
     return "\n".join(lines) + "\n"
 

@@ -56,7 +56,9 @@ class EMMSearcher(Searcher):
 
     def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
                  max_concurrent: int = 2, metric: str = "best_mem_ratio", mode: str = "max",
-                 max_failures: int = 2):
+                 max_failures: int = 2, known_results=None):
+        """known_results: optional callable, trial config -> the ledger's record of that training or None;
+        a training the ledger holds is observed at once instead of being run again."""
         if mode != "max":
             raise ValueError(f"EMMSearcher compares the memorization ratio against 1 - epsilon, so mode must "
                              f"be 'max', got {mode!r}")
@@ -69,6 +71,8 @@ class EMMSearcher(Searcher):
         self._running: dict[str, tuple[int, int]] = {}    # trial_id -> (grid_index, size)
         self._completed: set[str] = set()                 # ids whose completion was counted
         self._plan: list[tuple[int, int]] = []            # planned for the free slots, not yet launched
+        self.known_results = known_results
+        self.reused: list[tuple[int, int]] = []           # (grid_index, size) answered by the ledger
 
     # ---- Tune hooks ----
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -77,20 +81,28 @@ class EMMSearcher(Searcher):
         return True     # we limit concurrency ourselves (and plan k-section probes for that many workers)
 
     def suggest(self, trial_id: str):
-        if self.state.finished:
-            return Searcher.FINISHED
-        free = self.max_concurrent - len(self._running)
-        if free <= 0 or trial_id in self._running or trial_id in self._completed:
-            return None
-        probe = self._next_probe(free)
-        if probe is None:
-            return None          # waiting for running trials
-        grid_index, size = probe
-        self.state.start(grid_index, size)
-        self._running[trial_id] = probe
-        point = self.state.grid_points[grid_index]
-        return {"grid_index": grid_index, "grid_label": point["label"], "grid_value": point.get("value"),
-                "overrides": copy.deepcopy(point.get("overrides", {})), "size": size}
+        while True:
+            if self.state.finished:
+                return Searcher.FINISHED
+            free = self.max_concurrent - len(self._running)
+            if free <= 0 or trial_id in self._running or trial_id in self._completed:
+                return None
+            probe = self._next_probe(free)
+            if probe is None:
+                return None          # waiting for running trials
+            grid_index, size = probe
+            point = self.state.grid_points[grid_index]
+            config = {"grid_index": grid_index, "grid_label": point["label"], "grid_value": point.get("value"),
+                      "overrides": copy.deepcopy(point.get("overrides", {})), "size": size}
+            self.state.start(grid_index, size)
+            known = self.known_results(config) if self.known_results is not None else None
+            if known is None:
+                self._running[trial_id] = probe
+                return config
+            # the ledger already holds this training: observe it (costing nothing) and plan again
+            self.state.observe(grid_index, size, known[self.metric], images=0.0)
+            self.reused.append(probe)
+            self._plan.clear()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._completed:
@@ -128,7 +140,7 @@ class EMMSearcher(Searcher):
         return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "metric": self.metric,
                 "state": self.state.to_dict(),
                 "running": {tid: list(p) for tid, p in self._running.items()},
-                "completed": sorted(self._completed)}
+                "completed": sorted(self._completed), "reused": [list(p) for p in self.reused]}
 
     def load_dict(self, d: dict) -> None:
         if d.get("format") != SAVE_FORMAT or d.get("version") != SAVE_VERSION:
@@ -139,6 +151,7 @@ class EMMSearcher(Searcher):
         self.state = EMMSearchState.from_dict(d["state"])
         self._running = {tid: (int(g), int(s)) for tid, (g, s) in d["running"].items()}
         self._completed = set(d["completed"])
+        self.reused = [(int(g), int(s)) for g, s in d.get("reused", [])]
         self._plan = []
 
     def _next_probe(self, free: int) -> tuple[int, int] | None:

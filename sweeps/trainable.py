@@ -17,6 +17,7 @@ from ray import tune
 
 from diffmem.config import apply_overrides, from_dict
 from diffmem.train import CHECKPOINT, train
+from sweeps.ledger import Ledger, training_key
 
 
 def trial_config(settings: dict, config: dict):
@@ -42,9 +43,23 @@ def _restore_into(checkpoint, run_dir: Path) -> None:
         shutil.copy2(Path(d) / target.name, target)
 
 
-def _run(settings: dict, config: dict, run_dir: Path, report, writer) -> None:
+def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bool) -> None:
     torch.set_num_threads(max(1, int(settings.get("threads_per_worker", 1))))
-    train(trial_config(settings, config), run_dir, report=report, writer=writer, log=lambda *_: None)
+    cfg = trial_config(settings, config)
+    result = train(cfg, run_dir, report=report, writer=writer, log=lambda *_: None)
+    if record and settings.get("ledger"):   # the moment it finishes, before Tune hears of it
+        resolved = cfg.to_dict()
+        Ledger(settings["ledger"]).put(training_key(resolved), resolved, result.history[-1], result.train_seconds)
+
+
+class KnownResults:
+    """Asked by the searcher before it proposes a training: the ledger's record of that trial, if any."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def __call__(self, config: dict) -> dict | None:
+        return Ledger(self.settings["ledger"]).get(training_key(trial_config(self.settings, config).to_dict()))
 
 
 def emm_trial(config: dict, settings: dict) -> None:
@@ -59,7 +74,7 @@ def emm_trial(config: dict, settings: dict) -> None:
             tune.report(metrics, checkpoint=checkpoint)
 
         with SummaryWriter(str(trial_logdir(settings, config))) as writer:
-            _run(settings, config, run_dir, report, writer)
+            _run(settings, config, run_dir, report, writer, record=True)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -80,7 +95,7 @@ def _ddp_worker(loop_config: dict) -> None:
 
         writer = SummaryWriter(str(trial_logdir(settings, config))) if rank == 0 else None
         try:
-            _run(settings, config, run_dir, report, writer)
+            _run(settings, config, run_dir, report, writer, record=rank == 0)
         finally:
             if writer is not None:
                 writer.close()

@@ -133,6 +133,19 @@ def test_interrupted_sweep_resumes_to_the_same_table(smoke_sweep, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_repeated_sweep_reuses_the_ledger_and_trains_nothing(smoke_sweep, tmp_path):
+    out = tmp_path / "again"
+    run = _search("--preset", "smoke", "--no-dashboard", "--output", str(out),
+                  "--ledger", str(smoke_sweep[0] / "ledger.sqlite"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    again, first = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
+    columns = ["value", "emm", "low", "high", "censored"]
+    pd.testing.assert_frame_equal(again[columns], first[columns])
+    assert (again.trials == 0).all() and list(again.reused) == list(first.trials)
+    assert set(pd.read_csv(out / "trials.csv").status) == {"reused"}
+
+
+@pytest.mark.slow
 def test_two_worker_ddp_trial_reports_like_the_in_process_one(tmp_path):
     import ray
     from ray import tune
