@@ -184,18 +184,23 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
-def parse_override(text: str) -> tuple[str, object]:
-    """'model.channels=64' -> ('model.channels', 64); the value is parsed as YAML."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value, e.g. model.channels=64")
-    key, value = text.split("=", 1)
-    value = yaml.safe_load(value) if value.strip() else None
-    if isinstance(value, str):   # YAML 1.1 reads '4e-3' as a string; a number is meant
+def parse_value(text: str):
+    """A command-line value, read as YAML ('64', '[1,2]', 'none'); '4e-3' is a number, as meant."""
+    value = yaml.safe_load(text) if text.strip() else None
+    if isinstance(value, str):   # YAML 1.1 reads '4e-3' as a string
         try:
             value = float(value)
         except ValueError:
             pass
-    return key.strip(), value
+    return value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'model.channels=64' -> ('model.channels', 64)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. model.channels=64")
+    key, value = text.split("=", 1)
+    return key.strip(), parse_value(value)
 
 
 def apply_overrides(raw: dict, overrides: dict) -> dict:

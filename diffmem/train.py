@@ -116,6 +116,8 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     def stopped():
         return e.stop_at is not None and state["best"] >= e.stop_at
 
+    if state["history"] and (state["images_seen"] >= total or stopped()) and report is not None:
+        report(state["history"][-1], ckpt_path)   # resumed after its last evaluation: say the answer again
     next_eval = (state["images_seen"] // eval_every + 1) * eval_every
     next_log = (state["images_seen"] // log_every + 1) * log_every
     tic, loss_sum, loss_count = time.perf_counter(), 0.0, 0

@@ -16,13 +16,12 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:      # `python sweeps/emm_search.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from diffmem.config import ConfigError, apply_overrides, from_dict, parse_override, read_yaml  # noqa: E402
+from diffmem.config import ConfigError, apply_overrides, from_dict, parse_override, parse_value, read_yaml  # noqa: E402
 from diffmem.data import load_dataset  # noqa: E402
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
@@ -57,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
     p.add_argument("--ledger", help="results ledger shared across sweeps (default OUTPUT/ledger.sqlite)")
     p.add_argument("--no-reuse", action="store_true", help="train again even what the ledger already holds")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a failed training from its checkpoint before its grid point is unresolved")
     return p.parse_args(argv)
 
 
@@ -67,11 +68,6 @@ def list_factors(config_sweep: dict) -> str:
         lines.append(f"{name:17s} {f.description}\n{'':17s} paper: {list(f.paper_values)}"
                      + (f"\n{'':17s} this config: {mine}" if mine else ""))
     return "\n".join(lines)
-
-
-def parse_value(text: str):
-    value = yaml.safe_load(text)
-    return value if isinstance(value, (int, float, str)) else text
 
 
 def build_spec(args) -> dict:
@@ -130,8 +126,8 @@ def build_spec(args) -> dict:
                           f"use LO >= {step}")
     if not 0 < args.epsilon < 1 or args.tolerance <= 0:
         raise ConfigError("--epsilon must be in (0, 1) and --tolerance > 0 (defaults 0.1 and 0.1)")
-    if args.workers_per_trial < 1 or args.gpus_per_trial < 0:
-        raise ConfigError("--workers-per-trial must be >= 1 and --gpus-per-trial >= 0")
+    if args.workers_per_trial < 1 or args.gpus_per_trial < 0 or args.max_failures < 0:
+        raise ConfigError("--workers-per-trial must be >= 1, --gpus-per-trial >= 0 and --max-failures >= 0")
     workers = args.gpus_per_trial or args.workers_per_trial
     if base_cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={base_cfg.train.batch_size} must be divisible by the {workers} "
@@ -141,7 +137,7 @@ def build_spec(args) -> dict:
             "tolerance": args.tolerance, "size_range": size_range,
             "allowed_sizes": list(range(step, max_size + 1, step)),
             "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
-            "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1,
+            "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
             "max_concurrent": args.max_concurrent}
 
 
@@ -185,6 +181,8 @@ def start_ray(args, spec: dict) -> int:
             slots = max(1, cpus // workers)
         context = ray.init(num_cpus=cpus, resources={"trial_slot": slots}, include_dashboard=not args.no_dashboard,
                            log_to_driver=False)
+        from sweeps.reaper import start_reaper
+        start_reaper()   # a killed driver must not leave Ray's agents running
         if not args.no_dashboard:
             url = context.dashboard_url or "127.0.0.1:8265"
             print(f"Ray dashboard: http://{url}  (token auth: header 'Authorization: Bearer' + "
@@ -211,7 +209,8 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
 
     settings = {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
                 "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
-                "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"]}
+                "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
+                "max_failures": spec["max_failures"]}
     if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (notes §2b)
         trainable = tune.with_resources(tune.with_parameters(emm_trial_ddp, settings=settings),
                                         {"cpu": 0, "trial_slot": 1})
@@ -224,7 +223,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         name=TUNE_NAME, storage_path=str(output.resolve()), verbose=0,
         callbacks=[ProgressPrinter(spec["epsilon"])],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        failure_config=tune.FailureConfig(max_failures=1))
+        failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
     if spec["factor"] == "data_size":   # the curve itself: every size once, no search
         space = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {},
                  "size": tune.grid_search(spec["values"])}
@@ -233,7 +232,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
-                           known_results=None if spec["no_reuse"] else KnownResults(settings))
+                           known_results=None if spec["no_reuse"] else KnownResults(settings), max_failures=1)
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=max_concurrent,
                                   trial_name_creator=trial_name,
                                       trial_dirname_creator=trial_dirname)
@@ -241,6 +240,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
 
 
 def collect(spec: dict, output: Path, result_grid) -> tuple:
+    import pandas as pd
     from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
     from sweeps.searcher import load_experiment_state
     frame = result_grid.get_dataframe()
@@ -250,6 +250,10 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
     else:
         summary = load_experiment_state(str(output.resolve() / TUNE_NAME)).summary()
         trials = trials_from_search(summary, frame, spec["epsilon"])
+    failed = [{"grid_label": r.config.get("grid_label"), "size": r.config.get("size"), "status": "error",
+               "error": str(r.error).strip().splitlines()[-1][:300]} for r in result_grid if r.error is not None]
+    if failed:   # failed trainings have no metrics; keep their last error line
+        trials = pd.concat([trials, pd.DataFrame(failed)], ignore_index=True)
     return emm_table(spec["factor"], summary, trials), trials
 
 

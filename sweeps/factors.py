@@ -84,6 +84,8 @@ FACTORS = {f.name: f for f in [
     Factor("resolution", "data dimension (Fig. 2a)", (32, 16, 8), _resolution),
     Factor("epochs", "training duration in epochs", (10000, 20000, 40000), lambda v, b: {"train.duration": f"{v}ep"}),
     Factor("batch_size", "batch size, lr scaled with it (Table 1)", (128, 256, 384, 512, 640, 768, 896), _batch_size),
+    Factor("learning_rate", "Adam learning rate at a fixed batch size", (1e-4, 2e-4, 4e-4, 1e-3),
+           lambda v, b: {"train.lr": v}),
     Factor("weight_decay", "Adam L2 weight decay (Table 2)", (0, 1e-5, 1e-4, 1e-3, 1e-2, 2e-2, 5e-2, 8e-2, 1e-1),
            lambda v, b: {"train.weight_decay": v}),
     Factor("ema", "EMA decay per step after ramp-up (Table 3)", (0.99929, 0.999, 0.99, 0.9, 0.8, 0.5, 0.2, 0.1, 0.0),

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "reused", "training_images",
-               "train_seconds"]
+               "train_seconds", "error"]
 TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "memorized", "stopped_early", "images_seen",
-                 "planned_images", "train_seconds", "trial_id", "status"]
+                 "planned_images", "train_seconds", "trial_id", "status", "error"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -66,10 +66,12 @@ def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.Data
     for point in summary:
         mine = trials[trials.grid_label == point["label"]]
         reused = int((mine.status == "reused").sum())
+        errors = mine.error.dropna() if "error" in mine else []
         rows.append({"factor": factor, "value": point["value"], "emm": point["emm"], "low": point["low"],
                      "high": point["high"], "censored": point["censored"], "trials": point["trials"] - reused,
                      "reused": reused,
-                     "training_images": int(point["images"]), "train_seconds": round(float(mine.train_seconds.sum()), 1)})
+                     "training_images": int(point["images"]), "train_seconds": round(float(mine.train_seconds.sum()), 1),
+                     "error": errors.iloc[-1] if len(errors) else (point.get("error") or "")})
     return pd.DataFrame(rows, columns=EMM_COLUMNS)
 
 
@@ -100,7 +102,7 @@ def format_emm(row) -> str:
     if row.censored == "<min":
         return f"< {_int(row.high)}"
     if row.censored == "unresolved":
-        return "unresolved"
+        return f"unresolved: {row.error}" if row.error else "unresolved"
     if row.emm is None or row.emm != row.emm or row.high is None or row.high != row.high:
         return "open"      # the sweep stopped before this bracket closed
     return _int(row.emm)

@@ -62,9 +62,20 @@ class KnownResults:
         return Ledger(self.settings["ledger"]).get(training_key(trial_config(self.settings, config).to_dict()))
 
 
+def _report_known(settings: dict, config: dict) -> bool:
+    """A trial the ledger already holds (it finished before a killed driver's last snapshot): report the
+    record instead of training again."""
+    known = KnownResults(settings)(config) if settings.get("ledger") else None
+    if known is not None:
+        tune.report({k: known[k] for k in ("best_mem_ratio", "images_seen", "planned_images")} | {"from_ledger": 1})
+    return known is not None
+
+
 def emm_trial(config: dict, settings: dict) -> None:
     """One training in this process. Checkpoints go to Tune, so a failed or restored trial resumes."""
     from torch.utils.tensorboard import SummaryWriter
+    if _report_known(settings, config):
+        return
     run_dir = Path(tempfile.mkdtemp(prefix="diffmem-trial-"))
     try:
         _restore_into(tune.get_checkpoint(), run_dir)
@@ -111,6 +122,8 @@ def emm_trial_ddp(config: dict, settings: dict) -> None:
     import ray.train
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
+    if _report_known(settings, config):
+        return
     use_gpu = settings.get("gpus_per_worker", 0) > 0
     trainer = TorchTrainer(
         _ddp_worker,

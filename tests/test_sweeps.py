@@ -146,6 +146,54 @@ def test_a_repeated_sweep_reuses_the_ledger_and_trains_nothing(smoke_sweep, tmp_
 
 
 @pytest.mark.slow
+def test_a_grid_point_that_always_fails_is_unresolved_and_the_others_finish(tmp_path):
+    out = tmp_path / "lr"
+    run = _search("--preset", "smoke", "--no-dashboard", "--factor", "learning_rate", "--values", "2e-3", "1e30",
+                  "--max-failures", "1", "--output", str(out), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    emm = pd.read_csv(out / "emm.csv", dtype={"value": str}).set_index("value")
+    assert emm.loc["1e+30", "censored"] == "unresolved" and "loss became nan" in emm.loc["1e+30", "error"]
+    assert emm.loc["0.002", "censored"] != "unresolved" and emm.loc["0.002", "emm"] > 0
+    assert "unresolved: " in (out / "emm.md").read_text()
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_retraining_and_leaves_no_ray_behind(smoke_sweep, tmp_path):
+    import os
+    import signal
+
+    from sweeps.ledger import Ledger
+    from sweeps.reaper import _stat, descendants
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    for line in proc.stdout:
+        if "best ratio" in line:
+            break
+    ray_processes = descendants(proc.pid)
+    assert any(_stat(p) for p in ray_processes)
+    os.kill(proc.pid, signal.SIGKILL)                       # no Ctrl-C, no cleanup: a crashed driver
+    proc.wait()
+    finished_before = len(Ledger(out / "ledger.sqlite"))
+    deadline = time.time() + 60
+    while time.time() < deadline and any((st := _stat(p)) and st[1] == s for p, s in ray_processes.items()):
+        time.sleep(1)
+    left = [p for p, s in ray_processes.items() if (st := _stat(p)) and st[1] == s]
+    assert not left, f"Ray processes left after the driver was killed: {left}"
+
+    run = _search("--resume", str(out), "--no-dashboard", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    columns = ["value", "emm", "low", "high", "censored"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns],
+                                  pd.read_csv(smoke_sweep[0] / "emm.csv")[columns])
+    # no training ran twice: every one finished before the kill still has a single TensorBoard run
+    trials = pd.read_csv(out / "trials.csv")
+    assert finished_before >= 1 and len(Ledger(out / "ledger.sqlite")) == len(trials)
+    for logdir in (out / "tensorboard").glob("*/D=*"):
+        assert len(list(logdir.glob("events.*"))) <= 2      # a training in flight at the kill resumed once
+
+
+@pytest.mark.slow
 def test_two_worker_ddp_trial_reports_like_the_in_process_one(tmp_path):
     import ray
     from ray import tune
