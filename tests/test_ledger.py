@@ -1,7 +1,11 @@
 """The results ledger: durable, keyed by what determines a training, consulted before training again."""
+import json
+import random
 import sqlite3
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from ray.tune.search import Searcher
 
 from diffmem.config import ConfigError, load_config
@@ -63,3 +67,62 @@ def test_searcher_observes_what_the_ledger_holds_instead_of_training():
     assert set(launched) == {1}                  # nothing trained again for grid point 0
     summary = searcher.state.summary()
     assert summary[0]["emm"] == 300 and summary[1]["emm"] == 120 and searcher.reused
+
+
+@st.composite
+def ledger_scenarios(draw):
+    thresholds = draw(st.lists(st.integers(0, 1100), min_size=1, max_size=3))
+    known = draw(st.sets(st.tuples(st.integers(0, len(thresholds) - 1), st.integers(1, 100)), max_size=40))
+    return {"thresholds": thresholds, "known": {(g, 10 * s) for g, s in known},
+            "workers": draw(st.integers(1, 6)), "repeat_rate": draw(st.sampled_from([0.0, 0.3])),
+            "restore_rate": draw(st.sampled_from([0.0, 0.3])), "seed": draw(st.integers(0, 2 ** 32 - 1))}
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ledger_scenarios())
+def test_property_searcher_never_asks_for_what_the_ledger_holds(case):
+    rng = random.Random(case["seed"])
+    thresholds, allowed = case["thresholds"], list(range(10, 1001, 10))
+
+    def ratio(g, size):
+        return 0.95 if size <= thresholds[g] else 0.2
+
+    def known_results(config):
+        key = (config["grid_index"], config["size"])
+        return {"best_mem_ratio": ratio(*key)} if key in case["known"] else None
+
+    points = [{"label": f"p{g}", "value": g, "overrides": {}} for g in range(len(thresholds))]
+
+    def fresh():
+        return EMMSearcher(points, allowed, (20, 640), max_concurrent=case["workers"], known_results=known_results)
+    searcher, running, n = fresh(), {}, 0
+    for _ in range(2000):
+        if rng.random() < case["restore_rate"]:                  # a driver restarted from a snapshot
+            saved = json.loads(json.dumps(searcher.to_dict()))
+            searcher = fresh()
+            searcher.load_dict(saved)
+        config = searcher.suggest(f"t{n}")
+        if config == Searcher.FINISHED and not running:
+            break
+        if isinstance(config, dict):
+            key = (config["grid_index"], config["size"])
+            assert key not in case["known"] and config["size"] in allowed
+            running[f"t{n}"] = key
+            n += 1
+            continue
+        if not running:
+            continue
+        trial_id = rng.choice(sorted(running))
+        searcher.on_trial_complete(trial_id, {"best_mem_ratio": ratio(*running.pop(trial_id))})
+        if rng.random() < case["repeat_rate"]:                   # the same completion delivered twice
+            searcher.on_trial_complete(trial_id, {"best_mem_ratio": 0.0})
+    else:
+        pytest.fail("the search did not end")
+    for row, threshold in zip(searcher.state.summary(), thresholds):
+        truth = max([s for s in allowed if s <= threshold], default=None)
+        if row["censored"] == "":
+            assert row["low"] == truth or (row["low"] < truth < row["high"] and row["high"] / row["low"] <= 1.1 + 1e-9)
+        elif row["censored"] == "<min":
+            assert truth is None or truth < 20
+        else:
+            assert row["censored"] == ">=max" and truth == 1000
