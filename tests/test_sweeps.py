@@ -194,6 +194,43 @@ def test_killed_driver_resumes_without_retraining_and_leaves_no_ray_behind(smoke
 
 
 @pytest.mark.slow
+def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
+    import os
+    import signal
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from sweeps.reaper import descendants
+    out = tmp_path / "worker-killed"
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list((out / "tune").glob("*/checkpoint_000000")):
+        time.sleep(0.5)
+    trials = [p for p in descendants(proc.pid) if b"ImplicitFunc" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    assert trials, "no running training to kill"
+    for pid in trials:
+        os.kill(pid, signal.SIGKILL)                        # the worker dies mid-training, like an OOM kill
+    assert proc.wait(timeout=600) == 0
+    columns = ["value", "emm", "low", "high", "censored"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns],
+                                  pd.read_csv(smoke_sweep[0] / "emm.csv")[columns])
+
+    def first_evaluation(run):
+        events = EventAccumulator(str(run)).Reload()
+        if "memorization/mem_ratio" in events.Tags()["scalars"]:
+            return events.Scalars("memorization/mem_ratio")[0].step
+        return None
+    resumed = 0
+    for logdir in (out / "tensorboard").glob("*/D=*"):
+        runs = sorted(logdir.glob("events.*"), key=lambda p: p.stat().st_mtime)
+        steps = [first_evaluation(r) for r in runs]
+        if len(steps) == 2 and None not in steps and steps[1] > steps[0]:
+            resumed += 1                                    # the second run began after the checkpoint
+    assert resumed >= 1
+
+
+@pytest.mark.slow
 def test_two_worker_ddp_trial_reports_like_the_in_process_one(tmp_path):
     import ray
     from ray import tune
