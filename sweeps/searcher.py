@@ -108,6 +108,11 @@ class EMMSearcher(Searcher):
         if trial_id in self._completed:
             logger.debug("EMMSearcher: trial %s completed twice; ignoring the second", trial_id)
             return
+        if not error and result is not None and result.get("done") is False and not self._final(result):
+            # Stopped mid-training (Ctrl-C): its running max is not its answer yet. It stays pending and
+            # its completion after --resume counts.
+            logger.debug("EMMSearcher: trial %s stopped before its answer was final", trial_id)
+            return
         probe = self._running.pop(trial_id, None) or self._adopt(trial_id, result)
         if probe is None:
             logger.debug("EMMSearcher: ignoring unknown trial %s", trial_id)
@@ -126,6 +131,11 @@ class EMMSearcher(Searcher):
             else:
                 images = float(result.get("images_seen") or 0)
                 self.state.observe(grid_index, size, float(ratio), images=images)
+
+    def _final(self, result: dict) -> bool:
+        """A running max that already reached 1 - epsilon is final: it can only grow."""
+        ratio = result.get(self.metric)
+        return isinstance(ratio, (int, float)) and math.isfinite(ratio) and self.state.settings.memorized(ratio)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "w") as f:

@@ -422,3 +422,19 @@ def test_end_to_end_through_ray_tune(tmp_path):
     assert all(r["images"] == 10 * sum(s for s, *_ in r["observations"]) for r in rows)
     # Tune saved the searcher on its snapshots; the newest one holds the final state
     assert load_experiment_state(str(tmp_path / "emm_e2e")).summary() == rows
+
+
+def test_a_trial_stopped_mid_training_is_not_an_answer_until_it_resumes():
+    searcher = make_searcher()
+    config = searcher.suggest("a")
+    # Ctrl-C: Tune stops the trial and hands over its last intermediate result (done=False)
+    searcher.on_trial_complete("a", {"best_mem_ratio": 0.2, "done": False})
+    assert searcher.state.summary()[config["grid_index"]]["observations"] == []
+    # after --resume the same trial finishes: that is the answer, counted once
+    searcher.on_trial_complete("a", {"best_mem_ratio": 0.95, "done": True})
+    row = searcher.state.summary()[config["grid_index"]]
+    assert row["observations"] == [(config["size"], 0.95, True)] and row["trials"] == 1
+    # an intermediate result that already memorized is final at once
+    other = searcher.suggest("b")
+    searcher.on_trial_complete("b", {"best_mem_ratio": 0.95, "done": False})
+    assert searcher.state.summary()[other["grid_index"]]["observations"][-1][1] == 0.95
