@@ -127,9 +127,15 @@ def test_interrupted_sweep_resumes_to_the_same_table(smoke_sweep, tmp_path):
     assert "open" in (out / "emm.md").read_text()        # the partial table says what is not known yet
     run = _search("--resume", str(out), "--no-dashboard", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    columns = ["value", "emm", "low", "high", "censored", "trials"]
-    resumed, whole = pd.read_csv(out / "emm.csv")[columns], pd.read_csv(smoke_sweep[0] / "emm.csv")[columns]
-    pd.testing.assert_frame_equal(resumed, whole)
+    columns = ["value", "emm", "low", "high", "censored"]
+    resumed, whole = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
+    pd.testing.assert_frame_equal(resumed[columns], whole[columns])
+    # No training ran twice. The count itself may differ from the uninterrupted sweep by the extra
+    # k-section probes the searcher launches when slots happen to be free: that depends on timing.
+    trials = pd.read_csv(out / "trials.csv")
+    assert not trials.duplicated(["grid_label", "size"]).any()
+    assert len(trials) == resumed.trials.sum() + resumed.reused.sum()
+    assert abs(resumed.trials.sum() - whole.trials.sum()) <= 2   # smoke: 2 concurrent trials
 
 
 @pytest.mark.slow
@@ -141,8 +147,13 @@ def test_a_repeated_sweep_reuses_the_ledger_and_trains_nothing(smoke_sweep, tmp_
     again, first = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
     columns = ["value", "emm", "low", "high", "censored"]
     pd.testing.assert_frame_equal(again[columns], first[columns])
-    assert (again.trials == 0).all() and list(again.reused) == list(first.trials)
-    assert set(pd.read_csv(out / "trials.csv").status) == {"reused"}
+    # the searcher replays its bisection on the ledger: every size it asks for was trained by the first
+    # sweep (which may have trained more: parallel k-section probes), and nothing is trained again
+    assert (again.trials == 0).all() and (again.reused >= 1).all() and (again.reused <= first.trials).all()
+    reused = pd.read_csv(out / "trials.csv")
+    assert set(reused.status) == {"reused"}
+    trained = set(zip(*pd.read_csv(smoke_sweep[0] / "trials.csv")[["grid_label", "size"]].values.T))
+    assert set(zip(reused.grid_label, reused["size"])) <= trained
 
 
 @pytest.mark.slow
