@@ -21,8 +21,11 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup
-	$(PY) bench/search_efficiency.py
+bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ignored)
+	mkdir -p bench/results
+	$(PY) bench/search_efficiency.py --json bench/results/search_efficiency.json
+	$(PY) bench/nn.py --json bench/results/nn.json
+	$(PY) bench/optimum.py --json bench/results/optimum.json
 
 clean:
 	rm -rf $(VENV) results

@@ -126,6 +126,51 @@ def test_chunked_nearest_neighbours_are_exact():
     torch.testing.assert_close(d.double(), ref_d, rtol=1e-4, atol=1e-4)
 
 
+
+def reference_neighbours(gen, train, k):
+    """Plain float64 torch.cdist + sort: the definition the fast path must reproduce."""
+    d2 = torch.cdist(gen.double().reshape(len(gen), -1), train.double().reshape(len(train), -1)) ** 2
+    return d2, torch.sort(d2, dim=1).values[:, :k]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("chunks", [{}, {"chunk_generated": 48, "chunk_train": 300},
+                                    {"chunk_train": 333},          # a last chunk of 1 image, padded to 64
+                                    {"chunk_train": 7}])
+def test_fast_nearest_neighbours_equal_cdist_with_ties_and_duplicates(k, chunks):
+    """Integer data in few dimensions: many exact ties, exact duplicates in both sets and exact copies.
+    Squared distances are small integers, so float32 must rank them exactly: every returned index must
+    have the reference's k-th smallest squared distance (any of tied indices is right)."""
+    gen_ = torch.Generator().manual_seed(k)
+    train = torch.randint(0, 4, (1000, 6), generator=gen_).float()
+    train[900:] = train[:100]                                              # duplicated training images
+    gen = torch.cat([torch.randint(0, 4, (150, 6), generator=gen_).float(), train[:30], train[950:960]])
+    gen = torch.cat([gen, gen[:20]])                                       # duplicated generated images
+    d, i = nearest_neighbours(gen, train, k=k, **chunks)
+    full, ref = reference_neighbours(gen, train, k)
+    assert i.shape == (len(gen), k) and d.dtype == torch.float32
+    assert torch.equal(full.gather(1, i), ref)                            # right neighbours, ties in any order
+    assert all(len(set(row)) == k for row in i.tolist())                  # k distinct training images
+    torch.testing.assert_close(d.double() ** 2, ref, rtol=1e-5, atol=1e-4)   # squared: sqrt(eps) is not 0
+
+
+def test_fast_nearest_neighbours_equal_cdist_on_random_pixels():
+    """Continuous data at pixel scale, ragged chunks, two block shapes: same indices and ratios as cdist."""
+    torch.manual_seed(3)
+    train = torch.rand(1500, 3, 8, 8) * 255
+    gen = torch.cat([torch.rand(200, 3, 8, 8) * 255, train[:50] + torch.randn(50, 3, 8, 8)])
+    full, ref = reference_neighbours(gen, train, 2)
+    ref_i = torch.sort(full, dim=1).indices[:, :2]
+    scale = ((train - train.mean(0)) ** 2).flatten(1).sum(1).max().item()
+    for chunks in [{}, {"chunk_generated": 100, "chunk_train": 512}]:
+        d, i = nearest_neighbours(gen, train, k=2, **chunks)
+        assert torch.equal(i, ref_i)
+        # float32 cancellation in |g|^2 - 2 g.t + |t|^2: absolute error ~1e-6 of the (centred) squared norms
+        torch.testing.assert_close(d.double() ** 2, ref, rtol=1e-5, atol=1e-5 * scale)
+        ratio_ref = (ref[:, 0].sqrt() / ref[:, 1].sqrt() < 1 / 3).double().mean().item()
+        assert memorization_ratio(gen, train, **chunks) == pytest.approx(ratio_ref)
+
+
 # ---------------------------------------------------------------- subsets and labels
 def test_subsets_are_nested_and_class_balanced():
     cfg = DataConfig(size=300)
