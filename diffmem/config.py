@@ -36,7 +36,8 @@ class DataConfig:
                                        # drawn with seed 1024 (the paper's); an int reseeds both
     mix_path: str | None = None        # intra-class diversity (paper §4): a folder or .zip of images mixed into
     mix_class: int = 5                 # this class (CIFAR-10 dogs in the paper) ...
-    mix_rate: float = 0.0              # ... as this share alpha of |D|; > 0 trains on that one class only
+    mix_rate: float = 0.0              # ... as this share alpha of |D|; with mix_path set, trains on that one
+                                       # class only, alpha = 0 included (the paper's Fig. 2c starts at alpha = 0)
 
 
 @dataclass
@@ -66,6 +67,20 @@ class TrainConfig:
     device: str = "auto"               # auto | cpu | cuda
     checkpoint_every: str = "1000ep"
     log_every: str = "10ep"
+    # Speed (diffmem/precision.py; measured by bench/gpu_check.sh). The training subset already lives on the
+    # device as one tensor (50k CIFAR-10 images are 600 MB in fp32), so batches are device-side index gathers:
+    # no DataLoader, no pinned host memory, no copy per epoch. Evaluation is always exact fp32 (no autocast,
+    # no TF32) whatever these say: a given EMA model gets the same memorization ratio under any of them.
+    precision: str = "fp32"            # fp32: IEEE float32, TF32 off (the paper's setting, paper.md §6; the default)
+                                       # tf32: TF32 tensor-core matmuls/convs on Ampere+ GPUs (same as fp32 on CPU)
+                                       # bf16: autocast to bfloat16 around forward + loss; weights, grads, Adam, EMA fp32
+                                       # tf32 and bf16 change the arithmetic: a different training, a different ledger key
+    channels_last: bool = True         # NHWC model and batches: the same arithmetic up to summation order;
+                                       # dropout draws its masks in memory order, so a different, equally
+                                       # distributed draw (tests/test_fast_path.py compares at dropout 0)
+    compile: bool = False              # torch.compile the network for training; pays on a GPU for long trainings
+                                       # (the paper's 40k epochs), not on CPU or for trainings of a few minutes:
+                                       # compiling costs a minute or more per process, again on every resume
 
 
 @dataclass
@@ -99,6 +114,7 @@ CHOICES = {
     "model.precond": ("vp", "edm"),
     "model.embedding": ("positional", "fourier"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("fp32", "tf32", "bf16"),
 }
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ep|kimg)\s*$")
 

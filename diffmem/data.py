@@ -254,7 +254,7 @@ def training_set(cfg: DataConfig, dataset: ImageSet | None = None) -> TrainingSe
     """The class-balanced nested subset of size cfg.size with the labels cfg.labels asks for."""
     dataset = dataset or load_dataset(cfg)
     n_total = len(dataset.labels)
-    if cfg.mix_rate > 0:
+    if cfg.mix_path:   # intra-class mode, alpha = 0 included (the paper's CIFAR-dogs-only point)
         order, images, true_labels, n_total = _mixed_subset(cfg, dataset)
     else:
         if cfg.size > n_total:
@@ -321,7 +321,7 @@ def _mixed_subset(cfg: DataConfig, dataset: ImageSet):
 def describe(cfg: DataConfig, dataset: ImageSet, ts: TrainingSet) -> str:
     """One line: what a config trains on."""
     n, c, h, w = ts.images.shape
-    if cfg.mix_rate > 0:
+    if cfg.mix_path:
         mixed = int((ts.indices >= len(dataset.labels)).sum())
         content = f"class {cfg.mix_class} only ({n - mixed} from {dataset.name}, {mixed} from data.mix_path)"
     else:

@@ -5,6 +5,12 @@ one fixed shuffle cycled every epoch; a snapshot every `eval.every`, whose EMA m
 the reported number is the highest memorization ratio over snapshots. Once that running maximum reaches
 `eval.stop_at` the answer cannot change, so training may stop there.
 
+Speed (train.precision, train.channels_last, train.compile; diffmem/precision.py): the training subset is
+moved to the device once and every batch is an index gather there, so there is no DataLoader and nothing to
+pin. The step never waits for the GPU: the loss is summed on the device and read (and checked for NaN) only
+at log and evaluation points; the EMA is one fused multi-tensor lerp. Under DDP every rank samples its share
+of the evaluation seeds (diffmem/evaluate.py).
+
     python -m diffmem.train --config experiments/digits.yaml --set data.size=64
 """
 from __future__ import annotations
@@ -20,12 +26,15 @@ from typing import Callable
 import torch
 
 from diffmem.config import Config, ConfigError, duration_images
-from diffmem.data import TrainingSet, grid_array, save_grid, training_set
+from diffmem.data import TrainingSet, save_grid, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
 from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
 from diffmem.networks import DDPMpp
+from diffmem.pictures import nn_grid_picture, nn_ratio_markdown
+from diffmem.precision import autocast, training_precision
 
 CHECKPOINT = "checkpoint/checkpoint.pt"   # in its own folder: the sweep hands that folder to Tune
+COMPILE_OPTIONS: dict = {}   # keyword arguments of torch.compile under train.compile, e.g. {"mode": "max-autotune"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -43,7 +52,10 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    if device.type == "cuda" and device.index is None:   # the worker's own GPU (Ray Train sets it per worker)
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def build_denoiser(cfg: Config, train_set: TrainingSet) -> torch.nn.Module:
@@ -72,6 +84,17 @@ def train(cfg: Config, run_dir: str | Path | None = None,
           report: Callable[[dict, Path | None], None] | None = None, writer=None, log=print) -> TrainResult:
     """Train cfg on its subset; resume from run_dir/checkpoint/checkpoint.pt if present. report(metrics, checkpoint)
     is called after every evaluation (the sweep layer forwards it; this package knows nothing of Ray)."""
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    try:
+        with training_precision(cfg.train.precision):
+            # EDM's setting: cuDNN picks the fastest convolution algorithm per shape (shapes never change here)
+            torch.backends.cudnn.benchmark = resolve_device(cfg.train.device).type == "cuda"
+            return _train(cfg, run_dir, report, writer, log)
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
     t, e = cfg.train, cfg.eval
     device = resolve_device(t.device)
     # Under torch.distributed (DDP, one process per worker) each worker takes its slice of the global batch;
@@ -82,7 +105,8 @@ def train(cfg: Config, run_dir: str | Path | None = None,
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the {world} workers")
     torch.manual_seed(t.seed + rank)
     data = training_set(cfg.data)
-    images = data.images.to(device)
+    layout = torch.channels_last if t.channels_last else torch.contiguous_format
+    images = data.images.to(device).contiguous(memory_format=layout)   # on the device once, for the whole run
     labels = None if data.labels is None else data.labels.to(device)
     n, batch = len(images), t.batch_size
     total = duration_images(t.duration, n, "train.duration")
@@ -90,8 +114,11 @@ def train(cfg: Config, run_dir: str | Path | None = None,
     eval_every = duration_images(e.every, n, "eval.every")
     log_every = duration_images(t.log_every, n, "train.log_every")
 
-    denoiser = build_denoiser(cfg, data).to(device).train()
+    denoiser = build_denoiser(cfg, data).to(device, memory_format=layout).train()
     net = denoiser.net
+    if distributed:   # every rank starts from rank 0's weights, the EMA included (DDP would sync only the net)
+        for tensor in [*denoiser.parameters(), *denoiser.buffers()]:
+            torch.distributed.broadcast(tensor.data, src=0)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
     noise_rng = torch.Generator(device=device).manual_seed(t.seed + rank)
@@ -108,10 +135,16 @@ def train(cfg: Config, run_dir: str | Path | None = None,
         if ckpt["world"] == world:   # the same workers continue their own random streams
             noise_rng.set_state(ckpt["noise_rng"][rank].to(noise_rng.get_state().device))
             torch.set_rng_state(ckpt["torch_rng"][rank])
+            cuda_rng = ckpt.get("cuda_rng", [None] * world)[rank]
+            if cuda_rng is not None and device.type == "cuda":   # dropout draws from the GPU's generator
+                torch.cuda.set_rng_state(cuda_rng, device)
         state = ckpt["state"]
         log(f"resumed from {ckpt_path} at {state['images_seen']} images")
     if distributed:
         denoiser.net = torch.nn.parallel.DistributedDataParallel(net)
+    if t.compile:   # training only: the EMA copy is sampled uncompiled (DDP first, then compile, as PyTorch advises)
+        denoiser.net = torch.compile(denoiser.net, **COMPILE_OPTIONS)
+    ema_params, params = list(ema.parameters()), list(denoiser.parameters())
 
     def stopped():
         return e.stop_at is not None and state["best"] >= e.stop_at
@@ -120,19 +153,24 @@ def train(cfg: Config, run_dir: str | Path | None = None,
         report(state["history"][-1], ckpt_path)   # resumed after its last evaluation: say the answer again
     next_eval = (state["images_seen"] // eval_every + 1) * eval_every
     next_log = (state["images_seen"] // log_every + 1) * log_every
-    tic, loss_sum, loss_count = time.perf_counter(), 0.0, 0
+    tic, loss_sum, loss_count = time.perf_counter(), torch.zeros((), device=device), 0
+
+    def check_finite():   # read on the host only here, so the steps in between never wait for the GPU
+        if not torch.isfinite(loss_sum):
+            raise TrainingDiverged(f"loss became {loss_sum.item()} within the {loss_count} steps up to step "
+                                   f"{state['step']} ({state['images_seen']} images seen); lower train.lr "
+                                   f"(now {t.lr:g}) or check the data")
+
     while state["images_seen"] < total and not stopped():
         idx = order[(torch.arange(batch, device=device) + state["images_seen"]) % n][rank::world]
         lr = t.lr * min(state["images_seen"] / warmup, 1.0) if warmup else t.lr
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = denoising_loss(denoiser, images[idx], None if labels is None else labels[idx], noise_rng).mean()
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss.item()} at step {state['step']} ({state['images_seen']} images "
-                                   f"seen); lower train.lr (now {t.lr:g}) or check the data")
+        with autocast(t.precision, device):   # bf16: forward and loss only; backward follows the forward's dtypes
+            loss = denoising_loss(denoiser, images[idx], None if labels is None else labels[idx], noise_rng).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        for p in denoiser.parameters():   # EDM/paper: sanitise NaN/Inf gradients
+        for p in params:   # EDM/paper: sanitise NaN/Inf gradients
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt.step()
@@ -140,23 +178,27 @@ def train(cfg: Config, run_dir: str | Path | None = None,
         state["images_seen"] += batch
         beta = ema_beta(cfg, batch, state["images_seen"], n)
         with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), denoiser.parameters()):
-                p_ema.lerp_(p, 1 - beta)
-        loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
+            torch._foreach_lerp_(ema_params, params, 1 - beta)
+        loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
 
         if state["images_seen"] >= next_log:
             next_log += log_every
+            check_finite()
             if writer is not None:
-                writer.add_scalar("train/loss", loss_sum / loss_count, state["images_seen"])
+                writer.add_scalar("train/loss", loss_sum.item() / loss_count, state["images_seen"])
                 writer.add_scalar("train/lr", lr, state["images_seen"])
-            loss_sum, loss_count = 0.0, 0
+            loss_sum, loss_count = torch.zeros((), device=device), 0
 
         if state["images_seen"] >= next_eval or state["images_seen"] >= total:
             next_eval += eval_every
+            check_finite()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)   # the clock stops when the GPU, not the host, is done
             state["train_seconds"] += time.perf_counter() - tic
-            metrics, result = None, None
-            if rank == 0:   # one worker samples and scores the EMA model (the others wait at the broadcast)
-                result = evaluate_denoiser(ema, data, e, device=device)
+            metrics = None
+            # Every worker samples its share of the seeds; rank 0 gathers them and scores (others get None).
+            result = evaluate_denoiser(ema, data, e, device=device, rank=rank, world=world)
+            if rank == 0:
                 state["best"] = max(state["best"], result.ratio)
                 metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
                            "step": state["step"], "loss": loss.item(), "lr": lr, "mem_ratio": result.ratio,
@@ -168,7 +210,7 @@ def train(cfg: Config, run_dir: str | Path | None = None,
                 metrics = shared[0]
                 state["best"] = metrics["best_mem_ratio"]
             state["history"].append(metrics)
-            rng = _gather_rng(noise_rng, world)
+            rng = _gather_rng(noise_rng, world, device)
             saved = None
             if rank == 0 and ckpt_path is not None:
                 saved = _save_checkpoint(ckpt_path, net, ema, opt, rng, world, state)
@@ -182,22 +224,27 @@ def train(cfg: Config, run_dir: str | Path | None = None,
                        state["history"], state["train_seconds"])
 
 
-def _gather_rng(noise_rng, world: int) -> tuple[list, list]:
-    """Every worker's RNG states, so a resumed run continues the same random streams."""
-    mine = (noise_rng.get_state().cpu(), torch.get_rng_state())
+def _gather_rng(noise_rng, world: int, device: torch.device) -> tuple[list, list, list]:
+    """Every worker's RNG states (noise, CPU, and on a GPU its default generator, which draws the dropout masks),
+    so a resumed run continues the same random streams."""
+    mine = (noise_rng.get_state().cpu(), torch.get_rng_state(),
+            torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
     if world == 1:
-        return [mine[0]], [mine[1]]
-    everyone = [None] * world
-    torch.distributed.all_gather_object(everyone, mine)
-    return [s[0] for s in everyone], [s[1] for s in everyone]
+        everyone = [mine]
+    else:
+        everyone = [None] * world
+        torch.distributed.all_gather_object(everyone, mine)
+    return [s[0] for s in everyone], [s[1] for s in everyone], [s[2] for s in everyone]
 
 
 def _save_checkpoint(path: Path, net, ema, opt, rng, world: int, state) -> Path:
-    """Model, EMA, optimizer, step and RNG states; written to a temporary name, then renamed (atomic)."""
+    """Model, EMA, optimizer, step and RNG states; written to a temporary name, then renamed (atomic). With the
+    config (the data subset and the shuffle follow from it) this file is all a resumed run needs: it is the one
+    file of the folder the sweep hands to Tune / Ray Train, and the one sweeps/trainable.py copies back."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "noise_rng": rng[0], "torch_rng": rng[1], "world": world, "state": state}, tmp)
+                "noise_rng": rng[0], "torch_rng": rng[1], "cuda_rng": rng[2], "world": world, "state": state}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -208,7 +255,9 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
         for key in ("mem_ratio", "best_mem_ratio"):
             writer.add_scalar(f"memorization/{key}", metrics[key], step)
         writer.add_scalar("train/images_per_sec", metrics["images_per_sec"], step)
-        writer.add_image("samples/generated_nn1_nn2", grid_array(nn_grid_rows(result, data)), step, dataformats="HWC")
+        # the picture carries each sample's distance ratio under its column; the text tab has them as a table
+        writer.add_image("samples/generated_nn1_nn2", nn_grid_picture(result, data), step, dataformats="HWC")
+        writer.add_text("samples/nn_ratio", nn_ratio_markdown(result), step)
     if run_dir is not None:
         save_grid(run_dir / "samples.png", nn_grid_rows(result, data))
     log(f"{step:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "

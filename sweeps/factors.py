@@ -36,6 +36,16 @@ def _batch_size(value, base: Config) -> dict:
     return {"train.batch_size": value, "train.lr": base.train.lr * value / base.train.batch_size}
 
 
+def _mix_rate(value, base: Config) -> dict:
+    # Fig. 2c: the class data.mix_class alone, a share alpha of it replaced by images from data.mix_path.
+    if not base.data.mix_path:
+        raise ConfigError("factor mix_rate needs data.mix_path, a folder or .zip of the images to mix into class "
+                          f"data.mix_class={base.data.mix_class} (experiments/paper/intra_class_diversity.yaml)")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ConfigError(f"mix_rate value {value!r} must be a share alpha in [0, 1]")
+    return {"data.mix_rate": float(value)}
+
+
 def _resolution(value, base: Config) -> dict:
     # Fig. 2(a): attention stays at the second level (32 -> 16, 16 -> 8, 8 -> 4).
     attn = [value // 2] if base.model.attn_resolutions else []
@@ -81,6 +91,8 @@ FACTORS = {f.name: f for f in [
            ("none", 1, 2, 5, 10, 20, 50, 100, 500, 1000, "unique"), _random_labels),
     Factor("num_classes", "inter-class diversity: the first C classes (Fig. 2b)", (1, 2, 5, 10),
            lambda v, b: {"data.num_classes": v}),
+    Factor("mix_rate", "intra-class diversity: share alpha of data.mix_path images in class data.mix_class "
+           "(Fig. 2c; 0 is that class alone)", (0.0, 0.2, 0.5, 0.8, 1.0), _mix_rate),
     Factor("resolution", "data dimension (Fig. 2a)", (32, 16, 8), _resolution),
     Factor("epochs", "training duration in epochs", (10000, 20000, 40000), lambda v, b: {"train.duration": f"{v}ep"}),
     Factor("batch_size", "batch size, lr scaled with it (Table 1)", (128, 256, 384, 512, 640, 768, 896), _batch_size),

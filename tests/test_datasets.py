@@ -170,6 +170,8 @@ def test_intra_class_mixing(tmp_path, cifar):
     with pytest.raises(ConfigError, match=r"data.size=20 is larger than the 12 images of class 5 at "
                                           r"data.mix_rate=0.5 \(10 in cifar10, 6 in data.mix_path\); use data.size<=12"):
         training_set(DataConfig(size=20, mix_rate=0.5, **base))
+    alone = training_set(DataConfig(size=8, mix_rate=0.0, **base))   # alpha = 0: the class alone (Fig. 2c)
+    assert alone.indices.tolist() == np.flatnonzero(labels == 5)[:8].tolist() and alone.labels.tolist() == [5] * 8
 
 
 @pytest.mark.parametrize("override, message", [

@@ -28,10 +28,12 @@ def test_factor_values_become_config_overrides_that_load():
     assert points[2]["overrides"] == {"data.labels": "random", "data.label_classes": 10}
     batch = grid_points(get_factor("batch_size"), [128], base)[0]["overrides"]
     assert batch["train.lr"] == pytest.approx(base.train.lr * 128 / base.train.batch_size)   # paper Table 1 scaling
-    for name, factor in FACTORS.items():   # every value of the digits grid yields a config that loads
-        import yaml
-        values = yaml.safe_load(open(DIGITS))["sweep"]["factors"][name]
-        for point in grid_points(factor, values, base):
+    import yaml
+    digits_grid = yaml.safe_load(open(DIGITS))["sweep"]["factors"]
+    # mix_rate mixes RGB images into one class: no digits grid; experiments/paper/intra_class_diversity.yaml
+    assert set(FACTORS) - set(digits_grid) == {"mix_rate"}
+    for name, values in digits_grid.items():   # every value of the digits grid yields a config that loads
+        for point in grid_points(FACTORS[name], values, base):
             load_config(DIGITS, point["overrides"])
 
 
