@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--factor", default="random_labels", help="factor to sweep (default random_labels)")
     p.add_argument("--values", nargs="+", help="the factor's values (default: the config's, else the paper's)")
     p.add_argument("--list-factors", action="store_true", help="print every factor with its values and exit")
+    p.add_argument("--status", metavar="DIR", help="print where the sweep in DIR stands (brackets, trainings "
+                                                   "running and finished, time left) and exit")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default experiments/digits.yaml)")
     p.add_argument("--preset", help="settings laid over the config, e.g. 'smoke' (experiments/presets/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -70,15 +72,21 @@ def list_factors(config_sweep: dict) -> str:
     return "\n".join(lines)
 
 
+def read_with_preset(config: str, preset: str | None) -> dict:
+    """The config file as a dict, with experiments/presets/<preset>.yaml laid over it."""
+    raw = read_yaml(config)
+    if preset:
+        path = PRESETS / f"{preset}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise ConfigError(f"unknown preset '{preset}'; available: {known}")
+        raw = _deep_merge(raw, read_yaml(path))
+    return raw
+
+
 def build_spec(args) -> dict:
     """Everything that defines the sweep, resolved and validated; saved as OUTPUT/sweep.json."""
-    raw = read_yaml(args.config)
-    if args.preset:
-        preset = PRESETS / f"{args.preset}.yaml"
-        if not preset.is_file():
-            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
-            raise ConfigError(f"unknown preset '{args.preset}'; available: {known}")
-        raw = _deep_merge(raw, read_yaml(preset))
+    raw = read_with_preset(args.config, args.preset)
     sweep = dict(raw.get("sweep") or {})
     unknown = set(sweep) - {"size_range", "size_step", "factors", "max_values"}
     if unknown:
@@ -117,7 +125,7 @@ def build_spec(args) -> dict:
     else:
         size_range = list(args.size_range or sweep.get("size_range") or [step, max_size])
     lo, hi = size_range
-    if not 1 <= lo < hi:
+    if not 1 <= lo < hi and not (factor.name == "data_size" and lo == hi):   # data_size: one training is fine
         raise ConfigError(f"--size-range {lo} {hi} is impossible; give LO < HI, both >= 1")
     if hi > max_size:
         raise ConfigError(f"--size-range {lo} {hi} goes past the {max_size} images available; use HI <= {max_size}")
@@ -203,7 +211,7 @@ def start_ray(args, spec: dict) -> int:
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from ray import tune
 
-    from sweeps.progress import ProgressPrinter, trial_dirname, trial_name
+    from sweeps.progress import ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
     from sweeps.searcher import EMMSearcher
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
 
@@ -221,7 +229,9 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
     run_config = tune.RunConfig(
         name=TUNE_NAME, storage_path=str(output.resolve()), verbose=0,
-        callbacks=[ProgressPrinter(spec["epsilon"])],
+        callbacks=[ProgressPrinter(spec["epsilon"]),
+                   SweepTensorBoard(output.resolve(), spec["grid_points"], spec["size_range"],
+                                    f"EMM sweep over {spec['factor']}")],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
     if spec["factor"] == "data_size":   # the curve itself: every size once, no search
@@ -262,6 +272,10 @@ def main(argv=None) -> int:
     try:
         if args.list_factors:
             print(list_factors(read_yaml(args.config).get("sweep") or {}))
+            return 0
+        if args.status:
+            from sweeps.status import sweep_status
+            print(sweep_status(Path(args.status)))
             return 0
         if args.resume:
             output = Path(args.resume)

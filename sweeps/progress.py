@@ -1,9 +1,13 @@
 """What the console shows while a sweep runs, and how trials are named in Tune and on disk."""
 from __future__ import annotations
 
+import logging
 import time
 
 from ray import tune
+from ray.tune.logger import TBXLoggerCallback
+
+logger = logging.getLogger(__name__)
 
 
 def trial_name(trial) -> str:
@@ -37,3 +41,48 @@ class ProgressPrinter(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"{trial_name(trial)} failed; its error is in {trial.local_path}")
+
+
+class SweepTensorBoard(TBXLoggerCallback):
+    """Takes the place of Tune's own TensorBoard logger (a TBXLoggerCallback, so Tune adds none of its own):
+    Tune's copies (ray/tune/* scalars in tune/<trial>/ and an HParams table of its raw trial configs, which
+    would compete with the sweep's table) are left out, because the trials write the sweep's TensorBoard
+    themselves (sweeps/tblog.py). This writes the HParams experiment when the sweep starts and one point of
+    memorization ratio against |D| per grid point as each training finishes (tensorboard/summary)."""
+
+    def __init__(self, output: str, grid_points: list, size_range, description: str = ""):
+        # Tune's logger state is not set up: none of its methods runs (all three hooks are replaced)
+        self.output, self.grid_points, self.size_range, self.description = \
+            str(output), grid_points, list(size_range), description
+        self._live = None
+
+    def setup(self, *args, **kwargs):
+        from sweeps.tblog import LiveSummary, write_experiment
+        self._live = LiveSummary(self.output)
+        try:   # TensorBoard is for watching: a failure here must not fail the sweep
+            write_experiment(self.output, self.grid_points, self.size_range, self.description)
+        except Exception as e:
+            logger.warning("could not write the HParams experiment to TensorBoard: %s", e)
+
+    def log_trial_start(self, trial):
+        pass
+
+    def log_trial_result(self, iteration, trial, result):
+        pass
+
+    def log_trial_end(self, trial, failed: bool = False):
+        best = (trial.last_result or {}).get("best_mem_ratio")
+        label, size = trial.config.get("grid_label"), trial.config.get("size")
+        if failed or best is None or label is None or size is None or self._live is None:
+            return
+        try:
+            self._live.add(str(label), int(size), float(best))
+        except Exception as e:
+            logger.warning("could not write to TensorBoard: %s", e)
+
+    def on_experiment_end(self, trials, **info):
+        if self._live is not None:
+            self._live.close()
+
+    def __getstate__(self):   # pickled with the Tuner (tuner.pkl): no open writer
+        return {**self.__dict__, "_live": None}

@@ -1,4 +1,5 @@
-"""What a sweep leaves behind: emm.csv, trials.csv, emm.md, emm.png and curves.png in its output folder.
+"""What a sweep leaves behind: emm.csv, trials.csv, emm.md, emm.png and curves.png in its output folder, and
+the TensorBoard summary run (tensorboard/summary: EMM per grid point, memorization ratio against |D|).
 
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written table.
 """
@@ -163,4 +164,6 @@ def write_results(output: Path, factor: str, emm: pd.DataFrame, trials: pd.DataF
     _atomic(output / "emm.md", lambda p: p.write_text(f"# {factor}\n\n{table}"))
     plot_emm(output / "emm.png", factor, emm)
     plot_curves(output / "curves.png", trials, grid_points, epsilon)
+    from sweeps.tblog import write_sweep_summary
+    write_sweep_summary(output, factor, emm, trials, grid_points, epsilon, table)   # tensorboard/summary
     return table

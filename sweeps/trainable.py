@@ -18,6 +18,7 @@ from ray import tune
 from diffmem.config import apply_overrides, from_dict
 from diffmem.train import CHECKPOINT, train
 from sweeps.ledger import Ledger, training_key
+from sweeps.tblog import end_session, start_session
 
 
 def trial_config(settings: dict, config: dict):
@@ -46,7 +47,11 @@ def _restore_into(checkpoint, run_dir: Path) -> None:
 def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bool) -> None:
     torch.set_num_threads(max(1, int(settings.get("threads_per_worker", 1))))
     cfg = trial_config(settings, config)
+    if writer is not None:   # an HParams session per training (sweeps/tblog.py)
+        start_session(writer, config)
     result = train(cfg, run_dir, report=report, writer=writer, log=lambda *_: None)
+    if writer is not None:
+        end_session(writer, result.best_mem_ratio, settings["epsilon"], result.images_seen)
     if record and settings.get("ledger"):   # the moment it finishes, before Tune hears of it
         resolved = cfg.to_dict()
         Ledger(settings["ledger"]).put(training_key(resolved), resolved, result.history[-1], result.train_seconds)

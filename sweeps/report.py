@@ -1,0 +1,217 @@
+"""One HTML page a person can read, for one sweep or several side by side.
+
+    python sweeps/report.py results/width-20261129-101500 results/depth-20261129-121500 --html report.html
+
+Per sweep: the EMM table, EMM against the factor's values, the memorization curves, and the sample | NN1 |
+NN2 grids (last evaluation, from the training's TensorBoard events) of the trainings that decide each
+bracket: the largest |D| that memorized and the smallest that did not, i.e. the ones closest to the
+threshold. Self-contained: every image is embedded (base64), no scripts, no external files, so the page can
+be mailed or archived. A sweep that is still running shows its --status instead of the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:      # `python sweeps/report.py` from a checkout
+    sys.path.insert(0, str(ROOT))
+
+from diffmem.config import ConfigError  # noqa: E402
+
+SAMPLES_TAG = "samples/generated_nn1_nn2"
+
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em; color: #222; }
+h1 { font-size: 1.5em; margin: 0 0 .3em; }
+h2 { font-size: 1.25em; margin: 0 0 .3em; }
+h3 { font-size: 1.05em; margin: 1.2em 0 .4em; }
+.sweeps { display: grid; grid-template-columns: repeat(var(--n), minmax(520px, 1fr)); gap: 2em; overflow-x: auto; }
+.sweep { border-top: 3px solid #4a78b5; padding-top: .6em; min-width: 0; }
+.meta { color: #555; font-size: .9em; margin: .2em 0 .8em; }
+table.emm { border-collapse: collapse; font-size: .92em; }
+table.emm th, table.emm td { border-bottom: 1px solid #ddd; padding: .25em .6em; text-align: right; }
+table.emm th:first-child, table.emm td:first-child { text-align: left; }
+table.emm td.censored { color: #b03030; }
+img { max-width: 100%; height: auto; image-rendering: pixelated; }
+img.grid { image-rendering: auto; }
+img.tiny { width: 100%; image-rendering: pixelated; }
+img.plot { image-rendering: auto; }
+figure { margin: .5em 0 1em; }
+figcaption { font-size: .85em; color: #444; margin-top: .2em; }
+pre { background: #f5f5f5; padding: .6em; overflow-x: auto; font-size: .8em; }
+.note { color: #777; font-style: italic; font-size: .9em; }
+"""
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _img(png: bytes, alt: str, cls: str = "") -> str:
+    return f'<img src="{_data_uri(png)}" alt="{html.escape(alt)}"{f" class={cls!r}" if cls else ""}>'
+
+
+def _width(png: bytes) -> int:
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(png)) as image:
+        return image.size[0]
+
+
+def _num(x) -> int | None:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return None
+    return int(x)
+
+
+def last_sample_grid(run_dir: Path) -> tuple[bytes, int, float | None] | None:
+    """(PNG, images seen, that evaluation's memorization ratio) of the last sample grid in a training's
+    TensorBoard run, or None when the run or its images are missing."""
+    if not run_dir.is_dir() or not list(run_dir.glob("events.*")):
+        return None
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 1, "scalars": 0})
+    events.Reload()
+    if SAMPLES_TAG not in events.Tags()["images"]:
+        return None
+    image = events.Images(SAMPLES_TAG)[-1]
+    ratio = None
+    if "memorization/mem_ratio" in events.Tags()["scalars"]:
+        at_step = [s.value for s in events.Scalars("memorization/mem_ratio") if s.step == image.step]
+        ratio = at_step[-1] if at_step else None
+    return image.encoded_image_string, image.step, ratio
+
+
+def deciding_trainings(trials, emm_row, grid_label: str, epsilon: float) -> list[dict]:
+    """The trainings of one grid point closest to the threshold: the ones at the bracket's ends (largest |D|
+    that memorized, smallest that did not); without a bracket end, the nearest ratio on that side."""
+    mine = trials[(trials.grid_label == grid_label) & trials.best_mem_ratio.notna()]
+    picked = []
+    for end, memorized in ((_num(emm_row.get("low")), True), (_num(emm_row.get("high")), False)):
+        side = mine[mine.memorized.astype(str).str.lower() == str(memorized).lower()]
+        if not len(side):
+            continue
+        at_end = side[side["size"] == end] if end is not None else side.iloc[0:0]
+        row = at_end.iloc[-1] if len(at_end) else side.loc[(side.best_mem_ratio - (1 - epsilon)).abs().idxmin()]
+        picked.append(row.to_dict())
+    return picked
+
+
+def _emm_table(emm, epsilon: float) -> str:
+    from sweeps.results import format_emm
+    head = ("<tr><th>value</th><th>EMM</th><th>bracket [low, high)</th><th>trainings</th><th>from ledger</th>"
+            "<th>training images</th><th>seconds</th></tr>")
+    rows = []
+    for _, r in emm.iterrows():
+        censored = isinstance(r.censored, str) and r.censored
+        reused = int(r.reused) if "reused" in r and r.reused == r.reused else 0
+        rows.append(f"<tr><td>{html.escape(str(r.value))}</td>"
+                    f"<td{' class=censored' if censored else ''}>{html.escape(format_emm(r))}</td>"
+                    f"<td>[{_num(r.low) if _num(r.low) is not None else '-'}, "
+                    f"{_num(r.high) if _num(r.high) is not None else '-'})</td>"
+                    f"<td>{int(r.trials)}</td><td>{reused}</td><td>{int(r.training_images):,}</td>"
+                    f"<td>{float(r.train_seconds):.0f}</td></tr>")
+    caption = f"EMM: largest |D| with memorization ratio &ge; {1 - epsilon:.2f}"
+    return f'<table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table>'
+
+
+def sweep_section(output: Path) -> str:
+    import pandas as pd
+    spec_path = output / "sweep.json"
+    if not spec_path.is_file():
+        raise ConfigError(f"{output} is not a sweep folder (no sweep.json); pass the --output folder of a sweep")
+    spec = json.loads(spec_path.read_text())
+    factor, epsilon = spec["factor"], spec["epsilon"]
+    parts = [f"<h2>{html.escape(factor)}</h2>",
+             f'<div class="meta">{html.escape(str(output))} &middot; config {html.escape(Path(spec["config_file"]).name)}'
+             f'{" + preset " + html.escape(spec["preset"]) if spec.get("preset") else ""} &middot; '
+             f'epsilon {epsilon} &middot; tolerance {spec["tolerance"]} &middot; |D| range {spec["size_range"]}</div>']
+    try:
+        from sweeps.status import sweep_status
+        status = sweep_status(output)
+    except Exception as e:   # the report still shows what the folder holds
+        status = f"(status unavailable: {e})"
+    if not (output / "emm.csv").is_file():
+        parts.append('<p class="note">No tables yet: the sweep is running or stopped before its first table. '
+                     'Where it stands:</p>')
+        parts.append(f"<pre>{html.escape(status)}</pre>")
+        return f'<section class="sweep">{"".join(parts)}</section>'
+    emm = pd.read_csv(output / "emm.csv", keep_default_na=False, na_values=[""])
+    trials = pd.read_csv(output / "trials.csv", keep_default_na=False, na_values=[""])
+    parts.append(_emm_table(emm, epsilon))
+    for name, title in (("emm.png", f"EMM against {factor} (bracket as error bar; red: censored)"),
+                        ("curves.png", "Memorization ratio against |D| (dashed: 1 − ε)")):
+        if (output / name).is_file():
+            parts.append(f"<h3>{html.escape(title)}</h3><figure>"
+                         f"{_img((output / name).read_bytes(), title, 'plot')}</figure>")
+    threshold = ((spec.get("base") or {}).get("eval") or {}).get("threshold", 1 / 3)
+    threshold = "1/3" if abs(threshold - 1 / 3) < 1e-9 else f"{threshold:g}"
+    parts.append("<h3>Samples beside their nearest training images, at the bracket ends</h3>"
+                 '<p class="meta">Rows: generated samples, their nearest (NN1) and second-nearest (NN2) training '
+                 f"images; d1/d2 under each column is ||x − NN1|| / ||x − NN2|| (a copy below {threshold}). "
+                 "Last evaluation of each training.</p>")
+    from sweeps.tblog import tensorboard_dir
+    for _, row in emm.iterrows():
+        label = f"{factor}={row.value}" if factor != "data_size" else "data_size"
+        for t in deciding_trainings(trials, row.to_dict(), label, epsilon):
+            size = int(t["size"])
+            verdict = "memorized" if str(t["memorized"]).lower() == "true" else "not memorized"
+            caption = f"{label}, |D| = {size}: best ratio {float(t['best_mem_ratio']):.3f}, {verdict}"
+            grid = last_sample_grid(tensorboard_dir(output) / label.replace("/", "_") / f"D={size}")
+            if grid is None:
+                why = ("answered by the results ledger: trained by an earlier sweep"
+                       if t.get("status") == "reused" else "no sample grid in its TensorBoard run")
+                parts.append(f'<p class="note">{html.escape(caption)} &mdash; {why}.</p>')
+                continue
+            png, step, ratio = grid
+            more = f"; at {step:,} images, memorization ratio {ratio:.3f}" if ratio is not None else \
+                f"; at {step:,} images"
+            parts.append(f"<figure>{_img(png, caption, 'grid' if _width(png) >= 400 else 'tiny')}<figcaption>{html.escape(caption + more)}"
+                         f"</figcaption></figure>")
+    parts.append(f"<details><summary>status</summary><pre>{html.escape(status)}</pre></details>")
+    return f'<section class="sweep">{"".join(parts)}</section>'
+
+
+def render(outputs: list[Path]) -> str:
+    sections = [sweep_section(Path(o)) for o in outputs]
+    title = "EMM sweeps: " + ", ".join(html.escape(Path(o).name) for o in outputs)
+    return (f"<!doctype html>\n<html lang=en><head><meta charset=utf-8><title>{title}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{title}</h1>"
+            f'<p class="meta">Written {time.strftime("%Y-%m-%d %H:%M")} by sweeps/report.py. '
+            f"EMM (effective model memorization): the largest training-set size whose model still reproduces "
+            f"its training images (Gu et al., TMLR 2025).</p>"
+            f'<div class="sweeps" style="--n: {len(sections)}">{"".join(sections)}</div></body></html>\n')
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("outputs", nargs="+", metavar="OUTPUT", help="output folders of sweeps (emm_search --output)")
+    p.add_argument("--html", help="where to write the page (default OUTPUT/report.html for one sweep, "
+                                  "report.html here for several)")
+    args = p.parse_args(argv)
+    outputs = [Path(o) for o in args.outputs]
+    target = Path(args.html) if args.html else (outputs[0] / "report.html" if len(outputs) == 1 else
+                                                Path("report.html"))
+    try:
+        page = render(outputs)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(page)
+    tmp.replace(target)
+    print(f"report: {target} ({len(page) / 1e6:.1f} MB, {len(outputs)} sweep{'s' if len(outputs) > 1 else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

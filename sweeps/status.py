@@ -1,0 +1,266 @@
+"""`emm_search.py --status DIR`: where a sweep stands, read from its output folder only.
+
+Sources: sweep.json (grid points, epsilon, tolerance), the Tune experiment's newest searcher snapshot
+(tune/searcher-state-*.pkl, through sweeps.searcher.load_experiment_state), Tune's experiment snapshot
+(tune/experiment_state-*.json: which trials run), each trial folder's result.json (its last report), and
+the results ledger for training times when no trial folder has them. Works on a running sweep (as fresh as
+Tune's last snapshot, every few seconds), an interrupted one, and a finished one.
+
+The time left is an estimate: per open grid point the bisection steps still needed to narrow its bracket to
+the tolerance, ceil(log2(log(high / low) / log(1 + tolerance))), less the trainings already running there,
+times the mean training time so far, shared among the trainings that run at once.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from diffmem.config import ConfigError
+
+TUNE_DIR = "tune"
+IDLE_AFTER_S = 600      # no file of the sweep changed for this long: nothing is running
+
+
+@dataclass
+class TrialRecord:
+    trial_id: str
+    grid_label: str | None
+    size: int | None
+    status: str = "UNKNOWN"               # Tune's: PENDING, RUNNING, TERMINATED, ERROR, PAUSED
+    best_mem_ratio: float | None = None
+    images_seen: int | None = None
+    planned_images: int | None = None
+    seconds: float | None = None          # training time so far (Tune's time_total_s)
+    from_ledger: bool = False
+    extra: dict = field(default_factory=dict)
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    rows = []
+    try:
+        text = path.read_text()
+    except OSError:
+        return rows
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            pass        # a line being written right now
+    return rows
+
+
+def read_trials(output: Path) -> dict[str, TrialRecord]:
+    """Every trial Tune started, by trial id: config from params.json, last report from result.json, status
+    from the newest experiment snapshot."""
+    tune_dir = output / TUNE_DIR
+    trials: dict[str, TrialRecord] = {}
+    for params in sorted(tune_dir.glob("*/params.json")):
+        trial_id = params.parent.name.rsplit("_", 1)[-1]
+        try:
+            config = json.loads(params.read_text())
+        except ValueError:
+            continue
+        record = TrialRecord(trial_id, config.get("grid_label"), config.get("size"))
+        results = _read_json_lines(params.parent / "result.json")
+        if results:
+            _take_result(record, results[-1])
+        trials[trial_id] = record
+    snapshots = sorted(glob.glob(str(tune_dir / "experiment_state-*.json")))
+    if snapshots:
+        try:
+            state = json.loads(Path(snapshots[-1]).read_text())
+        except ValueError:
+            state = {"trial_data": []}
+        for meta_text, runtime_text in state.get("trial_data", []):
+            try:
+                meta, runtime = json.loads(meta_text), json.loads(runtime_text)
+            except (TypeError, ValueError):
+                continue
+            config = meta.get("config") or {}
+            record = trials.setdefault(meta["trial_id"], TrialRecord(meta["trial_id"], config.get("grid_label"),
+                                                                     config.get("size")))
+            record.status = meta.get("status", record.status)
+            if record.best_mem_ratio is None and runtime.get("last_result"):
+                _take_result(record, runtime["last_result"])
+    return trials
+
+
+def _take_result(record: TrialRecord, result: dict) -> None:
+    record.best_mem_ratio = result.get("best_mem_ratio", record.best_mem_ratio)
+    record.images_seen = result.get("images_seen", record.images_seen)
+    record.planned_images = result.get("planned_images", record.planned_images)
+    record.seconds = result.get("time_total_s", record.seconds)
+    record.from_ledger = bool(result.get("from_ledger", False))
+
+
+def ledger_seconds(path: str | None) -> list[float]:
+    """Training times of the trainings a ledger holds (empty if there is none)."""
+    if not path or not Path(path).is_file():
+        return []
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return [float(s) for (s,) in db.execute("SELECT train_seconds FROM trainings")]
+    except sqlite3.Error:
+        return []
+
+
+def last_activity(output: Path) -> float | None:
+    """Newest modification time among the files a running sweep keeps writing (Tune's snapshots, trial
+    results, the trainings' TensorBoard events); None if there are none."""
+    newest = None
+    patterns = [f"{TUNE_DIR}/*", f"{TUNE_DIR}/*/result.json", "tensorboard/*/D=*/events.*"]
+    for pattern in patterns:
+        for path in output.glob(pattern):
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            newest = mtime if newest is None else max(newest, mtime)
+    return newest
+
+
+def remaining_steps(bracket, tolerance: float) -> int:
+    """Trainings an open bracket still needs: bisection steps to narrow it to the tolerance (or to
+    neighbouring sizes), less the trainings already running inside it."""
+    from sweeps.bisection import OPEN
+    if bracket.status != OPEN:
+        return 0
+    lo, _, hi, _ = bracket.edges()
+    sizes = bracket.settings.allowed_sizes
+    by_width = math.log(sizes[hi] / sizes[lo]) / math.log(1 + tolerance)
+    steps = min(math.ceil(math.log2(max(by_width, 1.0))), math.ceil(math.log2(max(hi - lo, 1))))
+    return max(0, steps - sum(bracket.pending.values()))
+
+
+def _fmt_seconds(s: float) -> str:
+    s = max(0.0, s)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 5400:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _fmt_int(x) -> str:
+    return "-" if x is None else str(int(x))
+
+
+def sweep_status(output: str | Path, now: float | None = None) -> str:
+    """The status report of the sweep in `output` (what `--status DIR` prints)."""
+    output = Path(output)
+    spec_path = output / "sweep.json"
+    if not spec_path.is_file():
+        raise ConfigError(f"{output} is not a sweep folder (no sweep.json); pass the --output folder of a sweep")
+    spec = json.loads(spec_path.read_text())
+    now = time.time() if now is None else now
+    epsilon, tolerance = spec["epsilon"], spec["tolerance"]
+    trials = read_trials(output)
+    running = [t for t in trials.values() if t.status in ("RUNNING", "PENDING")]
+    done = [t for t in trials.values() if t.status == "TERMINATED" and t.best_mem_ratio is not None]
+    failed = [t for t in trials.values() if t.status == "ERROR"]
+
+    state = None
+    if spec["factor"] != "data_size":
+        from sweeps.searcher import load_experiment_state
+        try:
+            state = load_experiment_state(str(output / TUNE_DIR))
+        except (FileNotFoundError, ValueError):
+            state = None
+
+    activity = last_activity(output)
+    table = output / "emm.csv"
+    finished_search = state.finished if state is not None else (
+        spec["factor"] == "data_size" and len({t.size for t in done}) >= len(spec["values"]))
+    if finished_search and not running:
+        overall = "finished" if table.is_file() else "finished searching; writing its tables"
+    elif finished_search:
+        overall = f"finishing: every bracket is closed, {len(running)} leftover trainings still listed"
+    elif table.is_file() and (activity is None or table.stat().st_mtime >= activity - 1):
+        overall = f"stopped before the end (its table says what is open); continue with --resume {output}"
+    elif activity is not None and now - activity < IDLE_AFTER_S:
+        overall = "running"
+    elif activity is None:
+        overall = "not started yet (no Tune snapshot)"
+    else:
+        overall = (f"not running: nothing changed for {_fmt_seconds(now - activity)}; "
+                   f"continue with --resume {output}")
+
+    lines = [f"sweep {spec['factor']} in {output}: {overall}",
+             f"  memorized: best ratio >= {1 - epsilon:.2f} (epsilon {epsilon}); brackets close at "
+             f"high/low <= {1 + tolerance:g}; |D| range {spec['size_range']}"]
+    if activity is not None:
+        lines.append(f"  last activity {_fmt_seconds(now - activity)} ago")
+    lines.append("")
+
+    header = f"{'grid point':28s} {'status':11s} {'bracket [low, high)':22s} {'EMM':>5s}  trainings"
+    lines += [header, "-" * len(header)]
+    steps_left = 0
+    if state is not None:
+        for point, bracket in zip(state.summary(), state.brackets):
+            lo, lo_kind, hi, hi_kind = bracket.edges()
+            sizes = bracket.settings.allowed_sizes
+            known = f"[{_fmt_int(point['low'])}, {_fmt_int(point['high'])})"
+            if point["status"] == "open":
+                known += f" searching {sizes[lo]}..{sizes[hi]}"
+            mine_running = [t for t in running if t.grid_label == point["label"]]
+            emm = _fmt_int(point["emm"]) if point["status"] != "open" else "?"
+            lines.append(f"{point['label']:28s} {point['status']:11s} {known:22s} {emm:>5s}  "
+                         f"{len(point['observations'])} done, {len(mine_running)} running")
+            if point["observations"]:
+                lines.append(f"{'':30s}" + ", ".join(
+                    f"{s}: {r:.3f}{' memorized' if m else ''}" for s, r, m in sorted(point["observations"])))
+            if point.get("error"):
+                lines.append(f"{'':30s}error: {point['error']}")
+            steps_left += remaining_steps(bracket, tolerance)
+    else:   # data_size: every size once, no search
+        for size in spec["values"]:
+            mine = [t for t in done if t.size == size]
+            now_running = [t for t in running if t.size == size]
+            what = (f"{mine[-1].best_mem_ratio:.3f}" if mine else ("running" if now_running else "to do"))
+            lines.append(f"{'data_size':28s} {'':11s} {'|D|=' + str(size):22s} {'':>5s}  {what}")
+            steps_left += 0 if mine or now_running else 1
+
+    lines.append("")
+    if running and overall != "running":   # Tune's last snapshot still lists them, but nothing runs
+        lines.append(f"left unfinished ({len(running)}), resumed from their checkpoints by --resume:")
+        for t in sorted(running, key=lambda t: (str(t.grid_label), t.size or 0)):
+            lines.append(f"  {t.grid_label}|D|={t.size}")
+    elif running:
+        lines.append(f"running ({len(running)}):")
+        for t in sorted(running, key=lambda t: (str(t.grid_label), t.size or 0)):
+            progress = ""
+            if t.images_seen and t.planned_images:
+                progress = (f", {t.images_seen:,} of {t.planned_images:,} images, best ratio so far "
+                            f"{t.best_mem_ratio:.3f}")
+            lines.append(f"  {t.grid_label}|D|={t.size} ({t.status.lower()}{progress})")
+    else:
+        lines.append("running: none")
+    seconds = [t.seconds for t in done if t.seconds and not t.from_ledger]
+    source = "these trainings"
+    if not seconds:
+        seconds, source = ledger_seconds(spec.get("ledger")), "the ledger"
+    mean = sum(seconds) / len(seconds) if seconds else None
+    reused = sum(t.from_ledger for t in done)
+    lines.append(f"finished trainings: {len(done)}" + (f" ({reused} answered by the ledger)" if reused else "")
+                 + (f", {len(failed)} failed" if failed else "")
+                 + (f"; mean {_fmt_seconds(mean)} per training ({source})" if mean else ""))
+
+    if finished_search and not running:
+        lines.append("time left: none (finished)")
+    elif mean is None:
+        lines.append(f"time left: unknown until a training finishes ({steps_left} more trainings at least)")
+    else:
+        slots = max(len([t for t in running if t.status == "RUNNING"]), int(spec.get("max_concurrent") or 0), 1)
+        if not running and not spec.get("max_concurrent"):
+            slots = max(1, (os.cpu_count() or 1) // int(spec.get("workers", 1)))
+        running_left = sum(max(mean - (t.seconds or 0.0), 0.0) for t in running)
+        left = (steps_left * mean + running_left) / slots
+        lines.append(f"time left: about {_fmt_seconds(left)} ({steps_left} more trainings after the "
+                     f"{len(running)} running, {slots} at once, {_fmt_seconds(mean)} each)")
+    return "\n".join(lines)

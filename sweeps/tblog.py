@@ -1,0 +1,211 @@
+"""TensorBoard for a sweep: one log directory, OUTPUT/tensorboard, that `tensorboard --logdir OUTPUT` opens.
+
+- `<grid point>/D=<size>`: one run per training (written by the trial, sweeps/trainable.py and diffmem.train):
+  loss, lr, memorization ratio, images/s against images seen; the sample | NN1 | NN2 grid with each sample's
+  distance ratio; and an HParams session: the grid point, the factor's config keys and |D| as hyperparameters,
+  `hparams/best_mem_ratio` and `hparams/memorized` (0/1) as metrics.
+- `summary`: the HParams experiment (which columns the table has) and, per grid point,
+  `emm/<grid label>/memorization_ratio` against |D| (step = |D|), written as trainings finish and rewritten
+  whole at the end of the sweep (sweeps/results.py), and `emm/<factor>`: EMM per grid index (step = index).
+
+The HParams protos are built here from tensorboard's own proto modules (no TensorFlow needed) and written
+through the trial's SummaryWriter, into the same event file as its scalars.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+SIZE_KEY = "|D|"
+GRID_KEY = "grid point"
+METRIC_BEST = "hparams/best_mem_ratio"
+METRIC_MEMORIZED = "hparams/memorized"
+SUMMARY_RUN = "summary"
+
+
+def tensorboard_dir(output: str | Path) -> Path:
+    return Path(output) / "tensorboard"
+
+
+def hparam_value(value):
+    """A value the HParams plugin can show and sort: numbers as numbers, bools as bools, the rest as text."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    if value is None or isinstance(value, str):
+        return str(value)
+    return json.dumps(value, separators=(",", ":"))
+
+
+def trial_hparams(config: dict) -> dict:
+    """The hyperparameters of one training: its grid point, the config keys its grid point sets, and |D|."""
+    hparams = {GRID_KEY: str(config.get("grid_label"))}
+    hparams.update({key: hparam_value(v) for key, v in sorted((config.get("overrides") or {}).items())})
+    hparams[SIZE_KEY] = float(config["size"])
+    return hparams
+
+
+def _summary(tag: str, plugin_data):
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata
+    return Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(plugin_data))])
+
+
+def session_start_summary(hparams: dict, start_time: float | None = None):
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+    info = plugin_data_pb2.SessionStartInfo(start_time_secs=time.time() if start_time is None else start_time)
+    for key, value in hparams.items():
+        if isinstance(value, bool):
+            info.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[key].number_value = float(value)
+        else:
+            info.hparams[key].string_value = str(value)
+    return _summary(metadata.SESSION_START_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+        session_start_info=info, version=metadata.PLUGIN_DATA_VERSION))
+
+
+def session_end_summary(success: bool = True):
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    status = api_pb2.STATUS_SUCCESS if success else api_pb2.STATUS_FAILURE
+    info = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    return _summary(metadata.SESSION_END_INFO_TAG, plugin_data_pb2.HParamsPluginData(
+        session_end_info=info, version=metadata.PLUGIN_DATA_VERSION))
+
+
+def experiment_summary(hparam_rows: list[dict], description: str = ""):
+    """The HParams experiment: one column per key of the rows (type and domain from all rows' values) and the
+    two metrics. Written once per sweep, so the table has the same columns whichever trial is read first."""
+    from google.protobuf import struct_pb2
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+    keys: list[str] = []
+    for row in hparam_rows:
+        keys += [k for k in row if k not in keys]
+    infos = []
+    for key in keys:
+        values = [row[key] for row in hparam_rows if key in row]
+        info = api_pb2.HParamInfo(name=key, display_name=key)
+        distinct = sorted(set(values), key=lambda v: (str(type(v)), v))
+        if all(isinstance(v, bool) for v in values):
+            info.type = api_pb2.DATA_TYPE_BOOL
+            info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[struct_pb2.Value(bool_value=v)
+                                                                      for v in distinct]))
+        elif all(isinstance(v, float) for v in values):
+            info.type = api_pb2.DATA_TYPE_FLOAT64
+            if key != SIZE_KEY and len(distinct) <= 20:   # |D| goes wherever the search goes: no domain
+                info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[struct_pb2.Value(number_value=v)
+                                                                          for v in distinct]))
+        elif len({str(v) for v in values}) > 50:   # too many to tick: the table filters it by regex
+            info.type = api_pb2.DATA_TYPE_STRING
+        else:
+            info.type = api_pb2.DATA_TYPE_STRING
+            info.domain_discrete.CopyFrom(struct_pb2.ListValue(values=[struct_pb2.Value(string_value=str(v))
+                                                                      for v in sorted({str(v) for v in values})]))
+        infos.append(info)
+    metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=METRIC_BEST), display_name="best memorization ratio",
+                                  description="highest memorization ratio over the training's evaluations"),
+               api_pb2.MetricInfo(name=api_pb2.MetricName(tag=METRIC_MEMORIZED), display_name="memorized",
+                                  description="1 if the best ratio reached 1 - epsilon, else 0")]
+    experiment = api_pb2.Experiment(description=description, hparam_infos=infos, metric_infos=metrics,
+                                    time_created_secs=time.time())
+    return _summary(metadata.EXPERIMENT_TAG, plugin_data_pb2.HParamsPluginData(
+        experiment=experiment, version=metadata.PLUGIN_DATA_VERSION))
+
+
+def trial_grid_points(grid_points: list[dict]) -> list[dict]:
+    """The grid points as the trials see them: a data_size sweep runs one grid point, "data_size", whose
+    trials differ only in |D|."""
+    if grid_points and all(set(p.get("overrides") or {}) == {"data.size"} for p in grid_points):
+        return [{"label": "data_size", "value": None, "overrides": {}}]
+    return grid_points
+
+
+def sweep_hparam_rows(grid_points: list[dict], size_range) -> list[dict]:
+    """What every training of a sweep can have as hyperparameters: its grid point's, |D| over the range."""
+    rows = []
+    for point in trial_grid_points(grid_points):
+        for size in size_range:
+            rows.append(trial_hparams({"grid_label": point["label"], "overrides": point.get("overrides"),
+                                       "size": size}))
+    return rows
+
+
+# ---- per training (called from the trial) ----
+
+def start_session(writer, config: dict) -> None:
+    """Mark this run as an HParams session with the training's hyperparameters."""
+    writer.file_writer.add_summary(session_start_summary(trial_hparams(config)))
+    writer.flush()
+
+
+def end_session(writer, best_ratio: float, epsilon: float, step: int) -> None:
+    """The session's metrics and its end (written when the training has finished)."""
+    writer.add_scalar(METRIC_BEST, best_ratio, step)
+    writer.add_scalar(METRIC_MEMORIZED, float(best_ratio >= 1 - epsilon), step)
+    writer.file_writer.add_summary(session_end_summary(True))
+    writer.flush()
+
+
+# ---- per sweep (called from the driver) ----
+
+def write_experiment(output: str | Path, grid_points: list[dict], size_range, description: str = "") -> None:
+    """The HParams experiment in OUTPUT/tensorboard/summary, at the start of a sweep."""
+    from torch.utils.tensorboard import SummaryWriter
+    with SummaryWriter(str(tensorboard_dir(output) / SUMMARY_RUN)) as writer:
+        writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range), description))
+
+
+def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_points: list[dict], epsilon: float,
+                        table: str = "") -> Path:
+    """Rewrite OUTPUT/tensorboard/summary whole: the HParams experiment, memorization ratio against |D| per grid
+    point, EMM per grid index, and the EMM table as text. Returns the run's folder."""
+    from torch.utils.tensorboard import SummaryWriter
+    run = tensorboard_dir(output) / SUMMARY_RUN
+    tmp = run.with_name(f".{SUMMARY_RUN}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sizes = [int(s) for s in trials["size"].dropna()] if len(trials) else []
+    size_range = [min(sizes), max(sizes)] if sizes else [1, 1]
+    with SummaryWriter(str(tmp)) as writer:
+        writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range),
+                                                          f"EMM sweep over {factor}"))
+        for point in trial_grid_points(grid_points):
+            mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()]
+            for size, ratio in sorted(zip(mine["size"].astype(int), mine.best_mem_ratio.astype(float))):
+                writer.add_scalar(f"emm/{point['label']}/memorization_ratio", ratio, size)
+        legend = ["| grid index | value | EMM |", "|---|---|---|"]
+        for i, row in enumerate(emm.itertuples()):
+            value = getattr(row, "emm")
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                writer.add_scalar(f"emm/{factor}", float(value), i)
+            legend.append(f"| {i} | {row.value} | {'-' if value != value or value is None else int(value)} "
+                          f"{row.censored if isinstance(row.censored, str) else ''} |")
+        writer.add_text(f"emm/{factor}/grid_index", "\n".join(legend), 0)
+        if table:
+            writer.add_text("emm/table", table, 0)
+    shutil.rmtree(run, ignore_errors=True)
+    tmp.rename(run)
+    return run
+
+
+class LiveSummary:
+    """The driver's writer of `emm/<grid label>/memorization_ratio` points as trainings finish."""
+
+    def __init__(self, output: str | Path):
+        self.output = str(output)
+        self._writer = None
+
+    def add(self, grid_label: str, size: int, ratio: float) -> None:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+            self._writer = SummaryWriter(str(tensorboard_dir(self.output) / SUMMARY_RUN))
+        self._writer.add_scalar(f"emm/{grid_label}/memorization_ratio", ratio, int(size))
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
