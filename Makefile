@@ -26,6 +26,7 @@ bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ign
 	$(PY) bench/search_efficiency.py --json bench/results/search_efficiency.json
 	$(PY) bench/nn.py --json bench/results/nn.json
 	$(PY) bench/optimum.py --json bench/results/optimum.json
+	$(PY) bench/train_step.py --json bench/results/train_step.json
 
 clean:
 	rm -rf $(VENV) results

@@ -3,7 +3,7 @@
 # basic setup in fp32 / channels-last / tf32 / bf16 / torch.compile, and the time of one memorization
 # evaluation (10k samples against 50k images). About 5 minutes on one H100/H200, most of it the two
 # torch.compile variants and the sampling. Needs only torch, numpy, pyyaml, pillow and scikit-learn
-# (no Ray), from .venv when there is one, else python3. Arguments go to bench/gpu_check.py, e.g.
+# (no Ray), from .venv when there is one, else python3. Arguments go to bench/train_step.py, e.g.
 #   bash bench/gpu_check.sh --batch 512 --variants fp32,bf16+cl
 # With $OUT set (the device tool), the figures are also written to $OUT/gpu_check.json.
 set -euo pipefail
@@ -16,4 +16,4 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU', torch.cuda.is_available())"
 json=()
 if [ -n "${OUT:-}" ]; then json=(--json "$OUT/gpu_check.json"); fi
-exec "$PYTHON" bench/gpu_check.py "${json[@]}" "$@"
+exec "$PYTHON" bench/train_step.py "${json[@]}" "$@"

@@ -1,6 +1,6 @@
 """The GPU fast path, exercised on CPU: precision (fp32 / tf32 flags / bf16 autocast), channels-last, torch.compile,
 and DDP's distributed evaluation and checkpoints in a 2-process gloo group (torch.multiprocessing, no Ray).
-Nothing here needs a GPU; bench/gpu_check.sh measures the speed when one is lent."""
+Nothing here needs a GPU; bench/train_step.py measures the speed (bench/gpu_check.sh on a lent GPU)."""
 import hashlib
 import math
 import shutil
@@ -302,7 +302,7 @@ def test_ddp_ranks_agree_evaluate_as_one_process_and_resume_from_the_checkpoint_
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
-# ------------------------------------------------------------------------------------------- bench/gpu_check.sh
+# ------------------------------------------------------------------------- bench/train_step.py via gpu_check.sh
 
 def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
     """The one-shot GPU check is itself tested here, at toy size on CPU, so a lent GPU is not spent on its bugs."""
@@ -315,7 +315,8 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr
-    assert "speed-up against fp32" in run.stdout and "one evaluation of 10k samples" in run.stdout
+    assert "train_step smoke bf16+cl+compile/fp32 images/s" in run.stdout and "machine: " in run.stdout
+    assert "one evaluation of 10k samples" in run.stdout
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["variant"] for r in figures["training"]] == ["fp32", "bf16+cl+compile"]
     assert all(r["images_per_sec"] > 0 and math.isfinite(r["final_loss"]) for r in figures["training"])
