@@ -53,7 +53,7 @@ SETUPS = {   # name -> (config file or None for the defaults, image shape)
     "smoke": (None, (3, 8, 8))}
 SMOKE_MODEL = {"model.channels": 16, "model.channel_mult": [1, 2], "model.num_blocks": 1, "model.attn_resolutions": []}
 CPU_PLAN = {   # setup -> (variants, warm-up steps, timed steps): about five minutes on 2 cores
-    "digits": (["fp32", "fp32+cl", "fp32+cl+compile"], 20, 200), "paper": (["fp32", "fp32+cl"], 1, 3)}
+    "digits": (["fp32", "fp32+cl", "fp32+cl+compile"], 20, 200), "paper": (["fp32", "fp32+cl"], 1, 2)}
 
 
 def machine_line(device: torch.device) -> str:

@@ -123,7 +123,8 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
     opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
     noise_rng = torch.Generator(device=device).manual_seed(t.seed + rank)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
-    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0}
+    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0,
+             "eval_seconds": 0.0}
 
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
@@ -197,13 +198,16 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
             state["train_seconds"] += time.perf_counter() - tic
             metrics = None
             # Every worker samples its share of the seeds; rank 0 gathers them and scores (others get None).
+            eval_tic = time.perf_counter()
             result = evaluate_denoiser(ema, data, e, device=device, rank=rank, world=world)
+            state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - eval_tic
             if rank == 0:
                 state["best"] = max(state["best"], result.ratio)
                 metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
                            "step": state["step"], "loss": loss.item(), "lr": lr, "mem_ratio": result.ratio,
                            "best_mem_ratio": state["best"],
-                           "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9)}
+                           "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9),
+                           "step_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
             if distributed:
                 shared = [metrics]
                 torch.distributed.broadcast_object_list(shared, src=0)

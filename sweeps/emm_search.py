@@ -208,6 +208,13 @@ def start_ray(args, spec: dict) -> int:
     return max(1, min(spec["max_concurrent"] or capacity, capacity))
 
 
+def _reuse_actors(spec: dict) -> bool:
+    """A one-worker CPU trial runs in its Tune actor: reusing that process for the next trial saves its start
+    (Python, torch and the dataset: ~2 s per trial on 2 cores, shared/reference/ray-2.60-notes.md). GPU and
+    DDP trials get a fresh actor each, as Ray advises for GPU trials."""
+    return not spec["ddp"] and not spec["gpus_per_worker"]
+
+
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from ray import tune
 
@@ -238,14 +245,14 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         space = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {},
                  "size": tune.grid_search(spec["values"])}
         tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=trial_name,
-                                      trial_dirname_creator=trial_dirname)
+                                      trial_dirname_creator=trial_dirname, reuse_actors=_reuse_actors(spec))
         return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
                            known_results=None if spec["no_reuse"] else KnownResults(settings), max_failures=1)
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=max_concurrent,
-                                  trial_name_creator=trial_name,
-                                      trial_dirname_creator=trial_dirname)
+                                  trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
+                                  reuse_actors=_reuse_actors(spec))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 

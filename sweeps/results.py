@@ -14,7 +14,7 @@ import pandas as pd
 EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "reused", "training_images",
                "train_seconds", "error"]
 TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "memorized", "stopped_early", "images_seen",
-                 "planned_images", "train_seconds", "trial_id", "status", "error"]
+                 "planned_images", "train_seconds", "step_seconds", "eval_seconds", "trial_id", "status", "error"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -37,7 +37,10 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                      "best_mem_ratio": best, "memorized": bool(best >= 1 - epsilon) if best == best else None,
                      "stopped_early": bool(images < planned) if images == images else None,
                      "images_seen": images, "planned_images": planned,
-                     "train_seconds": r.get("time_total_s", float("nan")), "trial_id": r.get("trial_id"),
+                     "train_seconds": r.get("time_total_s", float("nan")),   # the whole trial, as Tune timed it
+                     "step_seconds": r.get("step_seconds", float("nan")),   # inside training steps
+                     "eval_seconds": r.get("eval_seconds", float("nan")),   # sampling and nearest neighbours
+                     "trial_id": r.get("trial_id"),
                      "status": "error" if r.get("error") else "done"})
     table = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     order = {p["label"]: i for i, p in enumerate(grid_points)}

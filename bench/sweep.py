@@ -1,0 +1,91 @@
+"""End to end: one `sweeps/emm_search.py` sweep, and where its wall time goes.
+
+Runs the sweep as a user does (a fresh local Ray cluster, no dashboard, a fresh output folder and ledger) and
+splits the wall time W of the whole command, times the number of concurrent trial slots S, into
+
+    training steps    sum over trainings of the time inside training steps (diffmem.train: step_seconds)
+    evaluation        sum of the time sampling and scoring snapshots (eval_seconds)
+    trial overhead    the rest of each trial's own time (Tune's time_total_s): building the model, loading
+                      the subset, checkpoints, reports
+    outside trials    S x W less all trials' time: Ray start-up and shutdown, scheduling, slots left idle
+                      while the searcher waits for the answers it needs
+
+Every figure is a share of S x W measured in the same run. The goal of issue 7 is training + evaluation at
+least 0.80 of it.
+
+    python bench/sweep.py                    # the default sweep: --factor random_labels on the digits (~10 min)
+    python bench/sweep.py --preset smoke     # the same code at the smallest settings (~1.5 min)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine_line() -> str:
+    import torch
+    return (f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"load " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+
+
+def run_sweep(output: Path, extra: list[str]) -> tuple[float, int]:
+    """Wall time of the command and the number of trainings it ran at once (it prints that number)."""
+    command = [sys.executable, str(ROOT / "sweeps" / "emm_search.py"), "--no-dashboard", "--output", str(output),
+               *extra]
+    start = time.perf_counter()
+    run = subprocess.run(command, capture_output=True, text=True, cwd=output.parent)
+    wall = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"error: the sweep failed ({' '.join(command)}):\n{run.stderr[-3000:]}")
+    return wall, int(re.search(r"(\d+) trainings at once", run.stdout).group(1))
+
+
+def breakdown(output: Path, wall: float, slots: int) -> dict:
+    trials = pd.read_csv(output / "trials.csv")
+    trained = trials[trials.status != "reused"]
+    steps, evals, trial = trained.step_seconds.sum(), trained.eval_seconds.sum(), trained.train_seconds.sum()
+    capacity = slots * wall
+    return {"wall_s": wall, "slots": slots, "trainings": len(trained), "trainings_per_min": 60 * len(trained) / wall,
+            "training_steps": steps / capacity, "evaluation": evals / capacity,
+            "trial_overhead": (trial - steps - evals) / capacity, "outside_trials": 1 - trial / capacity,
+            "training_and_evaluation": (steps + evals) / capacity}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", help="a preset of experiments/presets (smoke: the smallest settings)")
+    p.add_argument("--factor", default="random_labels")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    print(machine_line(), flush=True)
+    extra = ["--factor", args.factor] + (["--preset", args.preset] if args.preset else [])
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        output = Path(tmp) / "out"
+        wall, slots = run_sweep(output, extra)
+        figures = breakdown(output, wall, slots)
+    name = f"--factor {args.factor}" + (f" --preset {args.preset}" if args.preset else "")
+    print(f"sweep {name}: wall {figures['wall_s']:.0f} s, {figures['trainings']} trainings on {figures['slots']} "
+          f"slots, {figures['trainings_per_min']:.2f} trainings/min")
+    for key in ("training_steps", "evaluation", "trial_overhead", "outside_trials"):
+        print(f"sweep {key.replace('_', ' ')} / (slots x wall) {figures[key]:.2f}x")
+    print(f"sweep training + evaluation / (slots x wall) {figures['training_and_evaluation']:.2f}x (goal >= 0.80)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"machine": machine_line(), "command": name, **figures}, indent=1))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
