@@ -1,8 +1,8 @@
 """Training throughput of one DDPM++ training step, plain fp32 eager against the fast-path settings, and (on a
 GPU) the cost of one memorization evaluation.
 
-Trains through diffmem.train.train itself, on synthetic images held on the device as in a real run, for a
-fixed number of steps per setting:
+Trains through diffmem.train.train itself (diffmem.train.measure_speed), on synthetic images held on the device
+as in a real run, for a fixed number of steps per setting:
 
     fp32              the paper's arithmetic (TF32 off), NCHW, eager: the baseline of every ratio
     fp32+cl           the same arithmetic, channels-last (train.channels_last, the default)
@@ -42,7 +42,7 @@ from diffmem.data import TrainingSet  # noqa: E402
 from diffmem.evaluate import generate  # noqa: E402
 from diffmem.memorization import nearest_neighbours, to_pixels  # noqa: E402
 from diffmem.precision import full_precision  # noqa: E402
-from diffmem.train import build_denoiser, train  # noqa: E402
+from diffmem.train import build_denoiser, measure_speed  # noqa: E402
 
 VARIANTS = {   # name -> (precision, channels_last, compile)
     "fp32": ("fp32", False, False), "fp32+cl": ("fp32", True, False), "fp32+cl+compile": ("fp32", True, True),
@@ -78,26 +78,13 @@ def setup_config(setup: str, overrides: dict):
 def measure_training(setup: str, name: str, data: TrainingSet, batch: int, warmup: int, steps: int,
                      device: torch.device) -> dict:
     precision, channels_last, compile_ = VARIANTS[name]
-    warm, total = warmup * batch, (warmup + steps) * batch
     cfg = setup_config(setup, {
-        "data.size": len(data.images), "train.batch_size": batch, "train.duration": f"{total / 1000}kimg",
-        "eval.every": f"{warm / 1000}kimg", "train.log_every": f"{total / 1000}kimg", "train.lr_warmup": "0",
-        "train.precision": precision, "train.channels_last": channels_last, "train.compile": compile_,
-        "train.device": device.type, "eval.num_samples": 8, "eval.batch_size": 8, "eval.num_steps": 2})
-    marks = []
-    diffmem.train.training_set = lambda _: data   # the synthetic set instead of a dataset on disk
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    train(cfg, report=lambda metrics, saved: marks.append(metrics), log=lambda *_: None)
-    wall = time.perf_counter() - start
-    (first, last) = marks[0], marks[-1]
-    t_first = first["images_seen"] / first["images_per_sec"]
-    t_last = last["images_seen"] / last["images_per_sec"]
-    steady = (last["images_seen"] - first["images_seen"]) / max(t_last - t_first, 1e-9)
-    return {"setup": setup, "variant": name, "images_per_sec": steady, "ms_per_step": 1000 * batch / steady,
-            "first_window_s": t_first, "wall_s": wall, "final_loss": last["loss"],
-            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
+        "data.size": len(data.images), "train.batch_size": batch, "train.precision": precision,
+        "train.channels_last": channels_last, "train.compile": compile_, "train.device": device.type,
+        "eval.num_samples": 8, "eval.batch_size": 8, "eval.num_steps": 2})
+    speed = measure_speed(cfg, warmup, steps, train_set=data)   # the synthetic set instead of a dataset on disk
+    return {"setup": setup, "variant": name, **{k: speed[k] for k in ("images_per_sec", "ms_per_step",
+            "first_window_s", "wall_s", "final_loss", "peak_gib")}}
 
 
 def measure_evaluation(setup: str, data: TrainingSet, args, device: torch.device) -> dict:

@@ -13,11 +13,13 @@ unique (label = index). Intra-class diversity (§4) mixes a second image set int
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import io
 import pickle
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -96,20 +98,25 @@ def _cifar10(path: str | None, resolution: int | None = None) -> ImageSet:
         raise ConfigError(f"data.path={path!r} has no {missing[0]}; {CIFAR10_FIX}")
     if root.is_file() and not tarfile.is_tarfile(root):
         raise ConfigError(f"data.path={path!r} is neither a folder nor a .tar.gz; {CIFAR10_FIX}")
+    where = names[0] if root.is_dir() else "the .tar.gz"   # what is being read, for the error
     try:
-        if root.is_dir():
-            raw = [(root / n).read_bytes() for n in names]
-        else:
-            with tarfile.open(root) as tar:
-                raw = [tar.extractfile(f"cifar-10-batches-py/{n}").read() for n in names]
-        # The files were pickled by Python 2: its str keys and array bytes come back as bytes.
-        batches = [_ArrayUnpickler(io.BytesIO(r), encoding="bytes").load() for r in raw]
-        images = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
-        labels = np.concatenate([np.asarray(b[b"labels"], dtype=np.int64) for b in batches])
-    except (OSError, tarfile.TarError, KeyError, pickle.UnpicklingError, EOFError, TypeError, ValueError) as e:
-        raise ConfigError(f"data.path={path!r} is not CIFAR-10's python version ({type(e).__name__}: "
-                          f"{' '.join(str(e).split())}); {CIFAR10_FIX}") from None
-    return ImageSet("cifar10", images.reshape(-1, 3, 32, 32), labels)
+        images, labels = [], []
+        with contextlib.ExitStack() as stack:
+            tar = None if root.is_dir() else stack.enter_context(tarfile.open(root))
+            if tar is not None:
+                tar.getmembers()   # the archive's index: a truncated .tar.gz fails here
+            for n in names:
+                where = n if tar is None else f"{n} in the .tar.gz"
+                raw = (root / n).read_bytes() if tar is None else tar.extractfile(f"cifar-10-batches-py/{n}").read()
+                # The files were pickled by Python 2: its str keys and array bytes come back as bytes.
+                batch = _ArrayUnpickler(io.BytesIO(raw), encoding="bytes").load()
+                images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+                labels.append(np.asarray(batch[b"labels"], dtype=np.int64))
+    except (OSError, tarfile.TarError, KeyError, pickle.UnpicklingError, EOFError, TypeError, ValueError,
+            AttributeError) as e:
+        raise ConfigError(f"data.path={path!r}: cannot read {where} ({type(e).__name__}: {' '.join(str(e).split())}): "
+                          f"a damaged or truncated download, or not CIFAR-10's python version; {CIFAR10_FIX}") from None
+    return ImageSet("cifar10", np.concatenate(images), np.concatenate(labels))
 
 
 def _image_folder(path: str | None, resolution: int | None = None, *, name: str = "folder",
@@ -131,7 +138,10 @@ def _image_folder(path: str | None, resolution: int | None = None, *, name: str 
     elif zipfile.is_zipfile(root):
         with zipfile.ZipFile(root) as archive:
             names = sorted(n for n in archive.namelist() if not n.endswith("/") and is_image(n))
-            arrays = [_decode(archive.read(n), n, resolution, key, path) for n in names]
+            arrays = [_decode(_zip_member(archive, n, key, path), n, resolution, key, path) for n in names]
+    elif root.suffix.lower() == ".zip" or _starts_with(root, b"PK\x03\x04"):
+        raise ConfigError(f"{key}={path!r} is a damaged .zip (its table of contents, at the end of the file, is "
+                          f"missing: a truncated download or copy?); download or zip it again")
     else:
         raise ConfigError(f"{key}={path!r} is neither a folder nor a .zip; {fix}")
     if not names:
@@ -145,14 +155,32 @@ def _image_folder(path: str | None, resolution: int | None = None, *, name: str 
     return ImageSet(name, np.stack(arrays), labels)
 
 
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def _zip_member(archive: zipfile.ZipFile, name: str, key: str, path: str) -> bytes:
+    try:
+        return archive.read(name)
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, NotImplementedError) as e:
+        raise ConfigError(f"{key}={path!r}: cannot read {name!r} from the .zip ({' '.join(str(e).split())}): the "
+                          f"archive is damaged; download or zip it again") from None
+
+
 def _decode(data: bytes, name: str, resolution: int | None, key: str, path: str) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
     try:
         with Image.open(io.BytesIO(data)) as img:
             rgb = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"{key}={path!r}: cannot read {name!r} as an image ({e})") from None
-    return _fit(rgb, resolution) if resolution else np.asarray(rgb).transpose(2, 0, 1)
+    except UnidentifiedImageError:
+        why = "is not an image (PIL cannot identify it)"
+    except (OSError, SyntaxError, ValueError) as e:   # truncated or broken files (PIL's PNG reader: SyntaxError)
+        why = f"is a damaged image ({' '.join(str(e).split())})"
+    else:
+        return _fit(rgb, resolution) if resolution else np.asarray(rgb).transpose(2, 0, 1)
+    raise ConfigError(f"{key}={path!r}: {name!r} {why}; delete that file or replace it with a PNG/JPEG image "
+                      f"(every .png/.jpg/.jpeg file there is read as one)")
 
 
 def _folder_labels(names: list[str], key: str, path: str) -> np.ndarray:

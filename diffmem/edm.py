@@ -77,10 +77,17 @@ class EDMPrecond(torch.nn.Module):
 PRECONDITIONERS = {"vp": VPPrecond, "edm": EDMPrecond}
 
 
-def denoising_loss(denoiser, images, class_labels=None, generator=None):
-    """EDM eq. 8 per image: lambda(sigma) ||D(y + n; sigma) - y||^2, summed over pixels (EDM's loss.sum())."""
-    sigma = denoiser.sample_sigma(images.shape[0], images.device, generator).reshape(-1, 1, 1, 1)
-    noise = torch.randn(images.shape, device=images.device, generator=generator) * sigma
+def denoising_loss(denoiser, images, class_labels=None, generator=None, shard=(0, 1)):
+    """EDM eq. 8 per image: lambda(sigma) ||D(y + n; sigma) - y||^2, summed over pixels (EDM's loss.sum()).
+
+    shard=(rank, world): `images` are rows rank, rank + world, ... of a global batch of world x len(images)
+    (one DDP worker's share). sigma and noise are drawn for the whole global batch and this shard's rows are
+    kept, so with the same generator state on every rank each image gets the noise that one process training
+    on the global batch draws for it (world = 1 is that process)."""
+    rank, world = shard
+    n = images.shape[0] * world
+    sigma = denoiser.sample_sigma(n, images.device, generator)[rank::world].reshape(-1, 1, 1, 1)
+    noise = torch.randn((n, *images.shape[1:]), device=images.device, generator=generator)[rank::world] * sigma
     denoised = denoiser(images + noise, sigma, class_labels)
     return (denoiser.loss_weight(sigma) * (denoised - images) ** 2).flatten(1).sum(1)
 

@@ -81,30 +81,35 @@ def ema_beta(cfg: Config, batch: int, images_seen: int, size: int) -> float:
 
 
 def train(cfg: Config, run_dir: str | Path | None = None,
-          report: Callable[[dict, Path | None], None] | None = None, writer=None, log=print) -> TrainResult:
-    """Train cfg on its subset; resume from run_dir/checkpoint/checkpoint.pt if present. report(metrics, checkpoint)
-    is called after every evaluation (the sweep layer forwards it; this package knows nothing of Ray)."""
+          report: Callable[[dict, Path | None], None] | None = None, writer=None, log=print,
+          train_set: TrainingSet | None = None) -> TrainResult:
+    """Train cfg on its subset (or on `train_set`, e.g. a benchmark's synthetic images); resume from
+    run_dir/checkpoint/checkpoint.pt if present. report(metrics, checkpoint) is called after every evaluation
+    (the sweep layer forwards it; this package knows nothing of Ray)."""
     cudnn_benchmark = torch.backends.cudnn.benchmark
     try:
         with training_precision(cfg.train.precision):
             # EDM's setting: cuDNN picks the fastest convolution algorithm per shape (shapes never change here)
             torch.backends.cudnn.benchmark = resolve_device(cfg.train.device).type == "cuda"
-            return _train(cfg, run_dir, report, writer, log)
+            return _train(cfg, run_dir, report, writer, log, train_set)
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
+def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainResult:
     t, e = cfg.train, cfg.eval
     device = resolve_device(t.device)
-    # Under torch.distributed (DDP, one process per worker) each worker takes its slice of the global batch;
-    # DDP averages gradients, so the update is the single-process one (paper: 512 = 8 x 64).
+    # Under torch.distributed (DDP, one process per worker) each worker takes its slice of the global batch
+    # (rows rank, rank + world, ...) and, from a noise generator seeded alike on every rank, the noise levels and
+    # noise that one process draws for those rows (denoising_loss's shard); DDP averages gradients, so the
+    # update is the single-process one (paper: 512 = 8 x 64) up to float rounding (tests/test_fast_path.py).
+    # Only dropout masks (the default generator, seed + rank) are each rank's own.
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the {world} workers")
     torch.manual_seed(t.seed + rank)
-    data = training_set(cfg.data)
+    data = train_set if train_set is not None else training_set(cfg.data)
     layout = torch.channels_last if t.channels_last else torch.contiguous_format
     images = data.images.to(device).contiguous(memory_format=layout)   # on the device once, for the whole run
     labels = None if data.labels is None else data.labels.to(device)
@@ -121,7 +126,7 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
             torch.distributed.broadcast(tensor.data, src=0)
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
-    noise_rng = torch.Generator(device=device).manual_seed(t.seed + rank)
+    noise_rng = torch.Generator(device=device).manual_seed(t.seed)   # the same stream on every rank
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
     state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0,
              "eval_seconds": 0.0}
@@ -168,7 +173,8 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast(t.precision, device):   # bf16: forward and loss only; backward follows the forward's dtypes
-            loss = denoising_loss(denoiser, images[idx], None if labels is None else labels[idx], noise_rng).mean()
+            loss = denoising_loss(denoiser, images[idx], None if labels is None else labels[idx], noise_rng,
+                                  (rank, world)).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for p in params:   # EDM/paper: sanitise NaN/Inf gradients
@@ -184,6 +190,9 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
 
         if state["images_seen"] >= next_log:
             next_log += log_every
+            if distributed:   # the global batch's loss, as one process logs it (every rank ran loss_count steps)
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum = loss_sum / world
             check_finite()
             if writer is not None:
                 writer.add_scalar("train/loss", loss_sum.item() / loss_count, state["images_seen"])
@@ -193,6 +202,10 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
         if state["images_seen"] >= next_eval or state["images_seen"] >= total:
             next_eval += eval_every
             check_finite()
+            last_loss = loss.detach().clone()
+            if distributed:   # the last step's loss over the global batch
+                torch.distributed.all_reduce(last_loss)
+                last_loss = last_loss / world
             if device.type == "cuda":
                 torch.cuda.synchronize(device)   # the clock stops when the GPU, not the host, is done
             state["train_seconds"] += time.perf_counter() - tic
@@ -204,7 +217,7 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
             if rank == 0:
                 state["best"] = max(state["best"], result.ratio)
                 metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
-                           "step": state["step"], "loss": loss.item(), "lr": lr, "mem_ratio": result.ratio,
+                           "step": state["step"], "loss": last_loss.item(), "lr": lr, "mem_ratio": result.ratio,
                            "best_mem_ratio": state["best"],
                            "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9),
                            "step_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
@@ -226,6 +239,33 @@ def _train(cfg: Config, run_dir, report, writer, log) -> TrainResult:
     state["train_seconds"] += time.perf_counter() - tic
     return TrainResult(state["best"], state["images_seen"], state["step"], stopped() and state["images_seen"] < total,
                        state["history"], state["train_seconds"])
+
+
+def measure_speed(cfg: Config, warmup: int, steps: int, train_set: TrainingSet | None = None) -> dict:
+    """Time cfg's training through train() itself: `warmup` steps (compilation, cuDNN's algorithm search, the
+    allocator), then `steps` timed steps, with an evaluation (cfg.eval as given) every `warmup` steps and at
+    the end. cfg's duration, lr warm-up, logging and early stop are replaced for the purpose; the data is
+    cfg.data's subset, or `train_set`. Returns images_per_sec and ms_per_step of the timed steps, the
+    seconds of one evaluation after the first (eval_seconds), the first window's seconds, the wall time, the
+    last loss and, on a GPU, the peak memory. Used by bench/train_step.py and sweeps/emm_search.py --estimate."""
+    cfg = copy.deepcopy(cfg)
+    batch = cfg.train.batch_size
+    warm, total = warmup * batch, (warmup + steps) * batch
+    cfg.train.duration, cfg.train.lr_warmup = f"{total / 1000}kimg", "0"
+    cfg.train.log_every, cfg.eval.every, cfg.eval.stop_at = f"{total / 1000}kimg", f"{warm / 1000}kimg", None
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    marks = []
+    start = time.perf_counter()
+    train(cfg, report=lambda metrics, saved: marks.append(metrics), log=lambda *_: None, train_set=train_set)
+    wall = time.perf_counter() - start
+    first, last = marks[0], marks[-1]
+    steady = (last["images_seen"] - first["images_seen"]) / max(last["step_seconds"] - first["step_seconds"], 1e-9)
+    return {"images_per_sec": steady, "ms_per_step": 1000 * batch / steady, "first_window_s": first["step_seconds"],
+            "eval_seconds": (last["eval_seconds"] - first["eval_seconds"]) / max(len(marks) - 1, 1),
+            "wall_s": wall, "final_loss": last["loss"],
+            "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
 
 
 def _gather_rng(noise_rng, world: int, device: torch.device) -> tuple[list, list, list]:

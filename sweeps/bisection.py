@@ -22,7 +22,8 @@ bracket over the allowed sizes that is narrowed by bisection in log |D|:
 
 `EMMSearchState` holds one `SizeBracket` per grid point, plans the probes for the free workers
 (`propose`), takes results in any order (`start`, `observe`, `fail`, `cancel`) and round-trips through a
-versioned JSON-compatible dict (`to_dict` / `from_dict`).
+versioned JSON-compatible dict (`to_dict` / `from_dict`). `simulate` runs it to the end against known
+memorization curves (bench/search_efficiency.py, `emm_search.py --estimate`).
 """
 from __future__ import annotations
 
@@ -427,3 +428,26 @@ class EMMSearchState:
             raise ValueError(f"{len(d['brackets'])} brackets saved for {len(state.grid_points)} grid points")
         state.brackets = [SizeBracket.from_dict(b, state.settings) for b in d["brackets"]]
         return state
+
+
+def simulate(state: EMMSearchState, ratio, slots: int, images=lambda grid_index, size, ratio: 0.0) -> list[list]:
+    """Run the search in `state` to its end against known memorization curves, without training anything.
+
+    ratio(grid_index, size) is the best memorization ratio that training would reach, images(grid_index, size,
+    ratio) the training images it would cost. The trainings go in synchronous rounds: at most `slots` start
+    together and all finish before the next round is planned (Tune refills a slot as soon as it frees up, so
+    real sweeps need at most as many rounds). Returns the rounds, each a list of (grid_index, size); the
+    trainings, images and brackets are then in state.summary(). Used by bench/search_efficiency.py and by
+    sweeps/emm_search.py --estimate."""
+    rounds = []
+    while not state.finished:
+        batch = state.propose(slots)
+        if not batch:   # cannot happen with slots >= 1 and nothing pending; never loop forever
+            raise RuntimeError(f"the search proposed nothing with {slots} free slots and open grid points")
+        for g, n in batch:
+            state.start(g, n)
+        for g, n in batch:
+            r = ratio(g, n)
+            state.observe(g, n, r, images=images(g, n, r))
+        rounds.append(batch)
+    return rounds

@@ -4,6 +4,7 @@
     python sweeps/emm_search.py --factor width --values 8 16 32
     python sweeps/emm_search.py --config experiments/cifar10.yaml --address auto --gpus-per-trial 8 --factor depth
     python sweeps/emm_search.py --resume results/random_labels-20261129-101500
+    python sweeps/emm_search.py --factor width --estimate   # trainings and core-/GPU-hours it would take
 
 Everything is checked before Ray starts; bad input ends with one line on stderr and exit code 2.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -41,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--list-factors", action="store_true", help="print every factor with its values and exit")
     p.add_argument("--status", metavar="DIR", help="print where the sweep in DIR stands (brackets, trainings "
                                                    "running and finished, time left) and exit")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the trainings and the GPU-hours (core-hours on CPU) the sweep is expected to take "
+                        "(the search simulated, training steps timed on this machine) and exit")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default experiments/digits.yaml)")
     p.add_argument("--preset", help="settings laid over the config, e.g. 'smoke' (experiments/presets/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -174,6 +179,14 @@ def write_spec(output: Path, spec: dict) -> None:
     os.replace(tmp, output / SPEC_FILE)
 
 
+def local_slots(spec: dict) -> int:
+    """How many trainings of spec["workers"] workers this machine holds at once (its GPUs or its cores)."""
+    if spec["gpus_per_worker"]:
+        import torch
+        return max(1, torch.cuda.device_count() // spec["workers"])
+    return max(1, (os.cpu_count() or 1) // spec["workers"])
+
+
 def start_ray(args, spec: dict) -> int:
     """Connect to a cluster or start a local one; returns how many trainings can run at once."""
     import ray
@@ -181,14 +194,8 @@ def start_ray(args, spec: dict) -> int:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
-        cpus = os.cpu_count() or 1
-        if spec["gpus_per_worker"]:
-            import torch
-            slots = max(1, torch.cuda.device_count() // workers)
-        else:
-            slots = max(1, cpus // workers)
-        context = ray.init(num_cpus=cpus, resources={"trial_slot": slots}, include_dashboard=not args.no_dashboard,
-                           log_to_driver=False)
+        context = ray.init(num_cpus=os.cpu_count() or 1, resources={"trial_slot": local_slots(spec)},
+                           include_dashboard=not args.no_dashboard, log_to_driver=False)
         from sweeps.reaper import start_reaper
         start_reaper()   # a killed driver must not leave Ray's agents running
         if not args.no_dashboard:
@@ -206,6 +213,160 @@ def start_ray(args, spec: dict) -> int:
             raise ConfigError(f"the cluster cannot hold one trial of {workers} workers (resources {resources}); "
                               f"start nodes with --resources='{{\"trial_slot\": N}}' and enough CPUs/GPUs")
     return max(1, min(spec["max_concurrent"] or capacity, capacity))
+
+
+ESTIMATE_POSITIONS = 8    # EMM positions, log-spaced over the size range, the search is simulated at
+ESTIMATE_STEPS = 10       # training steps timed per model, after as many untimed ones
+
+
+def estimate(spec: dict, args) -> str:
+    """What the sweep is expected to cost, before anything starts: trainings from the searcher itself
+    (sweeps.bisection.simulate) run to its end with the crossing at ESTIMATE_POSITIONS places in the size
+    range, training images from each training's planned duration, seconds from training steps and one
+    evaluation timed on this machine (diffmem.train.measure_speed)."""
+    from statistics import median_high
+
+    import torch
+    from diffmem.config import duration_images
+    from diffmem.train import measure_speed
+    from sweeps.bisection import EMMSearchState, simulate
+
+    workers, gpu = spec["workers"], bool(spec["gpus_per_worker"])
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
+    if args.address:
+        slots = max(1, spec["max_concurrent"] or 1)
+    else:
+        slots = max(1, min(spec["max_concurrent"] or local_slots(spec), local_slots(spec)))
+    lo, hi = spec["size_range"]
+    points = spec["grid_points"]
+
+    def config(point, size, extra=None):
+        return from_dict(apply_overrides(spec["base"], {**point["overrides"], "data.size": size, **(extra or {})}))
+
+    # Speed: each distinct model (what a grid point changes that matters for speed), at the largest |D|, at one
+    # worker's share of the batch, one thread per worker on CPU as in the sweep's trials.
+    speeds, speed_of = {}, []
+    threads = torch.get_num_threads()
+    try:
+        if device == "cpu":
+            torch.set_num_threads(1)
+        for point in points:
+            real = config(point, hi)
+            samples = min(real.eval.batch_size, real.eval.num_samples, 64 if device == "cpu" else 512)
+            cfg = config(point, hi, {"train.device": device, "train.batch_size": max(1, real.train.batch_size // workers),
+                                     "eval.num_samples": samples, "eval.batch_size": samples})
+            key = cfg.to_dict()
+            for name in ("lr", "weight_decay", "ema_halflife", "ema_beta", "ema_rampup", "seed", "duration"):
+                key["train"][name] = None   # no bearing on the time of a step
+            key = json.dumps(key, sort_keys=True, default=str)
+            if key not in speeds:
+                measured = measure_speed(cfg, ESTIMATE_STEPS, ESTIMATE_STEPS)
+                speeds[key] = {   # one training = `workers` times one worker (linear scaling)
+                    "images_per_sec": workers * measured["images_per_sec"],
+                    # sampling and the nearest-neighbour search grow linearly with the samples; DDP spreads them
+                    "eval_seconds": measured["eval_seconds"] * real.eval.num_samples / samples / workers,
+                    "batch": cfg.train.batch_size, "samples": samples, "num_samples": real.eval.num_samples}
+            speed_of.append(speeds[key])
+    finally:
+        torch.set_num_threads(threads)
+
+    def cost(g: int, size: int) -> tuple[int, float]:
+        """(training images, seconds) of one training of grid point g at |D| = size, run to its end."""
+        cfg = config(points[g], size)
+        images = duration_images(cfg.train.duration, size, "train.duration")
+        snapshots = math.ceil(images / duration_images(cfg.eval.every, size, "eval.every"))
+        return images, images / speed_of[g]["images_per_sec"] + snapshots * speed_of[g]["eval_seconds"]
+
+    if spec["factor"] == "data_size":   # no search: every value once
+        sizes = [(0, v) for v in spec["values"]]
+        scenarios = [[sizes[i:i + slots] for i in range(0, len(sizes), slots)]]
+    else:
+        crossings = [lo * (hi / lo) ** ((k + 0.5) / ESTIMATE_POSITIONS) for k in range(ESTIMATE_POSITIONS)]
+        scenarios = []
+        for crossing in crossings:   # memorized up to the crossing, not beyond: a monotone curve
+            state = EMMSearchState(points, spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
+                                   tolerance=spec["tolerance"])
+            scenarios.append(simulate(state, lambda g, n, c=crossing: 1.0 if n <= c else 0.0, slots))
+    figures = []
+    for rounds in scenarios:
+        costs = [[cost(g, n) for g, n in batch] for batch in rounds]
+        figures.append({"trainings": sum(len(b) for b in rounds),
+                        "images": sum(i for batch in costs for i, _ in batch),
+                        "wall": sum(max(s for _, s in batch) for batch in costs),
+                        "device_hours": workers * sum(s for batch in costs for _, s in batch) / 3600})
+
+    def typical(key):
+        return median_high([f[key] for f in figures]), max(f[key] for f in figures)
+
+    trainings, images, wall, hours = (typical(k) for k in ("trainings", "images", "wall", "device_hours"))
+    unit = "GPU-hours" if gpu else "core-hours"
+    rates = sorted({round(s["images_per_sec"]) for s in speed_of})
+    evals = sorted({s["eval_seconds"] for s in speed_of})
+    if spec["factor"] == "data_size":
+        what, count = f"{len(spec['values'])} sizes", f"{trainings[0]} trainings"
+    else:
+        what = f"{len(points)} grid point{'s' * (len(points) > 1)}"
+        count = f"{trainings[0]} trainings (median) / {trainings[1]} (worst)"
+    lines = [f"estimate: {spec['factor']}, {what}, {slots} training"
+             f"{'s' * (slots > 1)} at once: {count}, <= {_count(images[1])} training images, measured "
+             f"{_span(rates, _count)} images/s on {device} (+ evaluation {_span(evals, _seconds)} per snapshot): "
+             f"~{_duration(wall[0])} wall, "
+             f"{_hours(hours[0])} {unit}"
+             + (f" (worst ~{_duration(wall[1])}, {_hours(hours[1])})" if len(figures) > 1 else "")]
+    if spec["factor"] != "data_size":
+        lines.append(f"  trainings: sweeps/bisection.py's search run to its end with the EMM at {ESTIMATE_POSITIONS} "
+                     f"sizes log-spaced over |D| in [{lo}, {hi}], median and worst; trainings a ledger holds are not "
+                     f"repeated, so a shared --ledger can only lower them")
+    durations = sorted({config(p, hi).train.duration for p in points})
+    lines.append(f"  training images: each training's planned train.duration ({', '.join(durations)}) at its |D|"
+                 + (" (data_size trains every size to its end)" if spec["factor"] == "data_size" else
+                    ", an upper bound: early stopping at 1 - epsilon only shortens a training"))
+    batches = sorted({s["batch"] for s in speed_of})
+    samples = sorted({s["samples"] for s in speed_of})
+    num_samples = sorted({s["num_samples"] for s in speed_of})
+    lines.append(f"  speed: {ESTIMATE_STEPS} timed training steps of each grid point's model at |D| = {hi}, batch "
+                 f"{'/'.join(map(str, batches))} per worker on {device}"
+                 + (", 1 thread per worker" if device == "cpu" else "")
+                 + (f"; one evaluation of {'/'.join(map(str, samples))} samples, scaled to eval.num_samples = "
+                    f"{'/'.join(map(str, num_samples))}" if samples != num_samples else
+                    f"; one evaluation of eval.num_samples = {'/'.join(map(str, num_samples))} samples")
+                 + (f"; {workers} workers per training count as {workers}x one worker's images/s and 1/{workers} "
+                    f"of its evaluation (linear scaling assumed; the gradient all-reduce makes it less)"
+                    if workers > 1 else ""))
+    if gpu and device == "cpu":
+        lines.append("  no GPU on this machine: the speed is the CPU's; run --estimate on a GPU node of the cluster")
+    if args.address and not spec["max_concurrent"]:
+        lines.append("  --address: one training at a time assumed; pass --max-concurrent N (trainings the cluster "
+                     "runs at once, e.g. its nodes)")
+    return "\n".join(lines)
+
+
+def _span(values: list, fmt) -> str:
+    """'5' or '3-5 s': the lowest and highest of sorted values, formatted."""
+    low, high = fmt(values[0]), fmt(values[-1])
+    if low == high:
+        return low
+    unit = " s" if low.endswith(" s") else ""
+    return f"{low.removesuffix(unit)}-{high}"
+
+
+def _count(x: float) -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if x >= div:
+            return f"{x / div:.3g}{suffix}"
+    return f"{x:.3g}"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2g} s" if s < 10 else f"{s:.0f} s"
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
+
+
+def _hours(h: float) -> str:
+    return f"{h:.2g}" if h < 10 else f"{h:,.0f}"
 
 
 def _reuse_actors(spec: dict) -> bool:
@@ -283,6 +444,11 @@ def main(argv=None) -> int:
         if args.status:
             from sweeps.status import sweep_status
             print(sweep_status(Path(args.status)))
+            return 0
+        if args.estimate:
+            if args.resume:
+                raise ConfigError("--estimate prices a new sweep; for one under way, --status DIR says the time left")
+            print(estimate(build_spec(args), args))
             return 0
         if args.resume:
             output = Path(args.resume)

@@ -1,6 +1,7 @@
 """Datasets written to tmp_path in the real on-disk formats (CIFAR-10 python batches, image folders, .zip,
 .tar.gz) and read back: contents, order, resizing, subsets, intra-class mixing, errors and the CLI."""
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -150,6 +151,67 @@ def test_cifar_pickles_that_would_run_code_are_refused(tmp_path, cifar):
     (folder / "data_batch_3").write_bytes(pickle.dumps(RunsCode(), protocol=2))
     with pytest.raises(ConfigError, match="refusing to load __builtin__.print"):
         load_dataset(DataConfig(dataset="cifar10", path=str(folder)))
+
+
+def test_a_truncated_cifar_download_is_one_line_that_names_the_fix(tmp_path, cifar):
+    folder, archive, _, _ = cifar
+    damaged = tmp_path / "cifar-10-batches-py"
+    shutil.copytree(folder, damaged)
+    batch = (damaged / "data_batch_3").read_bytes()
+    (damaged / "data_batch_3").write_bytes(batch[:len(batch) // 2])          # an interrupted download, unpacked
+    half = tmp_path / "cifar-10-python.tar.gz"
+    half.write_bytes(archive.read_bytes()[:archive.stat().st_size // 2])    # ... or left packed
+    for path, what in [(damaged, "cannot read data_batch_3 (UnpicklingError: pickle data was truncated)"),
+                       (half, "cannot read the .tar.gz (EOFError: Compressed file ended before the end-of-stream")]:
+        with pytest.raises(ConfigError) as err:
+            load_dataset(DataConfig(dataset="cifar10", path=str(path)))
+        message = str(err.value)
+        assert message.startswith(f"data.path={str(path)!r}: {what}") and "\n" not in message
+        assert message.endswith("a damaged or truncated download, or not CIFAR-10's python version; download "
+                                "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and set data.path to the "
+                                ".tar.gz or its unpacked cifar-10-batches-py folder")
+
+
+def test_a_damaged_zip_is_one_line_that_names_the_fix(tmp_path):
+    pixels = write_folder(tmp_path / "pets")
+    whole = tmp_path / "pets.zip"
+    with zipfile.ZipFile(whole, "w") as z:   # stored, not deflated: the PNG bytes lie in the file as they are
+        for rel in sorted(pixels):
+            z.write(tmp_path / "pets" / rel, f"pets/{rel}")
+    data = whole.read_bytes()
+    truncated = tmp_path / "truncated.zip"
+    truncated.write_bytes(data[:len(data) // 2])                 # an interrupted download: no central directory
+    flipped = bytearray(data)
+    flipped[data.index(b"IDAT") + 8] ^= 0xFF                     # one bit of pets/cat/1.png's pixels changed
+    (tmp_path / "flipped.zip").write_bytes(bytes(flipped))
+    not_an_image = tmp_path / "not_an_image.zip"
+    with zipfile.ZipFile(not_an_image, "w") as z:
+        z.write(tmp_path / "pets" / "cat/1.png", "pets/cat/1.png")
+        z.writestr("pets/cat/2.png", b"<html>404 Not Found</html>")   # a web page saved under an image's name
+    cases = [
+        ("imagenette", truncated, " is a damaged .zip (its table of contents, at the end of the file, is missing: a "
+                                   "truncated download or copy?); download or zip it again"),
+        ("folder", tmp_path / "flipped.zip", ": cannot read 'pets/cat/1.png' from the .zip (Bad CRC-32 for file "
+                                             "'pets/cat/1.png'): the archive is damaged; download or zip it again"),
+        ("folder", not_an_image, ": 'pets/cat/2.png' is not an image (PIL cannot identify it); delete that file or "
+                                 "replace it with a PNG/JPEG image (every .png/.jpg/.jpeg file there is read as one)"),
+    ]
+    for dataset, path, message in cases:
+        with pytest.raises(ConfigError) as err:
+            load_dataset(DataConfig(dataset=dataset, path=str(path)))
+        assert str(err.value) == f"data.path={str(path)!r}{message}"
+    assert load_dataset(DataConfig(dataset="folder", path=str(whole))).images.shape == (4, 3, 16, 16)   # intact
+    # the same file in a folder, and a truncated PNG, name the file to replace
+    (tmp_path / "pets" / "cat" / "2.png").write_bytes(b"<html>404 Not Found</html>")
+    png = (tmp_path / "pets" / "dog" / "b.png").read_bytes()
+    (tmp_path / "pets" / "dog" / "b.png").write_bytes(png[:len(png) // 2])
+    with pytest.raises(ConfigError, match=r"'cat/2.png' is not an image \(PIL cannot identify it\); delete that file"):
+        load_dataset(DataConfig(dataset="folder", path=str(tmp_path / "pets")))
+    (tmp_path / "pets" / "cat" / "2.png").unlink()
+    with pytest.raises(ConfigError) as err:
+        load_dataset(DataConfig(dataset="folder", path=str(tmp_path / "pets")))
+    assert "'dog/b.png' is a damaged image (image file is truncated" in str(err.value)
+    assert "delete that file or replace it with a PNG/JPEG image" in str(err.value) and "\n" not in str(err.value)
 
 
 def test_intra_class_mixing(tmp_path, cifar):
