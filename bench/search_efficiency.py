@@ -22,6 +22,9 @@ A second reference walks up the same grid and stops at the first size that does 
 paper's Step IV, "gradually increase |D|"); it is printed on its own line.
 
 Wall time is counted in rounds: sequential batches of at most `workers` trainings that start together.
+
+Ledger reuse: a study of three sweeps (class_labels, random_labels, random_labels again) with one shared
+results ledger against none; a training of the same curve and |D| is then free.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sweeps.bisection import EMMSearchState  # noqa: E402
+from sweeps.bisection import EMMSearchState, simulate  # noqa: E402
 
 EPOCHS = 40_000                          # paper's basic setup (paper.md §6)
 SNAPSHOT_IMAGES = 2_500_000              # snapshot spacing (paper.md §1)
@@ -154,21 +157,35 @@ def run_incremental(curves, workers: int) -> dict:
 def run_search(curves, workers: int, early_stop: bool, t0: float, tau: float) -> dict:
     state = EMMSearchState([{"label": label} for label, _ in curves], ALLOWED_SIZES, SIZE_RANGE,
                            epsilon=EPSILON, tolerance=TOLERANCE)
-    rounds = 0
-    while not state.finished:
-        batch = state.propose(workers)           # synchronous rounds: all workers free at the start
-        for g, n in batch:
-            state.start(g, n)
-        for g, n in batch:
-            ratio = curves[g][1](n)
-            state.observe(g, n, ratio, images=training_images(n, ratio, early_stop, t0, tau))
-        rounds += 1
+    rounds = len(simulate(state, lambda g, n: curves[g][1](n), workers,   # synchronous rounds of `workers`
+                          lambda g, n, ratio: training_images(n, ratio, early_stop, t0, tau)))
     rows = state.summary()
     for row, (label, curve) in zip(rows, curves):   # the search must find the truth (monotone curves)
         true_emm = max(n for n in ALLOWED_SIZES if curve(n) >= 1 - EPSILON)
         assert row["low"] <= true_emm < row["high"], (label, row["low"], row["high"], true_emm)
     return {"trainings": sum(r["trials"] for r in rows), "images": sum(r["images"] for r in rows),
             "rounds": rounds, "emm": [r["emm"] for r in rows], "high": [r["high"] for r in rows]}
+
+
+def run_study(sweeps, workers: int, t0: float, tau: float, use_ledger: bool) -> dict:
+    """Several sweeps one after the other, with early stopping, sharing one results ledger or not. A training
+    of the same curve at the same |D| that the ledger holds costs nothing (the real searcher observes it at
+    once instead of training)."""
+    ledger, totals = set(), {"trainings": 0, "images": 0.0}
+
+    for curves in sweeps:
+        def cost(g, n, ratio, curves=curves):
+            if use_ledger and (curves[g][0], n) in ledger:
+                return 0.0
+            ledger.add((curves[g][0], n))
+            images = training_images(n, ratio, True, t0, tau)
+            totals["trainings"] += 1
+            totals["images"] += images
+            return images
+        state = EMMSearchState([{"label": label} for label, _ in curves], ALLOWED_SIZES, SIZE_RANGE,
+                               epsilon=EPSILON, tolerance=TOLERANCE)
+        simulate(state, lambda g, n, curves=curves: curves[g][1](n), workers, cost)
+    return totals
 
 
 def machine_line() -> str:
@@ -216,8 +233,22 @@ def main(argv=None) -> list[dict]:
                   f"trainings {vs['trainings']:.2f}x ({without_stop['trainings']} vs {walk['trainings']}), "
                   f"images {vs['images_early_stop']:.2f}x with early stopping, rounds({workers} workers) "
                   f"{vs['rounds']:.2f}x ({without_stop['rounds']} vs {walk['rounds']})")
+    # A study: class_labels (uncond, cond), then random_labels with the unconditional point (as the factor
+    # registry's grids have it), then random_labels again. The unconditional base point recurs.
+    families = curve_families()
+    class_labels = families["uncond"] + families["cond"]
+    random_labels = families["uncond"] + families["random_labels"]
+    study = [class_labels, random_labels, random_labels]
+    ledger_figures = []
+    for workers in WORKERS:
+        shared, alone = (run_study(study, workers, t0, tau, use) for use in (True, False))
+        ledger_figures.append({"workers": workers, "with_ledger": shared, "without_ledger": alone})
+        print(f"search_efficiency ledger: class_labels, random_labels, random_labels again, workers={workers}: "
+              f"with a shared ledger trainings {shared['trainings'] / alone['trainings']:.2f}x "
+              f"({shared['trainings']} vs {alone['trainings']}), images {shared['images'] / alone['images']:.2f}x "
+              f"without it")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_line(), "t0": t0, "tau": tau,
+        args.json.write_text(json.dumps({"machine": machine_line(), "t0": t0, "tau": tau, "ledger": ledger_figures,
                                          "size_range": SIZE_RANGE, "grid_sizes": grid_sizes(),
                                          "figures": figures}, indent=1))
     return figures

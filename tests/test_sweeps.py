@@ -1,4 +1,5 @@
 """The sweep layer: factor registry, input validation before Ray starts, and real Ray Tune / Ray Train runs."""
+import re
 import subprocess
 import sys
 import time
@@ -83,18 +84,35 @@ def test_list_factors():
     assert "random_labels" in run.stdout and "this config: ['none', 1, 4, 16, 'unique']" in run.stdout
 
 
-@pytest.fixture(scope="module")
-def smoke_sweep(tmp_path_factory):
-    """One uninterrupted smoke sweep, shared by the tests that read or compare its output."""
-    out = tmp_path_factory.mktemp("smoke") / "out"
-    run = _search("--preset", "smoke", "--no-dashboard", "--output", str(out), cwd=out.parent)
+def test_estimate_prints_the_cost_and_starts_nothing(tmp_path):
+    """--estimate: the searcher simulated and training steps timed on this machine (~10 s on 2 cores), no Ray, no
+    output folder (neither --output nor the default results/ under the working directory)."""
+    run = _search("--estimate", "--preset", "smoke", "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
-    return out, run
+    first = run.stdout.splitlines()[0]
+    # the smoke preset: random_labels none and unique, |D| in [10, 80], 16 kimg per training
+    assert re.fullmatch(r"estimate: random_labels, 2 grid points, \d+ trainings? at once: (\d+) trainings \(median\) "
+                        r"/ (\d+) \(worst\), <= [\d.]+k training images, measured [\d.k-]+ images/s on cpu "
+                        r"\(\+ evaluation [\d.-]+ s per snapshot\): ~\d+ (s|min) wall, [\d.]+ core-hours "
+                        r"\(worst ~\d+ (s|min), [\d.]+\)", first), first
+    median, worst = map(int, re.search(r"(\d+) trainings \(median\) / (\d+)", first).groups())
+    assert 2 <= median <= worst <= 2 * 8    # at least one training per grid point, at most every allowed size
+    assert "an upper bound: early stopping" in run.stdout and "1 thread per worker" in run.stdout
+    assert "Ray" not in run.stdout + run.stderr
+    assert list(tmp_path.iterdir()) == []   # nothing written
+
+    # bad input: the CLI's one line, exit 2, before anything is timed
+    run = _search("--estimate", "--size-range", "300", "30", cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr == "error: --size-range 300 30 is impossible; give LO < HI, both >= 1\n"
+    run = _search("--estimate", "--resume", str(tmp_path), cwd=tmp_path)
+    assert run.returncode == 2 and run.stderr.startswith("error: --estimate prices a new sweep; for one under way, "
+                                                         "--status DIR") and run.stderr.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
 def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
-    out, run = smoke_sweep
+    out, stdout, _ = smoke_sweep
     for name in ("emm.csv", "trials.csv", "emm.md", "emm.png", "curves.png", "sweep.json"):
         assert (out / name).stat().st_size > 0, name
     emm = pd.read_csv(out / "emm.csv")
@@ -111,7 +129,7 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     # unique labels memorize at least as much as none (paper Fig. 5); on 16 kimg the gap is clear
     emm_of = dict(zip(emm.value, emm.low.fillna(0)))
     assert emm_of["unique"] >= emm_of["none"]
-    assert "| none |" in run.stdout and "| unique |" in run.stdout
+    assert "| none |" in stdout and "| unique |" in stdout
     assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
 
 

@@ -311,32 +311,9 @@ def test_explore_bad_input_fails_before_ray_starts(tmp_path, capsys, args, messa
 
 # ---------------------------------------------------------------- one real smoke sweep (slow)
 
-@pytest.fixture(scope="module")
-def watched_sweep(tmp_path_factory):
-    """A smoke sweep, with --status read while it runs."""
-    from sweeps.status import sweep_status
-    out = tmp_path_factory.mktemp("watched") / "out"
-    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out.parent)
-    while_running = None
-    deadline = time.time() + 900
-    while proc.poll() is None and time.time() < deadline:
-        time.sleep(2)
-        if while_running is None and (out / "tune").is_dir():
-            try:
-                text = sweep_status(out)
-            except Exception:
-                continue            # the folder is being created
-            if "\nrunning (" in text and "time left: about" in text:
-                while_running = text
-    stdout, _ = proc.communicate(timeout=max(1, deadline - time.time()))
-    assert proc.returncode == 0, stdout[-3000:]
-    return out, while_running
-
-
 @pytest.mark.slow
-def test_smoke_sweep_tensorboard_tags(watched_sweep):
-    out, _ = watched_sweep
+def test_smoke_sweep_tensorboard_tags(smoke_sweep):
+    out, _, _ = smoke_sweep
     trials = pd.read_csv(out / "trials.csv")
     runs = sorted((out / "tensorboard").glob("*/D=*"))
     assert len(runs) == len(trials)
@@ -375,8 +352,8 @@ def _get(url: str, body: dict | None = None):
 
 
 @pytest.mark.slow
-def test_tensorboard_serves_the_sweep_on_loopback(watched_sweep):
-    out, _ = watched_sweep
+def test_tensorboard_serves_the_sweep_on_loopback(smoke_sweep):
+    out, _, _ = smoke_sweep
     port = _free_port()
     tensorboard = shutil.which("tensorboard", path=str(Path(sys.executable).parent)) or "tensorboard"
     proc = subprocess.Popen([tensorboard, "--logdir", str(out), "--host", "127.0.0.1", "--port", str(port),
@@ -417,8 +394,8 @@ def test_tensorboard_serves_the_sweep_on_loopback(watched_sweep):
 
 
 @pytest.mark.slow
-def test_status_while_running_and_after(watched_sweep):
-    out, while_running = watched_sweep
+def test_status_while_running_and_after(smoke_sweep):
+    out, _, while_running = smoke_sweep
     assert while_running is not None, "no --status read caught a training running"
     assert while_running.splitlines()[0].endswith(": running")
     assert re.search(r"random_labels=(none|unique)\|D\|=\d+ \(running", while_running), while_running
@@ -433,8 +410,8 @@ def test_status_while_running_and_after(watched_sweep):
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (.ci/run installs Debian's "
                                                          "chromium; locally: apt-get install -y chromium)")
-def test_report_of_a_smoke_sweep_in_headless_chromium(watched_sweep, tmp_path):
-    out, _ = watched_sweep
+def test_report_of_a_smoke_sweep_in_headless_chromium(smoke_sweep, tmp_path):
+    out, _, _ = smoke_sweep
     synthetic = make_sweep(tmp_path / "synthetic", finished=True)
     page = tmp_path / "report.html"
     run = subprocess.run([sys.executable, REPORT, str(out), str(synthetic), "--html", str(page)],

@@ -1,0 +1,34 @@
+"""One real smoke sweep for the whole session: the sweep tests (tests/test_sweeps.py) compare against it and
+the watching tests (tests/test_watch.py) read its TensorBoard, status and report. Its --status is read while
+it runs."""
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+SEARCH = str(Path(__file__).resolve().parent.parent / "sweeps" / "emm_search.py")
+
+
+@pytest.fixture(scope="session")
+def smoke_sweep(tmp_path_factory):
+    """(output folder, console output, --status text read while it ran or None)."""
+    from sweeps.status import sweep_status
+    out = tmp_path_factory.mktemp("smoke") / "out"
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out.parent)
+    while_running = None
+    deadline = time.time() + 900
+    while proc.poll() is None and time.time() < deadline:
+        time.sleep(2)
+        if while_running is None and (out / "tune").is_dir():
+            try:
+                text = sweep_status(out)
+            except Exception:
+                continue            # the folder is being created
+            if "\nrunning (" in text and "time left: about" in text:
+                while_running = text
+    stdout, _ = proc.communicate(timeout=max(1, deadline - time.time()))
+    assert proc.returncode == 0, stdout[-3000:]
+    return out, stdout, while_running
