@@ -45,6 +45,7 @@ def run_sweep(output: Path, extra: list[str]) -> tuple[float, int]:
     command = [sys.executable, str(ROOT / "sweeps" / "emm_search.py"), "--no-dashboard", "--output", str(output),
                *extra]
     start = time.perf_counter()
+    output.parent.mkdir(parents=True, exist_ok=True)
     run = subprocess.run(command, capture_output=True, text=True, cwd=output.parent)
     wall = time.perf_counter() - start
     if run.returncode != 0:
@@ -68,12 +69,13 @@ def main(argv=None) -> dict:
     p.add_argument("--preset", help="a preset of experiments/presets (smoke: the smallest settings)")
     p.add_argument("--factor", default="random_labels")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.add_argument("--output", type=Path, help="keep the sweep's output folder here (default: a temporary one)")
     args = p.parse_args(argv)
     print(machine_line(), flush=True)
     extra = ["--factor", args.factor] + (["--preset", args.preset] if args.preset else [])
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        output = Path(tmp) / "out"
-        wall, slots = run_sweep(output, extra)
+        output = args.output or Path(tmp) / "out"
+        wall, slots = run_sweep(output.resolve(), extra)
         figures = breakdown(output, wall, slots)
     name = f"--factor {args.factor}" + (f" --preset {args.preset}" if args.preset else "")
     print(f"sweep {name}: wall {figures['wall_s']:.0f} s, {figures['trainings']} trainings on {figures['slots']} "
