@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import clock, machine_line, write_json  # noqa: E402
 from diffmem.memorization import _BLOCK, nearest_neighbours  # noqa: E402
 
 try:
@@ -51,16 +49,6 @@ REPS = {"digits": 30, "cifar-scaled": 5, "cifar": 2}
 MEMORY_TRAIN = 50_000                      # CIFAR-10's training set
 CDIST_CHUNK = 1024
 GOAL = 1.3                                 # the issue's target: within 1.3x of the GEMM, faster than faiss
-
-
-def machine_line(device: str) -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    faiss_part = f", faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)" if faiss else ""
-    gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    return (f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-            f"{faiss_part}, device {device}{gpu}, load average {load}; "
-            f"clock: {'process CPU time' if torch.get_num_threads() == 1 else 'wall'}")
 
 
 def pixels(n: int, d: int, seed: int, device: str) -> torch.Tensor:
@@ -79,11 +67,6 @@ def faiss_search(g: torch.Tensor, t: torch.Tensor):
     index.add(t.numpy())
     d2, i = index.search(g.numpy(), 2)
     return torch.from_numpy(d2).sqrt(), torch.from_numpy(i)
-
-
-def clock():
-    """Process CPU time with one thread (robust to other jobs), else wall time."""
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
 def best_times(methods: dict, reps: int, sync) -> dict[str, list[float]]:
@@ -167,10 +150,12 @@ def main(argv=None) -> dict:
         memory_child(*args.memory_child)
         return {}
 
-    print(machine_line(args.device))
+    faiss_part = f", faiss {faiss.__version__} ({faiss.omp_get_max_threads()} threads)" if faiss else ""
+    machine = machine_line(args.device, faiss_part)
+    print(machine)
     if faiss is None:
         print("faiss not installed: pip install -e .[bench]")
-    figures = {"machine": machine_line(args.device), "sizes": {}}
+    figures = {"machine": machine, "sizes": {}}
     for name in ("digits", "cifar" if args.full else "cifar-scaled"):
         fig = run_size(name, args.device, args.reps or REPS[name])
         figures["sizes"][name] = fig
@@ -194,9 +179,7 @@ def main(argv=None) -> dict:
               f"{mem['n_by_m_float32_bytes'] / mib:.0f} MiB: "
               f"{mem['peak_rss_growth_bytes'] / mem['n_by_m_float32_bytes']:.2f}x of it")
         assert mem["peak_rss_growth_bytes"] < mem["n_by_m_float32_bytes"], "held an N x M matrix"
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
+    write_json(args.json, figures)
     return figures
 
 

@@ -26,17 +26,14 @@ other jobs on the machine barely disturb.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import clock, machine_line, write_json  # noqa: E402
 from diffmem.config import DataConfig  # noqa: E402
 from diffmem.data import training_set  # noqa: E402
 from diffmem.edm import edm_sampler  # noqa: E402
@@ -49,15 +46,6 @@ REPS = {"digits": 5, "digits32": 3, "cifar": 1}
 EVALUATIONS = 35                                      # 18 Heun steps
 
 
-def machine_line(device: str) -> str:
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    gpu = f", {torch.cuda.get_device_name()}" if device.startswith("cuda") else ""
-    return (f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"device {device}{gpu}, "
-            f"load average {load}; clock: {'process CPU time' if torch.get_num_threads() == 1 else 'wall'}")
-
-
 def training_images(name: str, m: int) -> torch.Tensor:
     digits = training_set(DataConfig(size=1797)).images
     if name == "digits":
@@ -65,11 +53,6 @@ def training_images(name: str, m: int) -> torch.Tensor:
     up = F.interpolate(digits, size=(32, 32), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
     noise = torch.randn(m, 3, 32, 32, generator=torch.Generator().manual_seed(12345))
     return (up[torch.arange(m) % len(up)] + 0.1 * noise).clamp(-1, 1)
-
-
-def clock():
-    """Process CPU time with one thread (robust to other jobs), else wall time."""
-    return time.process_time() if torch.get_num_threads() == 1 else time.perf_counter()
 
 
 class Counting(EmpiricalOptimalDenoiser):
@@ -133,8 +116,9 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    print(machine_line(args.device))
-    figures = {"machine": machine_line(args.device), "sizes": {}}
+    machine = machine_line(args.device)
+    print(machine)
+    figures = {"machine": machine, "sizes": {}}
     for name in ("digits", "cifar" if args.full else "digits32"):
         fig = run_size(name, args.device, args.reps or REPS[name])
         figures["sizes"][name] = fig
@@ -144,9 +128,7 @@ def main(argv=None) -> dict:
               f"plain/floor {r['plain']:.2f}x  [floor {fig['best_seconds']['floor']:.3g} s, best of "
               f"{fig['reps']}; samples equal (max |diff| {fig['max_abs_sample_diff']:.1e}), memorization "
               f"ratio {fig['memorization_ratio']:.3f} for both]")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
+    write_json(args.json, figures)
     return figures
 
 

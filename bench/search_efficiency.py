@@ -29,16 +29,14 @@ results ledger against none; a training of the same curve and |D| is then free.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
-import platform
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine_line, write_json  # noqa: E402
 from sweeps.bisection import EMMSearchState, simulate  # noqa: E402
 
 EPOCHS = 40_000                          # paper's basic setup (paper.md §6)
@@ -188,11 +186,6 @@ def run_study(sweeps, workers: int, t0: float, tau: float, use_ledger: bool) -> 
     return totals
 
 
-def machine_line() -> str:
-    return (f"machine: {platform.node()}, {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write the figures to this JSON file")
@@ -247,10 +240,8 @@ def main(argv=None) -> list[dict]:
               f"with a shared ledger trainings {shared['trainings'] / alone['trainings']:.2f}x "
               f"({shared['trainings']} vs {alone['trainings']}), images {shared['images'] / alone['images']:.2f}x "
               f"without it")
-    if args.json:
-        args.json.write_text(json.dumps({"machine": machine_line(), "t0": t0, "tau": tau, "ledger": ledger_figures,
-                                         "size_range": SIZE_RANGE, "grid_sizes": grid_sizes(),
-                                         "figures": figures}, indent=1))
+    write_json(args.json, {"machine": machine_line(), "t0": t0, "tau": tau, "ledger": ledger_figures,
+                           "size_range": SIZE_RANGE, "grid_sizes": grid_sizes(), "figures": figures})
     return figures
 
 

@@ -19,9 +19,6 @@ least 0.80 of it.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import re
 import subprocess
 import sys
@@ -32,12 +29,8 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def machine_line() -> str:
-    import torch
-    return (f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-            f"load " + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
+sys.path.insert(0, str(ROOT))
+from bench.common import machine_line, write_json  # noqa: E402
 
 
 def run_sweep(output: Path, extra: list[str]) -> tuple[float, int]:
@@ -71,7 +64,8 @@ def main(argv=None) -> dict:
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.add_argument("--output", type=Path, help="keep the sweep's output folder here (default: a temporary one)")
     args = p.parse_args(argv)
-    print(machine_line(), flush=True)
+    machine = machine_line()
+    print(machine, flush=True)
     extra = ["--factor", args.factor] + (["--preset", args.preset] if args.preset else [])
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
         output = args.output or Path(tmp) / "out"
@@ -83,9 +77,7 @@ def main(argv=None) -> dict:
     for key in ("training_steps", "evaluation", "trial_overhead", "outside_trials"):
         print(f"sweep {key.replace('_', ' ')} / (slots x wall) {figures[key]:.2f}x")
     print(f"sweep training + evaluation / (slots x wall) {figures['training_and_evaluation']:.2f}x (goal >= 0.80)")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"machine": machine_line(), "command": name, **figures}, indent=1))
+    write_json(args.json, {"machine": machine, "command": name, **figures})
     return figures
 
 

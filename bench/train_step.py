@@ -25,9 +25,6 @@ same run; on a GPU the absolute images/s count too.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import diffmem.train  # noqa: E402
+from bench.common import machine_line, write_json  # noqa: E402
 from diffmem.config import load_config  # noqa: E402
 from diffmem.data import TrainingSet  # noqa: E402
 from diffmem.evaluate import generate  # noqa: E402
@@ -54,13 +52,6 @@ SETUPS = {   # name -> (config file or None for the defaults, image shape)
 SMOKE_MODEL = {"model.channels": 16, "model.channel_mult": [1, 2], "model.num_blocks": 1, "model.attn_resolutions": []}
 CPU_PLAN = {   # setup -> (variants, warm-up steps, timed steps): about five minutes on 2 cores
     "digits": (["fp32", "fp32+cl", "fp32+cl+compile"], 20, 200), "paper": (["fp32", "fp32+cl"], 1, 2)}
-
-
-def machine_line(device: torch.device) -> str:
-    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, torch "
-            f"{torch.__version__} ({torch.get_num_threads()} threads){gpu}, load "
-            + ", ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 def synthetic_set(size: int, shape, seed: int = 0) -> TrainingSet:
@@ -161,8 +152,9 @@ def main(argv=None) -> dict:
         plan = {k: v for k, v in CPU_PLAN.items() if args.setup in (None, k)}
     if args.variants and not args.smoke:
         plan = {k: (args.variants.split(","), w, s) for k, (_, w, s) in plan.items()}
-    print(machine_line(device), flush=True)
-    figures = {"machine": machine_line(device), "device": str(device), "batch": args.batch, "size": args.size,
+    machine = machine_line(device)
+    print(machine, flush=True)
+    figures = {"machine": machine, "device": str(device), "batch": args.batch, "size": args.size,
                "training": [], "evaluation": None}
     for setup, (variants, warmup, steps) in plan.items():
         figures["training"] += run_setup(setup, variants, args.batch, args.warmup or warmup, args.steps or steps,
@@ -175,9 +167,7 @@ def main(argv=None) -> dict:
               f"{args.eval_samples} seeds -> {evaluation['sampling_s_per_10k']:.1f} s per 10k; nearest neighbours of "
               f"{args.nn_samples} samples in {args.size} images {evaluation['nn_search_s']:.2f} s; one evaluation "
               f"of 10k samples ~{evaluation['evaluation_s_per_10k']:.1f} s", flush=True)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=1))
+    write_json(args.json, figures)
     return figures
 
 

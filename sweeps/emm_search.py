@@ -187,6 +187,11 @@ def local_slots(spec: dict) -> int:
     return max(1, (os.cpu_count() or 1) // spec["workers"])
 
 
+def trials_at_once(spec: dict, capacity: int) -> int:
+    """--max-concurrent, at most what the cluster holds, at least one."""
+    return max(1, min(spec["max_concurrent"] or capacity, capacity))
+
+
 def start_ray(args, spec: dict) -> int:
     """Connect to a cluster or start a local one; returns how many trainings can run at once."""
     import ray
@@ -212,7 +217,7 @@ def start_ray(args, spec: dict) -> int:
         if capacity < 1:
             raise ConfigError(f"the cluster cannot hold one trial of {workers} workers (resources {resources}); "
                               f"start nodes with --resources='{{\"trial_slot\": N}}' and enough CPUs/GPUs")
-    return max(1, min(spec["max_concurrent"] or capacity, capacity))
+    return trials_at_once(spec, capacity)
 
 
 ESTIMATE_POSITIONS = 8    # EMM positions, log-spaced over the size range, the search is simulated at
@@ -236,7 +241,7 @@ def estimate(spec: dict, args) -> str:
     if args.address:
         slots = max(1, spec["max_concurrent"] or 1)
     else:
-        slots = max(1, min(spec["max_concurrent"] or local_slots(spec), local_slots(spec)))
+        slots = trials_at_once(spec, local_slots(spec))
     lo, hi = spec["size_range"]
     points = spec["grid_points"]
 
