@@ -15,6 +15,14 @@ import yaml
 DEFAULT_CONFIG = "experiments/digits.yaml"
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its own errors (a bad or missing flag) as one line naming the flag and --help, exit 2,
+    instead of the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}; see {self.prog} --help\n")
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -26,27 +34,42 @@ def fail(message: str, code: int = 2) -> int:
     return code
 
 
-def run_cli(prog: str, description: str, run, argv=None) -> int:
-    from diffmem.config import ConfigError, load_config
-    from diffmem.data import training_set
+def run_cli(prog: str, description: str, run, argv=None, dry_run=None) -> int:
+    """Load and check the config, then run(cfg, run_dir, writer) in a run folder; with dry_run(cfg, data) given,
+    --dry-run prints what it returns instead and writes nothing."""
+    from diffmem.config import ConfigError, check_machine, load_config, validate_with_data
+    from diffmem.data import load_dataset, training_set
     from diffmem.train import TrainingDiverged
 
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
+    parser = ArgumentParser(prog=f"python -m {prog}", description=description)
     add_config_arguments(parser)
     parser.add_argument("--output", help="run folder (default runs/<name>-<time>); an existing one is resumed")
+    if dry_run is not None:
+        parser.add_argument("--dry-run", action="store_true",
+                            help="print the resolved config and the schedule the training would follow, then exit")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        training_set(cfg.data)   # a missing dataset or impossible size fails now, before any work
+        dataset = load_dataset(cfg.data)
+        data = training_set(cfg.data, dataset)   # a missing dataset or impossible size fails now, before any work
+        validate_with_data(cfg, dataset.images.shape[-1], len(dataset.labels), dataset.name)
+        if not getattr(args, "dry_run", False):
+            check_machine(cfg)
     except ConfigError as e:
         return fail(str(e))
+    if getattr(args, "dry_run", False):
+        print(dry_run(cfg, data))
+        return 0
     run_dir = Path(args.output or f"runs/{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}")
     config_file = run_dir / "config.yaml"
     resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
     if config_file.exists() and config_file.read_text() != resolved:
         return fail(f"run folder {run_dir} holds a run of a different config; choose another --output")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(resolved)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        config_file.write_text(resolved)
+    except OSError as e:
+        return fail(f"--output {run_dir} cannot be written ({e.strerror}); choose a folder you can write")
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(run_dir)) as writer:
         try:

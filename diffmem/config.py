@@ -3,12 +3,13 @@
 Loaded from YAML plus dotted overrides (`--set model.channels=64`). Every key is checked at load time:
 an unknown key, a wrong type or an impossible value raises `ConfigError` with one line that names the
 key and the closest valid one. Defaults are the paper's basic setup (paper.md §6): DDPM++ with VP
-preconditioning, 128 channels, 2 blocks, batch 512, lr 2e-4, 40k epochs, EMA half-life 10 epochs.
+preconditioning, 128 channels, 2 blocks, batch 512, lr 2e-4, 40k epochs, the paper's EMA (0.99929 per step).
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -16,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from diffmem.ema import SCHEDULES as EMA_SCHEDULES
 
 
 class ConfigError(ValueError):
@@ -40,17 +43,36 @@ class DataConfig:
                                        # class only, alpha = 0 included (the paper's Fig. 2c starts at alpha = 0)
 
 
+# EDM train.py --arch: the SongUNet knobs that tell DDPM++ from NCSN++ (paper.md §8); a null model key takes them.
+ARCHITECTURES = {
+    "ddpmpp": dict(embedding="positional", channel_mult_noise=1, encoder="standard", resample_filter=[1, 1]),
+    "ncsnpp": dict(embedding="fourier", channel_mult_noise=2, encoder="residual", resample_filter=[1, 3, 3, 1]),
+}
+
+
 @dataclass
 class ModelConfig:
-    precond: str = "vp"                # vp (paper's basic setup) | edm
+    arch: str = "ddpmpp"               # ddpmpp (paper's basic setup) | ncsnpp (paper's Fig. 4, with precond ve):
+                                       # the values of the four null keys below (ARCHITECTURES)
+    precond: str = "vp"                # vp (paper's basic setup) | ve (NCSN++ in Fig. 4) | edm
     channels: int = 128                # width (model_channels)
     channel_mult: list[int] = field(default_factory=lambda: [2, 2, 2])
     channel_mult_emb: int = 4
     num_blocks: int = 2                # depth
     attn_resolutions: list[int] = field(default_factory=lambda: [16])
     dropout: float = 0.13
-    embedding: str = "positional"      # positional | fourier
+    embedding: str | None = None       # positional | fourier (scale 16); null: the arch's (positional, fourier)
+    channel_mult_noise: int | None = None   # noise-embedding width / channels; null: the arch's (1, 2)
+    encoder: str | None = None         # standard | residual (input path joins every level); null: the arch's
+    resample_filter: list[int] | None = None   # up/downsampling FIR taps; null: the arch's ([1,1], [1,3,3,1])
     skip_connections: list[int] | None = None   # 0/1 per encoder skip; None: all on
+
+    def __post_init__(self):
+        # A null knob takes the architecture's value, so the resolved config names the network it builds
+        # (an explicit value wins: ncsnpp with embedding positional is the paper code's --arch=ncsnpp default).
+        for key, value in ARCHITECTURES.get(self.arch, {}).items():   # an unknown arch fails in validate()
+            if getattr(self, key) is None:
+                setattr(self, key, list(value) if isinstance(value, list) else value)
 
 
 @dataclass
@@ -60,9 +82,14 @@ class TrainConfig:
     lr: float = 2e-4
     lr_warmup: str = "200ep"           # linear warm-up (EDM's 10 Mimg at 50k scaled to |D|, paper §6)
     weight_decay: float = 0.0          # Adam's L2-coupled weight decay (not AdamW), paper Table 2
-    ema_halflife: str = "10ep"         # EMA half-life (paper: 0.5|D|/50 kimg = 10 epochs)
-    ema_beta: float | None = None      # fixed per-step EMA beta after ramp-up (paper Table 3); overrides halflife
-    ema_rampup: float = 0.05           # half-life <= rampup * images seen (EDM)
+    ema_schedule: str = "paper"        # the per-step EMA decay beta (diffmem/ema.py, paper.md §6):
+                                       # paper: the paper's default (its code's ema_mode=mode2), beta = 0.99929
+                                       #   per step after the ramp-up at every |D| and batch size
+                                       # paper_final: the paper's Table 3 (mode4), beta = train.ema_beta after it
+                                       # halflife: EDM's (mode1), beta = 0.5 ** (batch / ema_halflife)
+    ema_halflife: str = "10ep"         # h (paper: 0.5|D|/50 kimg = 10 epochs of |D|)
+    ema_beta: float | None = None      # paper_final only: the per-step beta after the ramp-up (the paper's --final-ema)
+    ema_rampup: float | None = 0.05    # EDM's ramp-up: h <= ema_rampup * images seen; null: no ramp-up
     seed: int = 1024
     device: str = "auto"               # auto | cpu | cuda
     checkpoint_every: str = "1000ep"
@@ -95,6 +122,10 @@ class EvalConfig:
     threshold: float = 1 / 3           # ||x-NN1|| / ||x-NN2|| strictly below counts as memorized
     stop_at: float | None = None       # stop training once the running max reaches this ratio
     quantize: bool = True              # measure distances on 8-bit images, as the paper does
+    sample_classes: str = "present"    # a conditional model's sample labels, drawn per seed uniformly from
+                                       # present: the classes that hold a training image of the subset
+                                       # all: all label_dim classes, the paper's (EDM's generate.py); at
+                                       #   C close to |D| some have no image (evaluate.py says why that matters)
 
 
 @dataclass
@@ -111,9 +142,13 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 CHOICES = {
     "data.labels": ("none", "true", "random", "unique"),
-    "model.precond": ("vp", "edm"),
+    "model.arch": tuple(ARCHITECTURES),
+    "model.precond": ("vp", "ve", "edm"),
     "model.embedding": ("positional", "fourier"),
+    "model.encoder": ("standard", "residual"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.ema_schedule": EMA_SCHEDULES,
+    "eval.sample_classes": ("present", "all"),
     "train.precision": ("fp32", "tf32", "bf16"),
 }
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ep|kimg)\s*$")
@@ -122,7 +157,7 @@ _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*(ep|kimg)\s*$"
 def parse_duration(text: str, key: str = "duration") -> tuple[float, str]:
     """'40000ep' -> (40000.0, 'ep'); '2500kimg' -> (2500.0, 'kimg')."""
     m = _DURATION.match(str(text))
-    if not m or float(m.group(1)) <= 0:
+    if not m or not 0 < float(m.group(1)) < math.inf:
         raise ConfigError(f"{key}={text!r} is not a duration; write a positive number with a unit, "
                           f"e.g. '200ep' (epochs of |D|) or '2500kimg' (thousands of images)")
     return float(m.group(1)), m.group(2)
@@ -200,9 +235,14 @@ def from_dict(raw: dict) -> Config:
     return cfg
 
 
-def parse_value(text: str):
-    """A command-line value, read as YAML ('64', '[1,2]', 'none'); '4e-3' is a number, as meant."""
-    value = yaml.safe_load(text) if text.strip() else None
+def parse_value(text: str, what: str = "value"):
+    """A command-line value, read as YAML ('64', '[1,2]', 'none'); '4e-3' is a number, as meant. `what` names
+    where it came from in the one line a value that is not YAML gets."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {text!r} is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}); "
+                          f"write e.g. 64, 1e-3, none or [1, 2], and quote text") from None
     if isinstance(value, str):   # YAML 1.1 reads '4e-3' as a string
         try:
             value = float(value)
@@ -216,7 +256,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. model.channels=64")
     key, value = text.split("=", 1)
-    return key.strip(), parse_value(value)
+    return key.strip(), parse_value(value, f"the value of override {key.strip()}=")
 
 
 def apply_overrides(raw: dict, overrides: dict) -> dict:
@@ -238,15 +278,24 @@ def apply_overrides(raw: dict, overrides: dict) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {str(path)!r} is a directory; pass a YAML file, e.g. --config "
+                          f"experiments/digits.yaml")
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass --config experiments/digits.yaml "
                           f"or another file under experiments/")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read ({getattr(e, 'strerror', None) or e}); "
+                          f"fix its permissions or pass another --config") from None
     except yaml.YAMLError as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
+    if raw is None or raw == {}:   # every default is the paper's full setup (40,000 epochs of |D|): never meant by an empty file
+        raise ConfigError(f"config file {str(path)!r} is empty, which would mean the paper's full setup (40,000 "
+                          f"epochs per training); write its settings, e.g. start from experiments/digits.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, train, eval)")
     return raw
@@ -266,14 +315,108 @@ def _check_choice(key: str, value):
         raise ConfigError(f"{key}={value!r} is not one of {', '.join(options)}{_closest(str(value), options)}")
 
 
+# What each number may be, said when it is not a finite number at all (NaN, inf).
+FINITE = {"data.mix_rate": "in [0, 1]", "model.dropout": "in [0, 1)", "train.lr": "> 0",
+          "train.weight_decay": ">= 0", "train.ema_beta": "in [0, 1), or null", "train.ema_rampup": "> 0, or null",
+          "eval.sigma_min": "> 0", "eval.sigma_max": "> eval.sigma_min", "eval.rho": "> 0 (EDM: 7)",
+          "eval.threshold": "in (0, 1]", "eval.stop_at": "in (0, 1], or null"}
+SEED_MAX = 2 ** 63 - 1   # torch seeds are 64-bit; train.seed + rank must stay one
+
+
+def _group_norm_splits(channels: int) -> bool:
+    """diffmem/networks.py group_norm: min(32, channels // 4) groups of equal size, at least one."""
+    groups = min(32, channels // 4)
+    return groups >= 1 and channels % groups == 0
+
+
+def norm_channels(channels: int, channel_mult, num_blocks: int) -> list[int]:
+    """Every channel count SongUNet (diffmem/networks.py) puts through group_norm, in the order it builds them:
+    the encoder (input conv to `channels`, per level a downsampling block and num_blocks blocks to channels *
+    mult), the decoder (middle or upsampling blocks, then num_blocks + 1 blocks that take a skip) and the output.
+    tests/test_bad_input.py builds the network for many shapes to hold this to networks.py."""
+    counts, skips, cout = [], [channels], channels
+    for level, mult in enumerate(channel_mult):
+        if level:                                   # the downsampling block, cout -> cout
+            counts.append(cout)
+            skips.append(cout)
+        for _ in range(num_blocks):
+            counts += [cout, channels * mult]
+            cout = channels * mult
+            skips.append(cout)
+    for level in reversed(range(len(channel_mult))):
+        counts.append(cout)                         # the two middle blocks, or the upsampling block
+        for _ in range(num_blocks + 1):
+            counts += [cout + skips.pop(), channels * channel_mult[level]]
+            cout = channels * channel_mult[level]
+    return counts + [cout]                          # the output norm
+
+
+def _network_fits(m: ModelConfig, channels: int) -> bool:
+    noise = channels * m.channel_mult_noise
+    return noise >= 4 and noise % 2 == 0 and all(map(_group_norm_splits, norm_channels(channels, m.channel_mult,
+                                                                                         m.num_blocks)))
+
+
+def _check_group_norm(m: ModelConfig) -> None:
+    bad = next((c for c in norm_channels(m.channels, m.channel_mult, m.num_blocks) if not _group_norm_splits(c)), None)
+    if bad is None:
+        return
+    below = next((c for c in range(m.channels - 1, 0, -1) if _network_fits(m, c)), None)
+    above = next((c for c in range(m.channels + 1, 4 * m.channels + 65) if _network_fits(m, c)), None)
+    if bad < 4:
+        raise ConfigError(f"model.channels={m.channels} is too small: GroupNorm needs at least 4 channels per group "
+                          f"and the network's first layer has model.channels = {m.channels}; use model.channels>="
+                          f"{above}")
+    raise ConfigError(f"model.channels={m.channels} with model.channel_mult={m.channel_mult} gives a layer of {bad} "
+                      f"channels that GroupNorm cannot split into min(32, {bad} // 4) = {min(32, bad // 4)} equal "
+                      f"groups; use model.channels=" + " or ".join(str(c) for c in (below, above) if c))
+
+
+def check_machine(cfg: Config) -> None:
+    """What the config asks of the machine that runs it: a GPU for train.device=cuda."""
+    if cfg.train.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device=cuda but this machine has no GPU (torch.cuda.is_available() is False); "
+                              "use train.device=auto (or cpu)")
+
+
+def validate_with_data(cfg: Config, resolution: int, images: int, name: str) -> None:
+    """The checks that need the dataset as loaded (its resolution, its number of images), where the caller has
+    both: the network's depth against the resolution, random labels against the images."""
+    m, d = cfg.model, cfg.data
+    levels = len(m.channel_mult)
+    if resolution >> (levels - 1) < 2:   # diffmem/networks.py: the lowest level must be at least 2x2
+        most = max(1, int(math.log2(resolution)))
+        raise ConfigError(f"model.channel_mult={m.channel_mult} has {levels} levels, too deep for the "
+                          f"{resolution}x{resolution} images of {name}: each level halves the resolution and the "
+                          f"lowest must be >= 2x2; use at most {most} levels, e.g. model.channel_mult="
+                          f"{m.channel_mult[:most]}")
+    if d.labels == "random" and d.label_classes > images:
+        raise ConfigError(f"data.label_classes={d.label_classes} is more than the {images} images of {name}: random "
+                          f"labels leave at least {d.label_classes - images} classes without an image; use "
+                          f"data.label_classes<={images}, or data.labels=unique for one class per image")
+
+
 def validate(cfg: Config) -> None:
     """Impossible values fail here, before anything is trained."""
     for key in CHOICES:
         section, name = key.split(".")
         _check_choice(key, getattr(getattr(cfg, section), name))
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = f"{section}.{f.name}"
+                raise ConfigError(f"{key}={value} must be a finite number" + (f" {FINITE[key]}" if key in FINITE else ""))
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
+    for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
+        if seed is not None and not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"{key}={seed} must be an integer in [0, 2**63 - 1]"
+                              + (", or null for file order and the paper's label seed 1024" if key == "data.seed" else ""))
     positive = {"data.size": d.size, "data.label_classes": d.label_classes, "model.channels": m.channels,
                 "model.num_blocks": m.num_blocks, "model.channel_mult_emb": m.channel_mult_emb,
+                "model.channel_mult_noise": m.channel_mult_noise,
                 "train.batch_size": t.batch_size, "train.lr": t.lr, "eval.num_samples": e.num_samples,
                 "eval.batch_size": e.batch_size, "eval.num_steps": e.num_steps}
     for key, value in positive.items():
@@ -296,8 +439,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
     if t.weight_decay < 0:
         raise ConfigError(f"train.weight_decay={t.weight_decay} must be >= 0")
+    if t.ema_schedule == "paper_final" and t.ema_beta is None:
+        raise ConfigError("train.ema_schedule=paper_final needs train.ema_beta, the per-step beta after the ramp-up "
+                          "(the paper's --final-ema, e.g. train.ema_beta=0.99929)")
+    if t.ema_schedule != "paper_final" and t.ema_beta is not None:
+        raise ConfigError(f"train.ema_beta={t.ema_beta} is read only by train.ema_schedule=paper_final (the paper's "
+                          f"Table 3); set train.ema_schedule=paper_final or remove train.ema_beta")
     if t.ema_beta is not None and not 0 <= t.ema_beta < 1:
-        raise ConfigError(f"train.ema_beta={t.ema_beta} must be in [0, 1) (or null for the half-life rule)")
+        raise ConfigError(f"train.ema_beta={t.ema_beta} must be in [0, 1)")
+    if t.ema_rampup is not None and not 0 < t.ema_rampup < math.inf:
+        raise ConfigError(f"train.ema_rampup={t.ema_rampup} must be a positive share of the images seen (EDM: 0.05), "
+                          f"or null for no ramp-up")
     for key in ("train.duration", "train.lr_warmup", "train.ema_halflife", "train.checkpoint_every",
                 "train.log_every", "eval.every"):
         section, name = key.split(".")
@@ -310,6 +462,16 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.stop_at={e.stop_at} must be in (0, 1] or null")
     if not 0 < e.sigma_min < e.sigma_max:
         raise ConfigError(f"eval.sigma_min={e.sigma_min} and eval.sigma_max={e.sigma_max} need 0 < min < max")
+    if not e.rho > 0:
+        raise ConfigError(f"eval.rho={e.rho} must be > 0 (EDM: 7), the exponent that spaces the sampler's noise levels")
+    _check_group_norm(m)
+    if m.channels * m.channel_mult_noise % 2 or m.channels * m.channel_mult_noise < 4:
+        raise ConfigError(f"model.channels * model.channel_mult_noise = {m.channels * m.channel_mult_noise} "
+                          f"must be even and >= 4 (the noise embedding's sin/cos pairs)")
+    f = m.resample_filter
+    if len(f) < 2 or len(f) % 2 or any(v < 0 for v in f) or sum(f) <= 0:
+        raise ConfigError(f"model.resample_filter={f} must be an even number of taps >= 0 with a positive sum, "
+                          f"e.g. [1, 1] (DDPM++) or [1, 3, 3, 1] (NCSN++); or null for model.arch's")
     if m.skip_connections is not None:
         expected = len(m.channel_mult) * (m.num_blocks + 1)
         if len(m.skip_connections) != expected or any(s not in (0, 1) for s in m.skip_connections):

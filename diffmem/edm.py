@@ -2,7 +2,9 @@
 
 D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, label)            (EDM eq. 7, Table 1)
 loss = lambda(sigma) ||D(y + n; sigma) - y||^2,  n ~ N(0, sigma^2 I)  (EDM eq. 8)
-VP is the paper's basic setup; EDM its Fig. 1(c,d) and unique-label runs (paper.md §6, §8).
+VP is the paper's basic setup; EDM its Fig. 1(c,d) and unique-label runs; VE (with NCSN++) its Fig. 4
+(paper.md §4, §6, §8). Each preconditioning supports sigma in [sigma_min, sigma_max]; the sampler clamps
+its schedule to that range, as EDM's generate.py does.
 """
 from __future__ import annotations
 
@@ -74,7 +76,31 @@ class EDMPrecond(torch.nn.Module):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 
-PRECONDITIONERS = {"vp": VPPrecond, "edm": EDMPrecond}
+class VEPrecond(torch.nn.Module):
+    """Variance exploding (NCSN++ runs, paper.md §8): sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1),
+    lambda = 1 / sigma^2; c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2)."""
+    sigma_min, sigma_max = 0.02, 100.0
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, sigma, class_labels=None):
+        x = x.to(torch.float32)
+        sigma = _sigma_column(sigma, x)
+        c_skip, c_out, c_in = 1, sigma, 1
+        c_noise = (0.5 * sigma).log()
+        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), class_labels)
+
+    def sample_sigma(self, n, device, generator=None):
+        u = torch.rand(n, device=device, generator=generator)
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** u
+
+    def loss_weight(self, sigma):
+        return 1 / sigma ** 2
+
+
+PRECONDITIONERS = {"vp": VPPrecond, "ve": VEPrecond, "edm": EDMPrecond}
 
 
 def denoising_loss(denoiser, images, class_labels=None, generator=None, shard=(0, 1)):
@@ -104,7 +130,11 @@ def edm_sampler(denoiser, latents, class_labels=None, num_steps=18, sigma_min=0.
     """Deterministic Heun sampler (EDM Algorithm 1): 2N - 1 denoiser evaluations, 35 at N = 18.
 
     denoiser(x, sigma, class_labels) -> D(x; sigma); latents ~ N(0, I) are scaled by the first sigma here.
+    The schedule keeps to the denoiser's supported range, as EDM's generate.py: sigma_min is raised to
+    denoiser.sigma_min (VE: 0.02) and sigma_max lowered to denoiser.sigma_max where it has them.
     Returns float32 samples (nominally in [-1, 1])."""
+    sigma_min = max(sigma_min, getattr(denoiser, "sigma_min", 0.0))
+    sigma_max = min(sigma_max, getattr(denoiser, "sigma_max", math.inf))
     t_steps = noise_levels(num_steps, sigma_min, sigma_max, rho, latents.device)
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):

@@ -2,10 +2,11 @@
 
 Sample i always comes from seed i (its own generator, as EDM's StackedRandomGenerator), so it does not
 depend on the batch size or on how many samples are drawn. A class-conditional model gets a label drawn
-uniformly by the same generator (paper.md §1) from the classes present in its training subset: the paper
-draws from all label_dim classes, which is the same whenever every class has images (its C <= |D|); with
-random labels and C close to |D| some classes are empty, and a sample of a class never trained on says
-nothing about memorization.
+uniformly by the same generator (paper.md §1), from the classes present in its training subset
+(eval.sample_classes=present, diffmem's default) or from all label_dim classes (all, the paper's: EDM's
+generate.py). The two are the same draw whenever every class has images; with random labels and C close to
+|D| some classes are empty (C = |D| = 1000: about 37 % of them), and a sample of a class never trained on
+says little about memorization, so the paper's draw lowers the ratio there.
 
 Under DDP (one process per GPU) the sampling is spread over the workers: the seeds are cut into the same
 batches of `eval.batch_size` as in one process, batch b is sampled by rank b mod world, and the samples are
@@ -49,6 +50,13 @@ def seeded_latents(seeds, shape, classes: torch.Tensor | None, device) -> tuple[
     return torch.stack(latents).to(device), (torch.stack(labels).to(device) if classes is not None else None)
 
 
+def sample_classes(train_set: TrainingSet, draw: str) -> torch.Tensor | None:
+    """The classes a conditional model's samples draw from (eval.sample_classes); None when unconditional."""
+    if train_set.labels is None:
+        return None
+    return torch.unique(train_set.labels.cpu()) if draw == "present" else torch.arange(train_set.label_dim)
+
+
 def sample_batches(num_samples: int, batch_size: int) -> list[range]:
     """The seed batches of one evaluation: [0, B), [B, 2B), ... (the same for any number of workers)."""
     return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
@@ -61,7 +69,7 @@ def generate(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=None, ran
     samples batches rank, rank + world, ... and rank 0 receives all of them (the other ranks get None)."""
     device = torch.device(device or train_set.images.device)
     shape = train_set.images.shape[1:]
-    classes = None if train_set.labels is None else torch.unique(train_set.labels.cpu())
+    classes = sample_classes(train_set, cfg.sample_classes)
     batches = sample_batches(cfg.num_samples, cfg.batch_size)
     mine = []
     with full_precision(device):

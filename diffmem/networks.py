@@ -1,9 +1,12 @@
-"""DDPM++ U-Net (Song et al. 2021, "Score-Based Generative Modeling through SDEs") as configured in EDM.
+"""The U-Net of Song et al. 2021 ("Score-Based Generative Modeling through SDEs") as configured in EDM.
 
-Follows the layout of NVlabs/edm `training/networks.py` SongUNet with the DDPM++ settings (paper.md §6, §8):
-standard encoder and decoder, positional (or Fourier) noise embedding, additive embedding in each block,
-[1,1] resampling, GroupNorm eps 1e-6, skip_scale sqrt(0.5), one attention head, xavier_uniform init with
-the last conv of every residual branch at weight scale 1e-5.
+Follows NVlabs/edm `training/networks.py` SongUNet in its two configurations (paper.md §6, §8; EDM train.py
+--arch, diffmem.config.ARCHITECTURES):
+- DDPM++: standard encoder, positional noise embedding, channel_mult_noise 1, [1,1] resampling;
+- NCSN++: residual encoder (a downsampled copy of the input path joins every level), random Fourier
+  embedding of scale 16, channel_mult_noise 2, [1,3,3,1] resampling.
+Both: standard decoder, additive embedding in each block, GroupNorm eps 1e-6, skip_scale sqrt(0.5), one
+attention head, xavier_uniform init with the last conv of every residual branch at weight scale 1e-5.
 
 The one addition of Gu et al. (paper.md §4): `skip_connections`, a 0/1 mask over the encoder->decoder
 skips in encoder push order (the paper's skips 1..9). A disabled skip is replaced by zeros of the same
@@ -44,15 +47,16 @@ class Resample(torch.nn.Module):
     """2x up- or downsampling with a separable FIR filter f (EDM Conv2d up/down, kernel-free part).
 
     down: depthwise conv with f f^T / sum(f)^2, stride 2.  up: transposed conv with 4 f f^T / sum(f)^2.
-    For f = [1,1] these are exactly 2x2 average pooling and nearest-neighbour upsampling, used directly."""
+    For f = [1,1] these are exactly 2x2 average pooling and nearest-neighbour upsampling, used directly.
+    padding: EDM's (len(f) - 1) // 2 unless given (0 after DownConv's wider-padded conv)."""
 
-    def __init__(self, mode: str, resample_filter=(1, 1)):
+    def __init__(self, mode: str, resample_filter=(1, 1), padding=None):
         super().__init__()
         assert mode in ("up", "down")
         self.mode = mode
         f = torch.as_tensor(resample_filter, dtype=torch.float32)
-        self.box = tuple(resample_filter) == (1, 1)
-        self.pad = (len(f) - 1) // 2
+        self.pad = (len(f) - 1) // 2 if padding is None else padding
+        self.box = tuple(resample_filter) == (1, 1) and self.pad == 0
         self.register_buffer("filter", (f.outer(f) / f.sum().square())[None, None], persistent=False)
 
     def forward(self, x):
@@ -67,8 +71,22 @@ class Resample(torch.nn.Module):
         return F.conv_transpose2d(x, f * 4, groups=c, stride=2, padding=self.pad)
 
 
+class DownConv(torch.nn.Conv2d):
+    """3x3 conv, then FIR downsampling by 2 (EDM Conv2d with down=True, fused_resample=True): the input path
+    of NCSN++'s residual encoder. The conv pads by 1 + (len(f) - 1) // 2, so the filter needs none; the bias,
+    added before the filter instead of after, passes it unchanged (the taps sum to one)."""
+
+    def __init__(self, cin, cout, resample_filter):
+        super().__init__(cin, cout, 3, padding=1 + (len(resample_filter) - 1) // 2)
+        _init(self)
+        self.down = Resample("down", resample_filter, padding=0)
+
+    def forward(self, x):
+        return self.down(super().forward(x))
+
+
 class UNetBlock(torch.nn.Module):
-    """Pre-activation residual block with additive embedding and optional self-attention (DDPM++ / EDM).
+    """Pre-activation residual block with additive embedding and optional self-attention (DDPM++, NCSN++).
 
     h = conv1(dropout(silu(norm1(conv0(silu(norm0(x))) + affine(emb)))));  x' = (h + skip(x)) sqrt(1/2)
     attention:  x'' = (proj(softmax(q^T k / sqrt(C)) v) + x') sqrt(1/2)."""
@@ -136,21 +154,25 @@ class FourierEmbedding(torch.nn.Module):
         return torch.cat([x.sin(), x.cos()], dim=1)
 
 
-class DDPMpp(torch.nn.Module):
-    """DDPM++ U-Net F(x; c_noise, label) with an encoder->decoder skip mask (Gu et al. §4).
+class SongUNet(torch.nn.Module):
+    """DDPM++ / NCSN++ U-Net F(x; c_noise, label) with an encoder->decoder skip mask (Gu et al. §4).
 
     Encoder, per level: level 0 an input 3x3 conv, later levels a downsampling block; then `num_blocks`
     blocks. Each of these pushes one skip, so there are len(channel_mult) * (num_blocks + 1) skips; the
-    mask indexes them in this push order. Decoder, per level from the lowest resolution: two middle blocks
-    (first with attention, as EDM) or an upsampling block, then num_blocks + 1 blocks that each pop one
-    skip and concatenate it. Output: GroupNorm, SiLU, 3x3 conv (the "standard" decoder).
+    mask indexes them in this push order. encoder="residual" (NCSN++) adds at every level > 0, right after
+    the downsampling block, x = aux = (x + DownConv(aux)) / sqrt(2) with aux = the input image at level 0;
+    that sum replaces the downsampling block's skip unless the mask removed it (the paper's code: a removed
+    skip stays zeros, the encoder path takes the sum either way). Decoder, per level from the lowest
+    resolution: two middle blocks (first with attention, as EDM) or an upsampling block, then
+    num_blocks + 1 blocks that each pop one skip and concatenate it. Output: GroupNorm, SiLU, 3x3 conv
+    (the "standard" decoder of both).
     """
 
     def __init__(self, img_resolution: int, in_channels: int, out_channels: int, label_dim: int = 0,
                  model_channels: int = 128, channel_mult=(2, 2, 2), channel_mult_emb: int = 4,
                  num_blocks: int = 2, attn_resolutions=(16,), dropout: float = 0.13,
                  embedding: str = "positional", channel_mult_noise: int = 1, skip_connections=None,
-                 resample_filter=(1, 1)):
+                 resample_filter=(1, 1), encoder: str = "standard", fourier_scale: float = 16):
         super().__init__()
         levels = len(channel_mult)
         if levels < 1:
@@ -165,6 +187,11 @@ class DDPMpp(torch.nn.Module):
                              f"{int(math.log2(img_resolution))} levels")
         if embedding not in ("positional", "fourier"):
             raise ValueError(f"embedding={embedding!r} must be 'positional' or 'fourier'")
+        if encoder not in ("standard", "residual"):
+            raise ValueError(f"encoder={encoder!r} must be 'standard' (DDPM++) or 'residual' (NCSN++)")
+        if len(resample_filter) < 2 or len(resample_filter) % 2 or sum(resample_filter) <= 0:
+            raise ValueError(f"resample_filter={list(resample_filter)} must have an even number of taps with a "
+                             f"positive sum, e.g. [1, 1] (DDPM++) or [1, 3, 3, 1] (NCSN++)")
         if label_dim < 0:
             raise ValueError(f"label_dim={label_dim} must be >= 0")
         noise_channels = model_channels * channel_mult_noise
@@ -179,7 +206,7 @@ class DDPMpp(torch.nn.Module):
 
         # Mapping: noise (and label) embedding -> two-layer MLP (EDM map_noise, map_label, map_layer0/1).
         self.map_noise = (PositionalEmbedding(noise_channels, max_positions=10000, endpoint=True)
-                          if embedding == "positional" else FourierEmbedding(noise_channels, scale=16))
+                          if embedding == "positional" else FourierEmbedding(noise_channels, scale=fourier_scale))
         # EDM's map_label is Linear(label_dim, noise) on one-hot * sqrt(label_dim); a lookup of the
         # weight columns is the same product without building the one-hot (50k unique labels, paper §4).
         self.map_label = linear(label_dim, noise_channels) if label_dim else None
@@ -187,9 +214,9 @@ class DDPMpp(torch.nn.Module):
         self.map_layer1 = linear(emb_channels, emb_channels)
 
         block = dict(emb_channels=emb_channels, dropout=dropout, resample_filter=resample_filter)
-        # Encoder: every entry pushes one skip, in this order.
+        # Encoder: every entry but "_aux_residual" pushes one skip, in this order.
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
+        cout = caux = in_channels
         for level, mult in enumerate(channel_mult):
             res = img_resolution >> level
             if level == 0:
@@ -197,11 +224,14 @@ class DDPMpp(torch.nn.Module):
                 cout = model_channels
             else:
                 self.enc[f"{res}x{res}_down"] = UNetBlock(cout, cout, down=True, **block)
+                if encoder == "residual":
+                    self.enc[f"{res}x{res}_aux_residual"] = DownConv(caux, cout, resample_filter)
+                    caux = cout
             for idx in range(num_blocks):
                 cin, cout = cout, model_channels * mult
                 attn = res in attn_resolutions
                 self.enc[f"{res}x{res}_block{idx}"] = UNetBlock(cin, cout, attention=attn, **block)
-        skips = [m.out_channels for m in self.enc.values()]
+        skips = [m.out_channels for name, m in self.enc.items() if "_aux" not in name]
 
         # Decoder: "_block" entries pop a skip; "_in0/_in1/_up" do not.
         self.dec = torch.nn.ModuleDict()
@@ -259,11 +289,16 @@ class DDPMpp(torch.nn.Module):
                              f"{class_labels.dtype} {tuple(class_labels.shape)}")
         emb = self.embed(noise_labels.to(x.dtype), class_labels)
 
-        skips = []
-        for i, (name, block) in enumerate(self.enc.items()):
+        skips, aux = [], x
+        for name, block in self.enc.items():
+            if name.endswith("_aux_residual"):   # NCSN++: the input path joins; it is the down block's skip too
+                x = aux = (x + block(aux)) / math.sqrt(2)
+                if self.skip_connections[len(skips) - 1]:
+                    skips[-1] = x
+                continue
             x = block(x) if name.endswith("_conv") else block(x, emb)
             # Gu et al. §4: a disabled skip feeds zeros of the same shape; the encoder path is unchanged.
-            skips.append(x if self.skip_connections[i] else torch.zeros_like(x))
+            skips.append(x if self.skip_connections[len(skips)] else torch.zeros_like(x))
 
         for name, block in self.dec.items():
             if "_block" in name:

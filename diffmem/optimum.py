@@ -200,6 +200,7 @@ def main(argv=None) -> int:
     from diffmem.cli import run_cli
     from diffmem.data import save_grid, training_set
     from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
+    from diffmem.memorization import ratio_interval
     from diffmem.pictures import nn_grid_picture
 
     def run(cfg, run_dir, writer):
@@ -208,11 +209,14 @@ def main(argv=None) -> int:
         result = evaluate_denoiser(optimum, train_set, cfg.eval)
         rows = nn_grid_rows(result, train_set)
         save_grid(run_dir / "samples.png", rows)
-        writer.add_scalar("optimum/mem_ratio", result.ratio, cfg.data.size)
         writer.add_image("samples/generated_nn1_nn2", nn_grid_picture(result, train_set), cfg.data.size,
                          dataformats="HWC")
-        print(f"theoretical optimum |D|={cfg.data.size}: memorization ratio {result.ratio:.4f} "
-              f"({cfg.eval.num_samples} samples); grid: {run_dir / 'samples.png'}")
+        samples = len(result.nn_ratio)
+        low, high = ratio_interval(round(result.ratio * samples), samples)
+        for name, value in (("mem_ratio", result.ratio), ("mem_ratio_low", low), ("mem_ratio_high", high)):
+            writer.add_scalar(f"optimum/{name}", value, cfg.data.size)
+        print(f"theoretical optimum |D|={cfg.data.size}: memorization ratio {result.ratio:.4f} [{low:.4f}, {high:.4f}] "
+              f"(95 % Wilson interval over {samples} samples); grid: {run_dir / 'samples.png'}")
         return 0
 
     return run_cli("diffmem.optimum", "sample the theoretical optimum and print its memorization ratio", run, argv)

@@ -25,11 +25,13 @@ from typing import Callable
 
 import torch
 
+from diffmem import ema
 from diffmem.config import Config, ConfigError, duration_images
 from diffmem.data import TrainingSet, save_grid, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
 from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
-from diffmem.networks import DDPMpp
+from diffmem.memorization import ratio_interval
+from diffmem.networks import SongUNet
 from diffmem.pictures import nn_grid_picture, nn_ratio_markdown
 from diffmem.precision import autocast, training_precision
 
@@ -61,23 +63,61 @@ def resolve_device(name: str) -> torch.device:
 def build_denoiser(cfg: Config, train_set: TrainingSet) -> torch.nn.Module:
     m = cfg.model
     channels, resolution = train_set.images.shape[1], train_set.images.shape[-1]
-    net = DDPMpp(img_resolution=resolution, in_channels=channels, out_channels=channels,
-                 label_dim=train_set.label_dim, model_channels=m.channels, channel_mult=m.channel_mult,
-                 channel_mult_emb=m.channel_mult_emb, num_blocks=m.num_blocks,
-                 attn_resolutions=m.attn_resolutions, dropout=m.dropout, embedding=m.embedding,
-                 skip_connections=m.skip_connections)
+    net = SongUNet(img_resolution=resolution, in_channels=channels, out_channels=channels,
+                   label_dim=train_set.label_dim, model_channels=m.channels, channel_mult=m.channel_mult,
+                   channel_mult_emb=m.channel_mult_emb, num_blocks=m.num_blocks,
+                   attn_resolutions=m.attn_resolutions, dropout=m.dropout, embedding=m.embedding,
+                   channel_mult_noise=m.channel_mult_noise, encoder=m.encoder,
+                   resample_filter=m.resample_filter, skip_connections=m.skip_connections)
     return PRECONDITIONERS[m.precond](net)
 
 
-def ema_beta(cfg: Config, batch: int, images_seen: int, size: int) -> float:
-    """EDM's EMA with the paper's scaling: half-life in epochs of |D|, ramped up to <= rampup * images seen."""
-    t = cfg.train
-    rampup = images_seen * t.ema_rampup if t.ema_rampup else math.inf
-    beta_ramp = 0.5 ** (batch / max(rampup, 1e-8))
-    if t.ema_beta is not None:           # paper Table 3: a fixed beta after the ramp-up
-        return min(t.ema_beta, beta_ramp)
-    halflife = min(duration_images(t.ema_halflife, size), rampup)
-    return 0.5 ** (batch / max(halflife, 1e-8))
+@dataclass(frozen=True)
+class Schedule:
+    """What a training of cfg on `size` images follows, every count in images (printed by --dry-run). The
+    learning rate and the EMA decay of a step are those of the images seen before it, as in EDM's loop."""
+    size: int
+    batch: int
+    total: int
+    lr: float
+    warmup: int
+    eval_every: int
+    log_every: int
+    ema_schedule: str
+    ema_halflife: int
+    ema_rampup: float | None
+    ema_final: float | None
+
+    @property
+    def steps(self) -> int:
+        return -(-self.total // self.batch)
+
+    def learning_rate(self, seen: int) -> float:
+        return self.lr * min(seen / self.warmup, 1.0) if self.warmup else self.lr   # linear warm-up, no decay
+
+    def ema_beta(self, seen: int) -> float:
+        return ema.ema_beta(self.ema_schedule, self.ema_halflife, self.ema_rampup, self.batch, seen, self.size,
+                            self.ema_final)
+
+    def evaluates(self, before: int, after: int) -> bool:
+        """A snapshot is evaluated when a step crosses a multiple of eval_every, and after the last step."""
+        return after // self.eval_every > before // self.eval_every or after >= self.total
+
+    def evaluations(self) -> list[int]:
+        """Images seen at every evaluation."""
+        end = self.steps * self.batch
+        crossings = {-(-k * self.eval_every // self.batch) * self.batch for k in range(1, end // self.eval_every + 1)}
+        return sorted(crossings | {end})
+
+
+def schedule(cfg: Config, size: int) -> Schedule:
+    t, e = cfg.train, cfg.eval
+    warmup = 0 if str(t.lr_warmup).strip() in ("0", "0ep", "0kimg") else duration_images(t.lr_warmup, size)
+    return Schedule(size=size, batch=t.batch_size, total=duration_images(t.duration, size, "train.duration"),
+                    lr=t.lr, warmup=warmup, eval_every=duration_images(e.every, size, "eval.every"),
+                    log_every=duration_images(t.log_every, size, "train.log_every"), ema_schedule=t.ema_schedule,
+                    ema_halflife=duration_images(t.ema_halflife, size, "train.ema_halflife"),
+                    ema_rampup=t.ema_rampup, ema_final=t.ema_beta)
 
 
 def train(cfg: Config, run_dir: str | Path | None = None,
@@ -114,10 +154,8 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     images = data.images.to(device).contiguous(memory_format=layout)   # on the device once, for the whole run
     labels = None if data.labels is None else data.labels.to(device)
     n, batch = len(images), t.batch_size
-    total = duration_images(t.duration, n, "train.duration")
-    warmup = 0 if str(t.lr_warmup).strip() in ("0", "0ep", "0kimg") else duration_images(t.lr_warmup, n)
-    eval_every = duration_images(e.every, n, "eval.every")
-    log_every = duration_images(t.log_every, n, "train.log_every")
+    plan = schedule(cfg, n)
+    total = plan.total
 
     denoiser = build_denoiser(cfg, data).to(device, memory_format=layout).train()
     net = denoiser.net
@@ -134,7 +172,7 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)   # tensors, numbers, lists: no code
         net.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -157,8 +195,6 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
 
     if state["history"] and (state["images_seen"] >= total or stopped()) and report is not None:
         report(state["history"][-1], ckpt_path)   # resumed after its last evaluation: say the answer again
-    next_eval = (state["images_seen"] // eval_every + 1) * eval_every
-    next_log = (state["images_seen"] // log_every + 1) * log_every
     tic, loss_sum, loss_count = time.perf_counter(), torch.zeros((), device=device), 0
 
     def check_finite():   # read on the host only here, so the steps in between never wait for the GPU
@@ -168,8 +204,9 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
                                    f"(now {t.lr:g}) or check the data")
 
     while state["images_seen"] < total and not stopped():
-        idx = order[(torch.arange(batch, device=device) + state["images_seen"]) % n][rank::world]
-        lr = t.lr * min(state["images_seen"] / warmup, 1.0) if warmup else t.lr
+        seen = state["images_seen"]
+        idx = order[(torch.arange(batch, device=device) + seen) % n][rank::world]
+        lr = plan.learning_rate(seen)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast(t.precision, device):   # bf16: forward and loss only; backward follows the forward's dtypes
@@ -181,15 +218,13 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
             if p.grad is not None:
                 torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
         opt.step()
+        with torch.no_grad():   # ema <- beta * ema + (1 - beta) * net (diffmem/ema.py)
+            torch._foreach_lerp_(ema_params, params, 1 - plan.ema_beta(seen))
         state["step"] += 1
-        state["images_seen"] += batch
-        beta = ema_beta(cfg, batch, state["images_seen"], n)
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, params, 1 - beta)
+        state["images_seen"] = seen + batch
         loss_sum, loss_count = loss_sum + loss.detach(), loss_count + 1
 
-        if state["images_seen"] >= next_log:
-            next_log += log_every
+        if state["images_seen"] // plan.log_every > seen // plan.log_every:
             if distributed:   # the global batch's loss, as one process logs it (every rank ran loss_count steps)
                 torch.distributed.all_reduce(loss_sum)
                 loss_sum = loss_sum / world
@@ -199,8 +234,7 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
                 writer.add_scalar("train/lr", lr, state["images_seen"])
             loss_sum, loss_count = torch.zeros((), device=device), 0
 
-        if state["images_seen"] >= next_eval or state["images_seen"] >= total:
-            next_eval += eval_every
+        if plan.evaluates(seen, state["images_seen"]):
             check_finite()
             last_loss = loss.detach().clone()
             if distributed:   # the last step's loss over the global batch
@@ -215,10 +249,19 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
             result = evaluate_denoiser(ema, data, e, device=device, rank=rank, world=world)
             state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - eval_tic
             if rank == 0:
-                state["best"] = max(state["best"], result.ratio)
+                samples = len(result.nn_ratio)
+                interval = ratio_interval(round(result.ratio * samples), samples)   # 95 %, over the samples
+                # The best ratio comes with the interval of the snapshot that gave it, that snapshot's own. The
+                # maximum over snapshots is biased upwards (the luckiest of several draws), which no single
+                # snapshot's interval accounts for.
+                if result.ratio >= state["best"]:
+                    state["best"], state["best_interval"] = result.ratio, interval
+                best_low, best_high = state.get("best_interval", (math.nan, math.nan))   # nan: an older checkpoint
                 metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
                            "step": state["step"], "loss": last_loss.item(), "lr": lr, "mem_ratio": result.ratio,
-                           "best_mem_ratio": state["best"],
+                           "mem_ratio_low": interval[0], "mem_ratio_high": interval[1], "num_samples": samples,
+                           "best_mem_ratio": state["best"], "best_mem_ratio_low": best_low,
+                           "best_mem_ratio_high": best_high,
                            "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9),
                            "step_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
             if distributed:
@@ -297,7 +340,8 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
     step = metrics["images_seen"]
     if writer is not None:
         for key in ("mem_ratio", "best_mem_ratio"):
-            writer.add_scalar(f"memorization/{key}", metrics[key], step)
+            for name in (key, f"{key}_low", f"{key}_high"):
+                writer.add_scalar(f"memorization/{name}", metrics[name], step)
         writer.add_scalar("train/images_per_sec", metrics["images_per_sec"], step)
         # the picture carries each sample's distance ratio under its column; the text tab has them as a table
         writer.add_image("samples/generated_nn1_nn2", nn_grid_picture(result, data), step, dataformats="HWC")
@@ -305,7 +349,48 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
     if run_dir is not None:
         save_grid(run_dir / "samples.png", nn_grid_rows(result, data))
     log(f"{step:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "
-        f"mem_ratio {metrics['mem_ratio']:.4f}  best {metrics['best_mem_ratio']:.4f}")
+        f"mem_ratio {metrics['mem_ratio']:.4f} [{metrics['mem_ratio_low']:.4f}, {metrics['mem_ratio_high']:.4f}]  "
+        f"best {metrics['best_mem_ratio']:.4f} [{metrics['best_mem_ratio_low']:.4f}, "
+        f"{metrics['best_mem_ratio_high']:.4f}] of {metrics['num_samples']} samples")
+
+
+def describe(cfg: Config, data: TrainingSet) -> str:
+    """The resolved config and the schedule a training of it would follow (python -m diffmem.train --dry-run)."""
+    import yaml
+    plan, t, e = schedule(cfg, len(data.images)), cfg.train, cfg.eval
+    n, batch = plan.size, plan.batch
+
+    def images(count: float) -> str:
+        return f"{count:,.0f} images ({count / n:,.1f} epochs, {-(-count // batch):,.0f} steps)"
+
+    points = plan.evaluations()
+    ramp_end = ema.rampup_end(plan.ema_halflife, plan.ema_rampup)
+    after = plan.ema_beta(max(ramp_end, points[-1]))
+    first = plan.ema_beta(points[0] - batch)   # the step that reaches the first snapshot
+    shown = ", ".join(f"{p:,}" for p in points[:3]) + (f", ..., {points[-1]:,}" if len(points) > 3 else "")
+    denoiser = build_denoiser(cfg, data)
+    params = sum(p.numel() for p in denoiser.parameters())
+    final = f", train.ema_beta {t.ema_beta}" if t.ema_beta is not None else ""
+    lines = [
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).rstrip(),
+        "",
+        f"schedule at |D| = {n:,}, batch {batch}",
+        f"  training       {images(plan.total)}",
+        f"  lr warm-up     linear from 0 to {t.lr:g} over {images(plan.warmup)}, then constant",
+        f"  EMA            train.ema_schedule {t.ema_schedule}{final}, train.ema_halflife h = {plan.ema_halflife:,} images, "
+        f"ramp-up " + (f"{t.ema_rampup:g} x images seen, over the first {images(ramp_end)}" if t.ema_rampup else "none"),
+        f"    beta at the first snapshot  {first:.5f} (half-life {ema.halflife_images(first, batch):,.0f} images)",
+        f"    beta after the ramp-up      {after:.5f} (half-life {ema.halflife_images(after, batch):,.0f} images, "
+        f"{ema.halflife_images(after, batch) / batch:,.1f} steps)"
+        + (" -- never reached: the ramp-up outlasts the training" if ramp_end >= plan.total else ""),
+        f"  evaluations    {len(points)}, every {plan.eval_every:,} images, at {shown} images seen",
+        f"  samples        {e.num_samples:,} per evaluation (seeds 0-{e.num_samples - 1}), {e.num_steps} Heun steps "
+        f"({2 * e.num_steps - 1} network evaluations each)"
+        + (f", labels from {e.sample_classes} classes" if data.labels is not None else ""),
+        f"  network        {cfg.model.arch} ({type(denoiser.net).__name__}), {params:,} parameters, "
+        f"{cfg.model.precond} preconditioning",
+    ]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -313,12 +398,15 @@ def main(argv=None) -> int:
 
     def run(cfg, run_dir, writer):
         result = train(cfg, run_dir, writer=writer)
-        print(f"|D|={cfg.data.size}: best memorization ratio {result.best_mem_ratio:.4f} over "
-              f"{len(result.history)} evaluations, {result.images_seen} images, {result.train_seconds:.1f} s"
+        last = result.history[-1]
+        print(f"|D|={cfg.data.size}: best memorization ratio {result.best_mem_ratio:.4f} "
+              f"[{last['best_mem_ratio_low']:.4f}, {last['best_mem_ratio_high']:.4f}] (95 % Wilson interval over "
+              f"{last['num_samples']} samples) over {len(result.history)} evaluations, {result.images_seen} images, "
+              f"{result.train_seconds:.1f} s"
               f"{' (stopped early)' if result.stopped_early else ''}; run folder {run_dir}")
         return 0
 
-    return run_cli("diffmem.train", "train one EDM model and print its memorization ratio", run, argv)
+    return run_cli("diffmem.train", "train one EDM model and print its memorization ratio", run, argv, describe)
 
 
 if __name__ == "__main__":   # through the imported module, so its exception classes are the ones caught

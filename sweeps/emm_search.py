@@ -23,7 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:      # `python sweeps/emm_search.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from diffmem.config import ConfigError, apply_overrides, from_dict, parse_override, parse_value, read_yaml  # noqa: E402
+from diffmem.cli import ArgumentParser  # noqa: E402
+from diffmem.config import (ConfigError, apply_overrides, check_machine, from_dict, parse_override,  # noqa: E402
+                            parse_value, read_yaml, validate_with_data)
 from diffmem.data import load_dataset  # noqa: E402
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
@@ -31,13 +33,28 @@ from sweeps.ledger import Ledger  # noqa: E402
 DEFAULT_CONFIG = ROOT / "experiments" / "digits.yaml"
 PRESETS = ROOT / "experiments" / "presets"
 SPEC_FILE = "sweep.json"
-SPEC_VERSION = 1
+SPEC_FORMAT = "diffmem.emm_search"   # sweep.json's "format": how a folder written by this tool is recognized
+SPEC_VERSION = 2                     # 2: "format" added; ledger version 2 (data fingerprint, device, torch)
+SPEC_KEYS = ("factor", "values", "grid_points", "base", "epsilon", "tolerance", "size_range", "allowed_sizes",
+             "workers", "gpus_per_worker", "ddp", "max_failures", "max_concurrent", "ledger", "no_reuse", "config_file")
 TUNE_NAME = "tune"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="emm_search.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    return build_parser().parse_args(argv)
+
+
+def given_flags(argv=None) -> set[str]:
+    """The destinations of the flags argv names (a flag given with its default value counts too)."""
+    p = build_parser()
+    for action in p._actions:   # argparse has no public switch for this; SUPPRESS leaves a flag not given unset
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="emm_search.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--factor", default="random_labels", help="factor to sweep (default random_labels)")
     p.add_argument("--values", nargs="+", help="the factor's values (default: the config's, else the paper's)")
     p.add_argument("--list-factors", action="store_true", help="print every factor with its values and exit")
@@ -65,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-reuse", action="store_true", help="train again even what the ledger already holds")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a failed training from its checkpoint before its grid point is unresolved")
-    return p.parse_args(argv)
+    return p
 
 
 def list_factors(config_sweep: dict) -> str:
@@ -97,30 +114,60 @@ def build_spec(args) -> dict:
     if unknown:
         raise ConfigError(f"unknown key 'sweep.{sorted(unknown)[0]}'; sweep takes size_range, size_step, "
                           f"factors, max_values")
+    where = f"in {args.config}" + (f" with --preset {args.preset}" if args.preset else "")
+    step = _sweep_int(sweep, "size_step", where)
+    max_values = _sweep_int(sweep, "max_values", where)
+    # The numbers of the command line, before anything is loaded.
+    if not 0 < args.epsilon < 1:
+        raise ConfigError(f"--epsilon {args.epsilon} must be in (0, 1): memorized iff best ratio >= 1 - epsilon "
+                          f"(default 0.1)")
+    if not 0 < args.tolerance < math.inf:
+        raise ConfigError(f"--tolerance {args.tolerance} must be a finite number > 0: a bracket closes at high/low "
+                          f"<= 1 + tolerance (default 0.1)")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1 (trainings at once; leave it out "
+                          f"for what the machine holds)")
+    if args.workers_per_trial < 1 or args.gpus_per_trial < 0 or args.max_failures < 0:
+        raise ConfigError("--workers-per-trial must be >= 1, --gpus-per-trial >= 0 and --max-failures >= 0")
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.seed is not None:
         overrides["train.seed"] = args.seed
     base_cfg = from_dict(apply_overrides(raw, overrides))       # the config itself loads
+    if base_cfg.train.device == "cuda" and not args.gpus_per_trial:
+        raise ConfigError("train.device=cuda needs --gpus-per-trial N: a trial trains only on the GPUs it reserves "
+                          "(or use train.device=auto)")
+    if not args.address and not args.estimate:   # a local cluster is this machine
+        check_machine(base_cfg)
     for key in ("path", "mix_path"):   # trials run in their own working directories
         if getattr(base_cfg.data, key):
             setattr(base_cfg.data, key, str(Path(getattr(base_cfg.data, key)).expanduser().resolve()))
     base = base_cfg.to_dict()
 
     factor = get_factor(args.factor)
-    values = [parse_value(v) for v in args.values] if args.values else \
+    values = [parse_value(v, "--values") for v in args.values] if args.values else \
         list((sweep.get("factors") or {}).get(factor.name) or factor.paper_values)
-    if sweep.get("max_values") and not args.values and len(values) > int(sweep["max_values"]):
-        k = int(sweep["max_values"])   # spread over the list, first and last included
+    if max_values and not args.values and len(values) > max_values:
+        k = max_values   # spread over the list, first and last included
         values = [values[round(i * (len(values) - 1) / max(k - 1, 1))] for i in range(k)]
     points = grid_points(factor, values, base_cfg)
 
     # Every grid point's config loads and its dataset exists; sizes must fit the smallest of them.
-    available = []
+    available, resolved = [], {}
+    source = "--values" if args.values else f"the {factor.name} values {where}"
     for point in points:
         cfg = from_dict(apply_overrides(base, point["overrides"]))
-        available.append(len(load_dataset(cfg.data).labels))
+        dataset = load_dataset(cfg.data)
+        validate_with_data(cfg, dataset.images.shape[-1], len(dataset.labels), dataset.name)
+        available.append(len(dataset.labels))
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        twins = ([resolved[key]] if key in resolved else []) + [v for v in resolved.values()
+                                                                if _same_number(v, point["value"])]
+        if twins:
+            twin = twins[0]
+            raise ConfigError(f"{source} {twin!r} and {point['value']!r} are the same {factor.name}; give each value "
+                              f"once")
+        resolved[key] = point["value"]
     max_size = min(available)
-    step = int(sweep.get("size_step", 1))
     if factor.name == "data_size":
         too_big = [v for v in values if not isinstance(v, int) or v < 1 or v > max_size]
         if too_big:
@@ -128,30 +175,49 @@ def build_spec(args) -> dict:
                               f"(the dataset has {max_size} images)")
         size_range = [min(values), max(values)]
     else:
-        size_range = list(args.size_range or sweep.get("size_range") or [step, max_size])
+        size_range = args.size_range or sweep.get("size_range") or [step, max_size]
+        size_range = list(size_range) if isinstance(size_range, (list, tuple)) else [size_range]
+    from_config = not args.size_range and sweep.get("size_range") and factor.name != "data_size"
+    if len(size_range) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size_range):
+        raise ConfigError(f"sweep.size_range {size_range} {where} must be two integers [LO, HI]")
     lo, hi = size_range
+    shown = f"sweep.size_range [{lo}, {hi}] {where}" if from_config else f"--size-range {lo} {hi}"
     if not 1 <= lo < hi and not (factor.name == "data_size" and lo == hi):   # data_size: one training is fine
-        raise ConfigError(f"--size-range {lo} {hi} is impossible; give LO < HI, both >= 1")
+        raise ConfigError(f"{shown} is impossible; give LO < HI, both >= 1")
     if hi > max_size:
-        raise ConfigError(f"--size-range {lo} {hi} goes past the {max_size} images available; use HI <= {max_size}")
+        raise ConfigError(f"{shown} goes past the {max_size} images available; use HI <= {max_size}")
     if lo < step:
-        raise ConfigError(f"--size-range {lo} {hi} starts below the size step {step} (class-balanced subsets); "
+        raise ConfigError(f"{shown} starts below the size step {step} (class-balanced subsets); "
                           f"use LO >= {step}")
-    if not 0 < args.epsilon < 1 or args.tolerance <= 0:
-        raise ConfigError("--epsilon must be in (0, 1) and --tolerance > 0 (defaults 0.1 and 0.1)")
-    if args.workers_per_trial < 1 or args.gpus_per_trial < 0 or args.max_failures < 0:
-        raise ConfigError("--workers-per-trial must be >= 1, --gpus-per-trial >= 0 and --max-failures >= 0")
     workers = args.gpus_per_trial or args.workers_per_trial
     if base_cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={base_cfg.train.batch_size} must be divisible by the {workers} "
                           f"workers per trial")
-    return {"version": SPEC_VERSION, "factor": factor.name, "values": values, "grid_points": points,
+    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "factor": factor.name, "values": values, "grid_points": points,
             "base": base, "config_file": str(args.config), "preset": args.preset, "epsilon": args.epsilon,
             "tolerance": args.tolerance, "size_range": size_range,
             "allowed_sizes": list(range(step, max_size + 1, step)),
             "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
             "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
             "max_concurrent": args.max_concurrent}
+
+
+def _sweep_int(sweep: dict, key: str, where: str) -> int | None:
+    """sweep.size_step (default 1) or sweep.max_values (default none) of the config: an integer >= 1."""
+    value = sweep.get(key, 1 if key == "size_step" else None)
+    if value is None and key == "max_values":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = "the |D| grid's spacing, e.g. the number of classes" if key == "size_step" else \
+            "how many of the factor's values to sweep"
+        raise ConfigError(f"sweep.{key}={value!r} {where} must be an integer >= 1 ({what})")
+    return value
+
+
+def _same_number(a, b) -> bool:
+    """8 and 8.0: one number in two spellings (True and 1 are not numbers here)."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return numbers and a == b
 
 
 def _deep_merge(a: dict, b: dict) -> dict:
@@ -161,15 +227,143 @@ def _deep_merge(a: dict, b: dict) -> dict:
     return out
 
 
-def read_spec(output: Path) -> dict:
+# The types of the keys of sweep.json that --resume, --status and report.py read.
+SPEC_TYPES = {"factor": str, "values": list, "grid_points": list, "base": dict, "epsilon": (int, float),
+              "tolerance": (int, float), "size_range": list, "allowed_sizes": list, "workers": int,
+              "gpus_per_worker": int, "max_failures": int, "max_concurrent": (int, type(None)), "ledger": str,
+              "config_file": str}
+
+
+def read_spec(output: Path, use: str = "resume") -> dict:
+    """The sweep.json of a folder this tool wrote, whole and of this version; else one line (ConfigError).
+    `--resume` checks it before Tune touches the folder: Tune's own files there (tuner.pkl, trial state) are
+    pickles, and unpickling runs code. `use` ("resume", "status", "report") words the fix."""
+    fix = "resume only a folder a sweep wrote (pass its --output folder)" if use == "resume" else \
+        "pass the --output folder of a sweep"
     path = output / SPEC_FILE
     if not path.is_file():
         raise ConfigError(f"{output} is not a sweep folder (no {SPEC_FILE}); pass the --output folder of a sweep")
-    spec = json.loads(path.read_text())
-    if spec.get("version") != SPEC_VERSION:
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        spec, why = None, f"unreadable: {type(e).__name__}"
+    else:
+        why = "no diffmem format key"
+    ours = isinstance(spec, dict) and (spec.get("format") == SPEC_FORMAT or (   # version 1 had no format key
+        "format" not in spec and spec.get("version") == 1 and {"factor", "grid_points", "base"} <= set(spec)))
+    if not ours:
+        raise ConfigError(f"{path} was not written by diffmem's emm_search ({why}); {fix}")
+    if spec.get("version") != SPEC_VERSION and use == "resume":   # --status and report.py only read the folder
         raise ConfigError(f"{path} was written by another version of emm_search (format {spec.get('version')}); "
                           f"start a new sweep")
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ConfigError(f"{path} is incomplete (no '{missing[0]}'); "
+                          + ("start a new sweep" if use == "resume" else "it cannot be read"))
+    wrong = [k for k, t in SPEC_TYPES.items() if not isinstance(spec[k], t) or isinstance(spec[k], bool)]
+    if not wrong and not all(isinstance(p, dict) and "label" in p for p in spec["grid_points"]):
+        wrong = ["grid_points"]
+    if wrong:
+        raise ConfigError(f"{path} is damaged ('{wrong[0]}' is {json.dumps(spec[wrong[0]], default=str)[:60]}); "
+                          + ("start a new sweep" if use == "resume" else "it cannot be read"))
     return spec
+
+
+def check_new_output(output: Path) -> None:
+    """A new sweep writes only into a folder that does not exist yet or is empty: never among files it did not
+    write. A folder a sweep wrote (its sweep.json, read_spec) is continued with --resume, not overwritten."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder; choose a folder that does not exist yet")
+    if (output / SPEC_FILE).exists():
+        try:
+            read_spec(output)
+        except ConfigError as e:
+            if "was not written by" in str(e):
+                raise ConfigError(f"--output {output} holds a {SPEC_FILE} that diffmem did not write; choose a "
+                                  f"folder that does not exist yet") from None
+        raise ConfigError(f"{output} already holds a sweep; continue it with --resume {output} "
+                          f"or choose another --output")
+    try:
+        entries = sorted(p.name for p in output.iterdir())
+    except OSError as e:
+        raise ConfigError(f"--output {output} cannot be read ({e.strerror}); choose a folder that does not exist "
+                          f"yet") from None
+    if entries:
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise ConfigError(f"--output {output} already exists and was not written by diffmem (it holds "
+                          f"{entries[0]}{more}); choose a folder that does not exist yet, or an empty one")
+
+
+# What --resume would silently drop: the sweep's own settings (sweep.json) are what it continues with.
+# --address and --no-dashboard only say how Ray starts. --max-concurrent is not honoured either: Tune restores
+# its TuneConfig (max_concurrent_trials) and the searcher from the experiment's own files.
+RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config", "preset": "--preset",
+                "overrides": "--set", "seed": "--seed", "epsilon": "--epsilon", "tolerance": "--tolerance",
+                "size_range": "--size-range", "max_concurrent": "--max-concurrent",
+                "workers_per_trial": "--workers-per-trial", "gpus_per_trial": "--gpus-per-trial",
+                "max_failures": "--max-failures", "ledger": "--ledger", "no_reuse": "--no-reuse",
+                "output": "--output"}
+
+
+def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
+    """--resume continues a sweep as it was started: a flag that would change it is refused, with the sweep's value."""
+    own = {"factor": spec["factor"], "values": spec["values"], "config": spec.get("config_file"),
+           "preset": spec.get("preset"), "overrides": "its config in sweep.json 'base'",
+           "seed": f"train.seed {spec['base'].get('train', {}).get('seed')}", "epsilon": spec["epsilon"],
+           "tolerance": spec["tolerance"], "size_range": spec["size_range"],
+           "max_concurrent": spec["max_concurrent"] or "what the machine holds",
+           "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
+           "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
+           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output)}
+    flags = [dest for dest in RESUME_FIXED if dest in given]
+    if flags:
+        said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
+        raise ConfigError(f"--resume {output} continues that sweep with its own settings; drop {said}, or start a "
+                          f"new sweep in another --output")
+
+
+def check_ledger_writable(path: str) -> None:
+    """A sweep records every finished training in its ledger: the file (or the folder it is to be created in)
+    must be writable, and SQLite writes its journal beside it."""
+    ledger = Path(path)
+    folder = ledger.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"ledger {ledger} cannot be created: {folder} is a file; pass another --ledger path")
+    if ledger.exists() and not os.access(ledger, os.R_OK | os.W_OK):
+        raise ConfigError(f"ledger {ledger} is read-only, and a sweep records every training in it; fix its "
+                          f"permissions or pass another --ledger path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"ledger {ledger} is in a read-only folder ({folder}), and SQLite writes its journal beside "
+                          f"it; pass a --ledger path in a folder you can write")
+
+
+def make_output(output: Path) -> list[Path]:
+    """Create the output folder; returns the folders it created, deepest first. One line if it cannot."""
+    created, folder = [], output
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        created.append(folder)
+        folder = folder.parent
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        if not os.access(output, os.W_OK | os.X_OK):
+            raise PermissionError(13, "read-only")
+    except OSError as e:
+        for folder in created:
+            _remove_empty(folder)
+        raise ConfigError(f"--output {output} cannot be created or written ({e.strerror}); choose a folder you can "
+                          f"write") from None
+    return created
+
+
+def _remove_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def write_spec(output: Path, spec: dict) -> None:
@@ -192,6 +386,22 @@ def trials_at_once(spec: dict, capacity: int) -> int:
     return max(1, min(spec["max_concurrent"] or capacity, capacity))
 
 
+def loopback_only() -> None:
+    """Have the local cluster about to start listen on 127.0.0.1 only, as Ray 2.60 does on macOS and Windows.
+
+    On Linux Ray takes the machine's address as the node's (ray.init turns _node_ip_address="127.0.0.1" into it,
+    services.resolve_ip_for_localhost) and its servers listen there or on all interfaces: GCS, raylet, object
+    manager, every worker's gRPC server, the dashboard agent and the runtime-env agent. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER) the node's address
+    is 127.0.0.1 (services.get_node_ip_address) and every one of them binds there
+    (tests/test_bad_input.py::test_a_local_sweeps_ray_listens_on_loopback_only). The constant is read when
+    ray_constants is imported, so it is set both in the environment (the processes Ray starts) and in the
+    imported module. A cluster (--address) is left as its `ray start` made it."""
+    from ray._private import ray_constants
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def start_ray(args, spec: dict) -> int:
     """Connect to a cluster or start a local one; returns how many trainings can run at once."""
     import ray
@@ -199,8 +409,10 @@ def start_ray(args, spec: dict) -> int:
     if args.address:
         ray.init(address=args.address, log_to_driver=False)
     else:
+        loopback_only()
         context = ray.init(num_cpus=os.cpu_count() or 1, resources={"trial_slot": local_slots(spec)},
-                           include_dashboard=not args.no_dashboard, log_to_driver=False)
+                           include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1",
+                           log_to_driver=False)
         from sweeps.reaper import start_reaper
         start_reaper()   # a killed driver must not leave Ray's agents running
         if not args.no_dashboard:
@@ -261,7 +473,7 @@ def estimate(spec: dict, args) -> str:
             cfg = config(point, hi, {"train.device": device, "train.batch_size": max(1, real.train.batch_size // workers),
                                      "eval.num_samples": samples, "eval.batch_size": samples})
             key = cfg.to_dict()
-            for name in ("lr", "weight_decay", "ema_halflife", "ema_beta", "ema_rampup", "seed", "duration"):
+            for name in ("lr", "weight_decay", "ema_schedule", "ema_halflife", "ema_beta", "ema_rampup", "seed", "duration"):
                 key["train"][name] = None   # no bearing on the time of a step
             key = json.dumps(key, sort_keys=True, default=str)
             if key not in speeds:
@@ -381,6 +593,14 @@ def _reuse_actors(spec: dict) -> bool:
     return not spec["ddp"] and not spec["gpus_per_worker"]
 
 
+def trial_settings(spec: dict, output: Path) -> dict:
+    """What every trial of the sweep gets (sweeps.trainable); "no_reuse": never answer from the ledger."""
+    return {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
+            "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
+            "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
+            "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"]}
+
+
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from ray import tune
 
@@ -388,10 +608,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from sweeps.searcher import EMMSearcher
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
 
-    settings = {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
-                "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
-                "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
-                "max_failures": spec["max_failures"]}
+    settings = trial_settings(spec, output)
     if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (notes §2b)
         trainable = tune.with_resources(tune.with_parameters(emm_trial_ddp, settings=settings),
                                         {"cpu": 0, "trial_slot": 1})
@@ -424,7 +641,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
 
 def collect(spec: dict, output: Path, result_grid) -> tuple:
     import pandas as pd
-    from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
+    from sweeps.results import curve_summary, emm_table, grid_num_samples, trials_from_search, trials_table
     from sweeps.searcher import load_experiment_state
     frame = result_grid.get_dataframe()
     if spec["factor"] == "data_size":
@@ -432,7 +649,8 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
         summary = [curve_summary("data_size", "curve", trials, spec["epsilon"])]
     else:
         summary = load_experiment_state(str(output.resolve() / TUNE_NAME)).summary()
-        trials = trials_from_search(summary, frame, spec["epsilon"])
+        samples = {p["label"]: grid_num_samples(spec["base"], p.get("overrides")) for p in spec["grid_points"]}
+        trials = trials_from_search(summary, frame, spec["epsilon"], samples)
     failed = [{"grid_label": r.config.get("grid_label"), "size": r.config.get("size"), "status": "error",
                "error": str(r.error).strip().splitlines()[-1][:300]} for r in result_grid if r.error is not None]
     if failed:   # failed trainings have no metrics; keep their last error line
@@ -457,19 +675,32 @@ def main(argv=None) -> int:
             return 0
         if args.resume:
             output = Path(args.resume)
-            spec = read_spec(output)
+            spec = read_spec(output)   # before Tune unpickles anything there
+            check_resume_flags(output, spec, given_flags(argv))
             if not (output / TUNE_NAME).is_dir():
                 raise ConfigError(f"{output} has no Tune experiment to resume ({TUNE_NAME}/ is missing)")
+            Ledger(spec["ledger"])     # an empty, truncated or foreign ledger is refused, not taken for a new one
+            check_ledger_writable(spec["ledger"])
         else:
             spec = build_spec(args)
             output = Path(args.output or f"results/{spec['factor']}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if (output / SPEC_FILE).exists():
-                raise ConfigError(f"{output} already holds a sweep; continue it with --resume {output} "
-                                  f"or choose another --output")
-            spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").resolve())
+            check_new_output(output)
+            spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").expanduser().resolve())
             spec["no_reuse"] = args.no_reuse
-            Ledger(spec["ledger"])   # an incompatible ledger fails here, before Ray starts
-            write_spec(output, spec)
+            if os.path.lexists(spec["ledger"]):
+                Ledger(spec["ledger"])   # an existing file must be a whole diffmem ledger of this version
+            created = make_output(output)
+            try:
+                check_ledger_writable(spec["ledger"])
+                Ledger(spec["ledger"])   # created where no file exists
+                write_spec(output, spec)
+            except (ConfigError, OSError) as e:
+                for folder in created:   # nothing left behind by a sweep that never started
+                    _remove_empty(folder)
+                if isinstance(e, ConfigError):
+                    raise
+                raise ConfigError(f"--output {output} cannot be written ({e.strerror}); choose a folder you can "
+                                  f"write") from None
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

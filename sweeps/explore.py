@@ -37,9 +37,10 @@ METRIC = "best_mem_ratio"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from diffmem.cli import ArgumentParser   # argparse's errors as one line
     from sweeps.emm_search import DEFAULT_CONFIG
-    p = argparse.ArgumentParser(prog="explore.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="explore.py", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--factors", nargs="+", default=list(DEFAULT_FACTORS),
                    help=f"factors to draw together (default {' '.join(DEFAULT_FACTORS)}); 'labels' is none / true "
                         f"/ random-C / unique, the others are emm_search factors with the config's values")

@@ -101,7 +101,7 @@ FACTORS = {f.name: f for f in [
     Factor("weight_decay", "Adam L2 weight decay (Table 2)", (0, 1e-5, 1e-4, 1e-3, 1e-2, 2e-2, 5e-2, 8e-2, 1e-1),
            lambda v, b: {"train.weight_decay": v}),
     Factor("ema", "EMA decay per step after ramp-up (Table 3)", (0.99929, 0.999, 0.99, 0.9, 0.8, 0.5, 0.2, 0.1, 0.0),
-           lambda v, b: {"train.ema_beta": v}),
+           lambda v, b: {"train.ema_schedule": "paper_final", "train.ema_beta": v}),   # the paper's mode4
 ]}
 
 

@@ -1,29 +1,44 @@
 """The results ledger: every finished training, recorded the moment it finishes, keyed by what determines it.
 
-A key is the SHA-256 of the resolved training config (data, model, train, eval sections, |D| and stop rule
-included) and the version of the science code (a hash of diffmem/*.py). A repeat of a sweep, or another
-sweep that needs the same (config, |D|) — the base config recurs in every factor's grid — reads the answer
-instead of training again. SQLite, one INSERT per training in a transaction: a record is whole or absent.
+A key is the SHA-256 of everything a training's result depends on: the resolved training config (data, model,
+train, eval sections, |D| and stop rule included), the version of the science code (a hash of diffmem/*.py),
+and the context the config does not name (`key_context`): a fingerprint of the data actually loaded (a hash
+of the dataset's arrays, diffmem.data.fingerprint), the device type the training runs on (cpu or cuda;
+train.device 'auto' is resolved first, see sweeps.trainable.trial_config) and the torch version. A repeat of a
+sweep, or another sweep that needs the same (config, |D|) — the base config recurs in every factor's grid —
+reads the answer instead of training again. SQLite, one INSERT per training in a transaction: a record is
+whole or absent.
+
+A ledger is only ever created at a path where no file exists. A file that is there must be a whole diffmem
+ledger of this version; an empty (0-byte), truncated or foreign file is refused with one line (ConfigError),
+never taken for a new ledger.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
+import os
 import sqlite3
 import time
+from contextlib import closing
 from pathlib import Path
 
 from diffmem.config import ConfigError
 
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2   # 2: the key holds the data fingerprint, device type and torch version (column `context`)
+# best_mem_ratio's 95 % interval is not a column: the ratio is copies / eval.num_samples of the record's config
+# (part of its key and of its `config` column), so sweeps.results.interval_of gives back the very interval the
+# training reported, and a ledger-answered trial shows the same interval as a trained one.
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS trainings (
+CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE trainings (
     key TEXT PRIMARY KEY, best_mem_ratio REAL NOT NULL, images_seen INTEGER NOT NULL,
     planned_images INTEGER NOT NULL, train_seconds REAL NOT NULL, size INTEGER NOT NULL,
-    config TEXT NOT NULL, code_version TEXT NOT NULL, finished_at REAL NOT NULL);
+    config TEXT NOT NULL, context TEXT NOT NULL, code_version TEXT NOT NULL, finished_at REAL NOT NULL);
 """
+SQLITE_MAGIC = b"SQLite format 3\0"
+NEW_PATH = "pass a --ledger path where no file exists (a new ledger is only ever created there)"
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,42 +50,147 @@ def code_version() -> str:
     return digest.hexdigest()[:16]
 
 
-def training_key(resolved_config: dict) -> str:
-    text = json.dumps(resolved_config, sort_keys=True, separators=(",", ":"))
+def key_context(cfg) -> dict:
+    """What determines a training besides its config, as seen by this process: the fingerprint of the data it
+    loads, the device type and the torch version. train.device 'auto' is resolved here as diffmem.train does;
+    sweeps resolve it from the trial's resources before (sweeps.trainable.trial_config), so the driver's lookup
+    and the trial agree on any machine."""
+    import torch
+
+    from diffmem.data import fingerprint
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {"data": fingerprint(cfg.data), "device": device, "torch": torch.__version__}
+
+
+def training_key(resolved_config: dict, context: dict) -> str:
+    text = json.dumps({"config": resolved_config, "context": context}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{code_version()}\n{text}".encode()).hexdigest()
 
 
 class Ledger:
-    """A SQLite file of finished trainings. Picklable (it holds only the path), so a Tune searcher can carry it."""
+    """A SQLite file of finished trainings. Picklable (it holds only the path), so a Tune searcher can carry it.
+
+    Opening creates a new ledger where no file exists, and otherwise checks the file without writing to it: a
+    diffmem ledger of this version, whole (SQLite's quick_check). Anything else is a ConfigError of one line."""
 
     def __init__(self, path: str | Path):
-        self.path = str(Path(path).resolve())
-        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as db:
-            db.executescript(SCHEMA)
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('version', ?)", (str(LEDGER_VERSION),))
-            version = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0]
-        if version != str(LEDGER_VERSION):
-            raise ConfigError(f"ledger {self.path} has format version {version}, this code writes "
-                              f"{LEDGER_VERSION}; pass another --ledger path")
+        self.path = str(Path(path).expanduser().resolve())
+        if not os.path.lexists(self.path):
+            self._create()
+        self._check()
+
+    def _create(self) -> None:
+        """Built under a temporary name and linked into place, so no other process ever sees a half-made
+        ledger, and one that appeared meanwhile is kept. A place where none can be made is one line."""
+        try:
+            self._build()
+        except (OSError, sqlite3.Error) as e:
+            why = getattr(e, "strerror", None) or str(e)
+            raise ConfigError(f"ledger {self.path} cannot be created ({why}); pass a --ledger path in a folder "
+                              f"you can write") from None
+
+    def _build(self) -> None:
+        target = Path(self.path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.new")
+        try:
+            with closing(sqlite3.connect(tmp)) as db:
+                with db:
+                    db.executescript(SCHEMA)
+                    db.execute("INSERT INTO meta VALUES ('version', ?)", (str(LEDGER_VERSION),))
+            try:
+                os.link(tmp, target)           # fails if the path exists: never over another file
+            except FileExistsError:
+                pass
+            except OSError:                    # a file system without hard links
+                if not os.path.lexists(target):
+                    os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _check(self) -> None:
+        path = Path(self.path)
+        if path.is_dir():
+            raise ConfigError(f"ledger {path} is a folder, not a ledger file; {NEW_PATH}")
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                magic = f.read(len(SQLITE_MAGIC))
+        except OSError as e:
+            raise ConfigError(f"ledger {path} cannot be read ({e.strerror}); fix its permissions or "
+                              f"{NEW_PATH}") from None
+        if size == 0:
+            raise ConfigError(f"ledger {path} is empty (0 bytes), not a diffmem ledger: truncated by a crash or a "
+                              f"copy? Restore it from a backup, or {NEW_PATH}")
+        if magic != SQLITE_MAGIC:
+            raise ConfigError(f"ledger {path} is not a SQLite file, so not a diffmem ledger; {NEW_PATH}")
+        damaged = f"restore it from a backup, or {NEW_PATH}"
+        try:
+            with closing(self._connect()) as db:
+                db.execute("BEGIN")   # a read transaction: no writer changes the file while it is checked
+                tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+                if not {"meta", "trainings"} <= tables:
+                    raise ConfigError(f"ledger {path} is a SQLite file but not a diffmem ledger (no meta and "
+                                      f"trainings tables); {NEW_PATH}")
+                row = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+                if row is None:
+                    raise ConfigError(f"ledger {path} is a SQLite file but not a diffmem ledger (no version); "
+                                      f"{NEW_PATH}")
+                if row[0] != str(LEDGER_VERSION):
+                    raise ConfigError(f"ledger {path} has format version {row[0]}, this code writes "
+                                      f"{LEDGER_VERSION}; pass another --ledger path")
+                short = _truncated_by(path)
+                if short:
+                    raise ConfigError(f"ledger {path} is truncated ({short}); {damaged}")
+                problems = [r for (r,) in db.execute("PRAGMA quick_check")]
+                if problems != ["ok"]:
+                    raise ConfigError(f"ledger {path} is damaged (SQLite: {problems[0]}); {damaged}")
+                db.rollback()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e):
+                raise ConfigError(f"ledger {path} is damaged or truncated (SQLite: {e}); {damaged}") from None
+            raise ConfigError(f"ledger {path} stayed locked by another process for 60 s; try again once that one "
+                              f"is done") from None
+        except sqlite3.DatabaseError as e:
+            raise ConfigError(f"ledger {path} is damaged or truncated (SQLite: {e}); {damaged}") from None
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=60)   # trials on one node write concurrently
 
     def get(self, key: str) -> dict | None:
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             db.row_factory = sqlite3.Row
             row = db.execute("SELECT * FROM trainings WHERE key = ?", (key,)).fetchone()
         return dict(row) if row else None
 
-    def put(self, key: str, resolved_config: dict, metrics: dict, train_seconds: float) -> None:
+    def put(self, key: str, resolved_config: dict, context: dict, metrics: dict, train_seconds: float) -> None:
         """Record one finished training (the first record of a key wins: they are equal by construction)."""
-        with self._connect() as db:   # the context manager commits, or rolls back on error
-            db.execute("INSERT OR IGNORE INTO trainings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        with closing(self._connect()) as db, db:   # the inner one commits, or rolls back on error
+            db.execute("INSERT OR IGNORE INTO trainings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (key, float(metrics["best_mem_ratio"]), int(metrics["images_seen"]),
                         int(metrics["planned_images"]), float(train_seconds), int(resolved_config["data"]["size"]),
-                        json.dumps(resolved_config, sort_keys=True), code_version(), time.time()))
+                        json.dumps(resolved_config, sort_keys=True), json.dumps(context, sort_keys=True),
+                        code_version(), time.time()))
 
     def __len__(self) -> int:
-        with self._connect() as db:
+        with closing(self._connect()) as db:
             return db.execute("SELECT COUNT(*) FROM trainings").fetchone()[0]
+
+
+def _truncated_by(path: Path) -> str:
+    """'' if the file is as long as its SQLite header says, else what is missing. Read under a read lock."""
+    with open(path, "rb") as f:
+        header = f.read(100)
+        size = os.fstat(f.fileno()).st_size
+    if len(header) < 100:
+        return f"{size} bytes, less than a SQLite header"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    if pages and header[24:28] == header[92:96] and size < pages * page_size:   # the header's size is valid
+        return f"{size} of {pages * page_size} bytes"
+    if size % page_size:
+        return f"{size} bytes, not a whole number of {page_size}-byte pages"
+    return ""

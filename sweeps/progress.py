@@ -7,6 +7,8 @@ import time
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
+from sweeps.results import ratio_text
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,7 +39,8 @@ class ProgressPrinter(tune.Callback):
         verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
         early = ", stopped early" if r.get("images_seen", 0) < r.get("planned_images", 0) else ""
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
-        self._line(f"{trial_name(trial):30s} best ratio {best:.3f}: {verdict}{early} ({running} still running)")
+        ratio = ratio_text(best, r.get("best_mem_ratio_low"), r.get("best_mem_ratio_high"))
+        self._line(f"{trial_name(trial):30s} best ratio {ratio}: {verdict}{early} ({running} still running)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"{trial_name(trial)} failed; its error is in {trial.local_path}")
@@ -71,12 +74,14 @@ class SweepTensorBoard(TBXLoggerCallback):
         pass
 
     def log_trial_end(self, trial, failed: bool = False):
-        best = (trial.last_result or {}).get("best_mem_ratio")
+        result = trial.last_result or {}
+        best = result.get("best_mem_ratio")
         label, size = trial.config.get("grid_label"), trial.config.get("size")
         if failed or best is None or label is None or size is None or self._live is None:
             return
         try:
-            self._live.add(str(label), int(size), float(best))
+            self._live.add(str(label), int(size), float(best), result.get("best_mem_ratio_low"),
+                           result.get("best_mem_ratio_high"))
         except Exception as e:
             logger.warning("could not write to TensorBoard: %s", e)
 

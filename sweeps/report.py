@@ -10,10 +10,8 @@ be mailed or archived. A sweep that is still running shows its --status instead 
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import html
-import json
 import math
 import sys
 import time
@@ -72,9 +70,9 @@ def _num(x) -> int | None:
     return int(x)
 
 
-def last_sample_grid(run_dir: Path) -> tuple[bytes, int, float | None] | None:
-    """(PNG, images seen, that evaluation's memorization ratio) of the last sample grid in a training's
-    TensorBoard run, or None when the run or its images are missing."""
+def last_sample_grid(run_dir: Path) -> tuple[bytes, int, str | None] | None:
+    """(PNG, images seen, that evaluation's memorization ratio with its 95 % interval, as text) of the last sample
+    grid in a training's TensorBoard run, or None when the run or its images are missing."""
     if not run_dir.is_dir() or not list(run_dir.glob("events.*")):
         return None
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -83,11 +81,15 @@ def last_sample_grid(run_dir: Path) -> tuple[bytes, int, float | None] | None:
     if SAMPLES_TAG not in events.Tags()["images"]:
         return None
     image = events.Images(SAMPLES_TAG)[-1]
-    ratio = None
-    if "memorization/mem_ratio" in events.Tags()["scalars"]:
-        at_step = [s.value for s in events.Scalars("memorization/mem_ratio") if s.step == image.step]
-        ratio = at_step[-1] if at_step else None
-    return image.encoded_image_string, image.step, ratio
+    from sweeps.results import ratio_text
+    values = {}
+    for name in ("mem_ratio", "mem_ratio_low", "mem_ratio_high"):
+        if f"memorization/{name}" in events.Tags()["scalars"]:
+            at_step = [s.value for s in events.Scalars(f"memorization/{name}") if s.step == image.step]
+            values[name] = at_step[-1] if at_step else None
+    ratio = values.get("mem_ratio")
+    text = None if ratio is None else ratio_text(ratio, values.get("mem_ratio_low"), values.get("mem_ratio_high"))
+    return image.encoded_image_string, image.step, text
 
 
 def deciding_trainings(trials, emm_row, grid_label: str, epsilon: float) -> list[dict]:
@@ -125,10 +127,8 @@ def _emm_table(emm, epsilon: float) -> str:
 
 def sweep_section(output: Path) -> str:
     import pandas as pd
-    spec_path = output / "sweep.json"
-    if not spec_path.is_file():
-        raise ConfigError(f"{output} is not a sweep folder (no sweep.json); pass the --output folder of a sweep")
-    spec = json.loads(spec_path.read_text())
+    from sweeps.emm_search import read_spec
+    spec = read_spec(output, "report")   # a garbage, foreign or incomplete sweep.json is one line
     factor, epsilon = spec["factor"], spec["epsilon"]
     parts = [f"<h2>{html.escape(factor)}</h2>",
              f'<div class="meta">{html.escape(str(output))} &middot; config {html.escape(Path(spec["config_file"]).name)}'
@@ -148,7 +148,7 @@ def sweep_section(output: Path) -> str:
     trials = pd.read_csv(output / "trials.csv", keep_default_na=False, na_values=[""])
     parts.append(_emm_table(emm, epsilon))
     for name, title in (("emm.png", f"EMM against {factor} (bracket as error bar; red: censored)"),
-                        ("curves.png", "Memorization ratio against |D| (dashed: 1 − ε)")):
+                        ("curves.png", "Memorization ratio against |D| (bars: 95 % intervals; dashed: 1 − ε)")):
         if (output / name).is_file():
             parts.append(f"<h3>{html.escape(title)}</h3><figure>"
                          f"{_img((output / name).read_bytes(), title, 'plot')}</figure>")
@@ -158,13 +158,15 @@ def sweep_section(output: Path) -> str:
                  '<p class="meta">Rows: generated samples, their nearest (NN1) and second-nearest (NN2) training '
                  f"images; d1/d2 under each column is ||x − NN1|| / ||x − NN2|| (a copy below {threshold}). "
                  "Last evaluation of each training.</p>")
+    from sweeps.results import ratio_text
     from sweeps.tblog import tensorboard_dir
     for _, row in emm.iterrows():
         label = f"{factor}={row.value}" if factor != "data_size" else "data_size"
         for t in deciding_trainings(trials, row.to_dict(), label, epsilon):
             size = int(t["size"])
             verdict = "memorized" if str(t["memorized"]).lower() == "true" else "not memorized"
-            caption = f"{label}, |D| = {size}: best ratio {float(t['best_mem_ratio']):.3f}, {verdict}"
+            best = ratio_text(float(t["best_mem_ratio"]), t.get("best_mem_ratio_low"), t.get("best_mem_ratio_high"))
+            caption = f"{label}, |D| = {size}: best ratio {best}, {verdict}"
             grid = last_sample_grid(tensorboard_dir(output) / label.replace("/", "_") / f"D={size}")
             if grid is None:
                 why = ("answered by the results ledger: trained by an earlier sweep"
@@ -172,7 +174,7 @@ def sweep_section(output: Path) -> str:
                 parts.append(f'<p class="note">{html.escape(caption)} &mdash; {why}.</p>')
                 continue
             png, step, ratio = grid
-            more = f"; at {step:,} images, memorization ratio {ratio:.3f}" if ratio is not None else \
+            more = f"; at {step:,} images, memorization ratio {ratio}" if ratio is not None else \
                 f"; at {step:,} images"
             parts.append(f"<figure>{_img(png, caption, 'grid' if _width(png) >= 400 else 'tiny')}<figcaption>{html.escape(caption + more)}"
                          f"</figcaption></figure>")
@@ -192,7 +194,8 @@ def render(outputs: list[Path]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    from diffmem.cli import ArgumentParser   # argparse's errors as one line
+    p = ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
     p.add_argument("outputs", nargs="+", metavar="OUTPUT", help="output folders of sweeps (emm_search --output)")
     p.add_argument("--html", help="where to write the page (default OUTPUT/report.html for one sweep, "
                                   "report.html here for several)")

@@ -13,14 +13,38 @@ import pandas as pd
 
 EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "reused", "training_images",
                "train_seconds", "error"]
-TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "memorized", "stopped_early", "images_seen",
-                 "planned_images", "train_seconds", "step_seconds", "eval_seconds", "trial_id", "status", "error"]
+TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "best_mem_ratio_low", "best_mem_ratio_high",
+                 "memorized", "stopped_early", "images_seen", "planned_images", "train_seconds", "step_seconds",
+                 "eval_seconds", "trial_id", "status", "error"]
 
 
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def interval_of(ratio, num_samples) -> tuple[float, float]:
+    """The 95 % interval (diffmem.memorization.ratio_interval) of a memorization ratio measured on num_samples
+    samples; (nan, nan) when either is unknown. A training's best ratio is copies / eval.num_samples of its own
+    config (every snapshot samples the same seeds), so a ratio the searcher or the ledger holds and that number
+    give back exactly the interval the training reported."""
+    from diffmem.memorization import ratio_interval
+    if ratio is None or ratio != ratio or not num_samples:
+        return math.nan, math.nan
+    return ratio_interval(round(ratio * num_samples), int(num_samples))
+
+
+def grid_num_samples(base: dict, overrides: dict | None) -> int:
+    """eval.num_samples of a grid point's trainings: the sweep's base config with the point's overrides."""
+    from diffmem.config import EvalConfig, apply_overrides
+    return int((apply_overrides(base, overrides or {}).get("eval") or {}).get("num_samples", EvalConfig.num_samples))
+
+
+def ratio_text(ratio, low=None, high=None, digits: int = 3) -> str:
+    """'0.980 [0.951, 0.992]': a ratio and its 95 % interval (the ratio alone when the interval is unknown)."""
+    known = all(isinstance(x, (int, float)) and x == x for x in (low, high))
+    return f"{ratio:.{digits}f}" + (f" [{low:.{digits}f}, {high:.{digits}f}]" if known else "")
 
 
 def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -> pd.DataFrame:
@@ -34,23 +58,29 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
         best = r.get("best_mem_ratio", float("nan"))
         images, planned = r.get("images_seen", float("nan")), r.get("planned_images", float("nan"))
         rows.append({"grid_label": label, "value": values.get(label), "size": int(r["config/size"]),
-                     "best_mem_ratio": best, "memorized": bool(best >= 1 - epsilon) if best == best else None,
+                     "best_mem_ratio": best, "best_mem_ratio_low": r.get("best_mem_ratio_low", float("nan")),
+                     "best_mem_ratio_high": r.get("best_mem_ratio_high", float("nan")),
+                     "memorized": bool(best >= 1 - epsilon) if best == best else None,
                      "stopped_early": bool(images < planned) if images == images else None,
                      "images_seen": images, "planned_images": planned,
                      "train_seconds": r.get("time_total_s", float("nan")),   # the whole trial, as Tune timed it
                      "step_seconds": r.get("step_seconds", float("nan")),   # inside training steps
                      "eval_seconds": r.get("eval_seconds", float("nan")),   # sampling and nearest neighbours
                      "trial_id": r.get("trial_id"),
-                     "status": "error" if r.get("error") else "done"})
+                     # a restored trial the ledger answered (sweeps.trainable._report_known): trained before
+                     "status": "error" if r.get("error") else ("reused" if r.get("from_ledger") == 1 else "done")})
     table = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     order = {p["label"]: i for i, p in enumerate(grid_points)}
     return table.sort_values(["grid_label", "size"], key=lambda c: c.map(order) if c.name == "grid_label" else c,
                              ignore_index=True)
 
 
-def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
+def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float,
+                       num_samples: dict | None = None) -> pd.DataFrame:
     """Every training the search observed, in order: run by this sweep (details from Tune's results) or
-    answered by the results ledger (status 'reused': trained before, by this or another sweep)."""
+    answered by the results ledger (status 'reused': trained before, by this or another sweep), either by the
+    searcher without a trial or by a restored trial that found its record (Tune's row, marked from_ledger).
+    num_samples: grid label -> eval.num_samples, for the interval of a ratio the searcher alone holds."""
     ran = trials_table(frame, summary, epsilon)
     rows = []
     for point in summary:
@@ -59,8 +89,10 @@ def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float)
             if len(match):
                 rows.append(match.iloc[-1].to_dict())
             else:
+                low, high = interval_of(ratio, (num_samples or {}).get(point["label"]))
                 rows.append({"grid_label": point["label"], "value": point["value"], "size": size,
-                             "best_mem_ratio": ratio, "memorized": memorized, "status": "reused"})
+                             "best_mem_ratio": ratio, "best_mem_ratio_low": low, "best_mem_ratio_high": high,
+                             "memorized": memorized, "status": "reused"})
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
@@ -88,7 +120,7 @@ def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) 
     low = int(below["size"].iloc[-1]) if len(below) else None
     censored = ">=max" if high is None else ("<min" if low is None else "")
     return {"label": grid_label, "value": value, "emm": low, "low": low, "high": high, "censored": censored,
-            "trials": len(done), "images": float(done.images_seen.sum())}
+            "trials": len(done), "images": float(done[done.status != "reused"].images_seen.sum())}
 
 
 def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
@@ -147,10 +179,15 @@ def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsil
         mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()].sort_values("size")
         if len(mine):
             ax.plot(mine["size"], mine.best_mem_ratio * 100, "o-", color=f"C{i % 10}", label=str(point["value"]))
+            ratio = pd.to_numeric(mine.best_mem_ratio)
+            ends = [pd.to_numeric(mine.get(f"best_mem_ratio_{end}", ratio)) for end in ("low", "high")]
+            ax.errorbar(mine["size"], ratio * 100, yerr=[((ratio - ends[0]) * 100).fillna(0).clip(lower=0),
+                                                         ((ends[1] - ratio) * 100).fillna(0).clip(lower=0)],
+                        fmt="none", ecolor=f"C{i % 10}", capsize=2, lw=0.8)   # each ratio's 95 % interval
     ax.axhline((1 - epsilon) * 100, ls="--", color="gray", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("training-set size |D|")
-    ax.set_ylabel("memorization ratio (%)")
+    ax.set_ylabel("memorization ratio (%), 95 % interval")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -37,18 +37,23 @@ logger = logging.getLogger(__name__)
 SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
 
 
-def load_experiment_state(experiment_dir: str) -> EMMSearchState:
-    """The search state of the newest snapshot in a Tune experiment dir (searcher-state-<time>.pkl, which
-    holds our JSON). Use it after `Tuner.restore(...).fit()`, where the restored searcher object is not
-    reachable through Ray's public API."""
+def load_experiment_searcher(experiment_dir: str) -> dict:
+    """What EMMSearcher saved in the newest snapshot of a Tune experiment dir (searcher-state-<time>.pkl, which
+    holds our JSON): "state", "reused" (the [grid index, size] the ledger answered without a trial), ..."""
     paths = glob.glob(os.path.join(experiment_dir, Searcher.CKPT_FILE_TMPL.format("*")))
     if not paths:
         raise FileNotFoundError(f"no searcher state in {experiment_dir}")
     with open(max(paths)) as f:         # the timestamped names sort in time order (as Ray picks them)
         saved = json.load(f)
-    if saved.get("format") != SAVE_FORMAT:
+    if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
         raise ValueError(f"{max(paths)} was not written by EMMSearcher")
-    return EMMSearchState.from_dict(saved["state"])
+    return saved
+
+
+def load_experiment_state(experiment_dir: str) -> EMMSearchState:
+    """The search state of the newest snapshot in a Tune experiment dir. Use it after
+    `Tuner.restore(...).fit()`, where the restored searcher object is not reachable through Ray's public API."""
+    return EMMSearchState.from_dict(load_experiment_searcher(experiment_dir)["state"])
 
 
 class EMMSearcher(Searcher):
@@ -129,7 +134,8 @@ class EMMSearcher(Searcher):
             if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
                 self.state.fail(grid_index, size, f"trial {trial_id} reported {self.metric}={ratio!r}")
             else:
-                images = float(result.get("images_seen") or 0)
+                # a restored trial the ledger answered (sweeps.trainable._report_known) trained nothing here
+                images = 0.0 if result.get("from_ledger") == 1 else float(result.get("images_seen") or 0)
                 self.state.observe(grid_index, size, float(ratio), images=images)
 
     def _final(self, result: dict) -> bool:

@@ -4,7 +4,8 @@ Sources: sweep.json (grid points, epsilon, tolerance), the Tune experiment's new
 (tune/searcher-state-*.pkl, through sweeps.searcher.load_experiment_state), Tune's experiment snapshot
 (tune/experiment_state-*.json: which trials run), each trial folder's result.json (its last report), and
 the results ledger for training times when no trial folder has them. Works on a running sweep (as fresh as
-Tune's last snapshot, every few seconds), an interrupted one, and a finished one.
+Tune's last snapshot, every few seconds), an interrupted one, and a finished one. Every best ratio is shown with
+its 95 % interval over the evaluation's samples, "0.980 [0.951, 0.992]" (diffmem.memorization.ratio_interval).
 
 The time left is an estimate: per open grid point the bisection steps still needed to narrow its bracket to
 the tolerance, ceil(log2(log(high / low) / log(1 + tolerance))), less the trainings already running there,
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffmem.config import ConfigError
+from sweeps.results import grid_num_samples, interval_of, ratio_text
 
 TUNE_DIR = "tune"
 IDLE_AFTER_S = 600      # no file of the sweep changed for this long: nothing is running
@@ -34,6 +35,8 @@ class TrialRecord:
     size: int | None
     status: str = "UNKNOWN"               # Tune's: PENDING, RUNNING, TERMINATED, ERROR, PAUSED
     best_mem_ratio: float | None = None
+    best_mem_ratio_low: float | None = None   # its 95 % interval (diffmem.memorization.ratio_interval)
+    best_mem_ratio_high: float | None = None
     images_seen: int | None = None
     planned_images: int | None = None
     seconds: float | None = None          # training time so far (Tune's time_total_s)
@@ -93,6 +96,8 @@ def read_trials(output: Path) -> dict[str, TrialRecord]:
 
 def _take_result(record: TrialRecord, result: dict) -> None:
     record.best_mem_ratio = result.get("best_mem_ratio", record.best_mem_ratio)
+    record.best_mem_ratio_low = result.get("best_mem_ratio_low", record.best_mem_ratio_low)
+    record.best_mem_ratio_high = result.get("best_mem_ratio_high", record.best_mem_ratio_high)
     record.images_seen = result.get("images_seen", record.images_seen)
     record.planned_images = result.get("planned_images", record.planned_images)
     record.seconds = result.get("time_total_s", record.seconds)
@@ -147,6 +152,10 @@ def _fmt_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
+def _best_text(t: TrialRecord) -> str:
+    return ratio_text(t.best_mem_ratio, t.best_mem_ratio_low, t.best_mem_ratio_high)
+
+
 def _fmt_int(x) -> str:
     return "-" if x is None else str(int(x))
 
@@ -154,10 +163,8 @@ def _fmt_int(x) -> str:
 def sweep_status(output: str | Path, now: float | None = None) -> str:
     """The status report of the sweep in `output` (what `--status DIR` prints)."""
     output = Path(output)
-    spec_path = output / "sweep.json"
-    if not spec_path.is_file():
-        raise ConfigError(f"{output} is not a sweep folder (no sweep.json); pass the --output folder of a sweep")
-    spec = json.loads(spec_path.read_text())
+    from sweeps.emm_search import read_spec
+    spec = read_spec(output, "status")   # a garbage, foreign or incomplete sweep.json is one line
     now = time.time() if now is None else now
     epsilon, tolerance = spec["epsilon"], spec["tolerance"]
     trials = read_trials(output)
@@ -165,13 +172,18 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     done = [t for t in trials.values() if t.status == "TERMINATED" and t.best_mem_ratio is not None]
     failed = [t for t in trials.values() if t.status == "ERROR"]
 
-    state = None
+    state, searcher_reused = None, []
     if spec["factor"] != "data_size":
-        from sweeps.searcher import load_experiment_state
+        from sweeps.bisection import EMMSearchState
+        from sweeps.searcher import load_experiment_searcher
         try:
-            state = load_experiment_state(str(output / TUNE_DIR))
-        except (FileNotFoundError, ValueError):
-            state = None
+            saved = load_experiment_searcher(str(output / TUNE_DIR))
+            state = EMMSearchState.from_dict(saved["state"])
+            # answered by the ledger without a Tune trial (a restored trial that found its record is a Tune
+            # trial marked from_ledger instead)
+            searcher_reused = [(int(g), int(s)) for g, s in saved.get("reused", [])]
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            state, searcher_reused = None, []
 
     activity = last_activity(output)
     table = output / "emm.csv"
@@ -202,7 +214,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     lines += [header, "-" * len(header)]
     steps_left = 0
     if state is not None:
-        for point, bracket in zip(state.summary(), state.brackets):
+        for index, (point, bracket) in enumerate(zip(state.summary(), state.brackets)):
             lo, lo_kind, hi, hi_kind = bracket.edges()
             sizes = bracket.settings.allowed_sizes
             known = f"[{_fmt_int(point['low'])}, {_fmt_int(point['high'])})"
@@ -210,11 +222,17 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
                 known += f" searching {sizes[lo]}..{sizes[hi]}"
             mine_running = [t for t in running if t.grid_label == point["label"]]
             emm = _fmt_int(point["emm"]) if point["status"] != "open" else "?"
+            from_ledger = (sum(g == index for g, _ in searcher_reused)
+                           + sum(t.from_ledger for t in done if t.grid_label == point["label"]))
             lines.append(f"{point['label']:28s} {point['status']:11s} {known:22s} {emm:>5s}  "
-                         f"{len(point['observations'])} done, {len(mine_running)} running")
-            if point["observations"]:
+                         f"{len(point['observations'])} done"
+                         + (f" ({from_ledger} from the ledger)" if from_ledger else "")
+                         + f", {len(mine_running)} running")
+            if point["observations"]:   # the searcher holds each best ratio; its interval follows from the samples
+                samples = grid_num_samples(spec["base"], state.grid_points[index].get("overrides"))
                 lines.append(f"{'':30s}" + ", ".join(
-                    f"{s}: {r:.3f}{' memorized' if m else ''}" for s, r, m in sorted(point["observations"])))
+                    f"{s}: {ratio_text(r, *interval_of(r, samples))}{' memorized' if m else ''}"
+                    for s, r, m in sorted(point["observations"])))
             if point.get("error"):
                 lines.append(f"{'':30s}error: {point['error']}")
             steps_left += remaining_steps(bracket, tolerance)
@@ -222,7 +240,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
         for size in spec["values"]:
             mine = [t for t in done if t.size == size]
             now_running = [t for t in running if t.size == size]
-            what = (f"{mine[-1].best_mem_ratio:.3f}" if mine else ("running" if now_running else "to do"))
+            what = (_best_text(mine[-1]) if mine else ("running" if now_running else "to do"))
             lines.append(f"{'data_size':28s} {'':11s} {'|D|=' + str(size):22s} {'':>5s}  {what}")
             steps_left += 0 if mine or now_running else 1
 
@@ -237,7 +255,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
             progress = ""
             if t.images_seen and t.planned_images:
                 progress = (f", {t.images_seen:,} of {t.planned_images:,} images, best ratio so far "
-                            f"{t.best_mem_ratio:.3f}")
+                            f"{_best_text(t)}")
             lines.append(f"  {t.grid_label}|D|={t.size} ({t.status.lower()}{progress})")
     else:
         lines.append("running: none")
@@ -246,8 +264,9 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     if not seconds:
         seconds, source = ledger_seconds(spec.get("ledger")), "the ledger"
     mean = sum(seconds) / len(seconds) if seconds else None
-    reused = sum(t.from_ledger for t in done)
-    lines.append(f"finished trainings: {len(done)}" + (f" ({reused} answered by the ledger)" if reused else "")
+    reused = sum(t.from_ledger for t in done) + len(searcher_reused)
+    lines.append(f"finished trainings: {len(done) + len(searcher_reused)}"
+                 + (f" ({reused} answered by the ledger)" if reused else "")
                  + (f", {len(failed)} failed" if failed else "")
                  + (f"; mean {_fmt_seconds(mean)} per training ({source})" if mean else ""))
 

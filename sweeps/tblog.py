@@ -1,12 +1,13 @@
 """TensorBoard for a sweep: one log directory, OUTPUT/tensorboard, that `tensorboard --logdir OUTPUT` opens.
 
 - `<grid point>/D=<size>`: one run per training (written by the trial, sweeps/trainable.py and diffmem.train):
-  loss, lr, memorization ratio, images/s against images seen; the sample | NN1 | NN2 grid with each sample's
-  distance ratio; and an HParams session: the grid point, the factor's config keys and |D| as hyperparameters,
-  `hparams/best_mem_ratio` and `hparams/memorized` (0/1) as metrics.
+  loss, lr, memorization ratio (and the ends of its 95 % interval), images/s against images seen; the sample |
+  NN1 | NN2 grid with each sample's distance ratio; and an HParams session: the grid point, the factor's config
+  keys and |D| as hyperparameters, `hparams/best_mem_ratio` and `hparams/memorized` (0/1) as metrics.
 - `summary`: the HParams experiment (which columns the table has) and, per grid point,
-  `emm/<grid label>/memorization_ratio` against |D| (step = |D|), written as trainings finish and rewritten
-  whole at the end of the sweep (sweeps/results.py), and `emm/<factor>`: EMM per grid index (step = index).
+  `emm/<grid label>/memorization_ratio` against |D| (step = |D|) with the ends of its 95 % interval (`..._low`,
+  `..._high`), written as trainings finish and rewritten whole at the end of the sweep (sweeps/results.py), and
+  `emm/<factor>`: EMM per grid index (step = index).
 
 The HParams protos are built here from tensorboard's own proto modules (no TensorFlow needed) and written
 through the trial's SummaryWriter, into the same event file as its scalars.
@@ -174,8 +175,9 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
                                                           f"EMM sweep over {factor}"))
         for point in trial_grid_points(grid_points):
             mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()]
-            for size, ratio in sorted(zip(mine["size"].astype(int), mine.best_mem_ratio.astype(float))):
-                writer.add_scalar(f"emm/{point['label']}/memorization_ratio", ratio, size)
+            for _, row in mine.sort_values("size").iterrows():
+                _add_ratio(writer, point["label"], int(row["size"]), float(row.best_mem_ratio),
+                           row.get("best_mem_ratio_low"), row.get("best_mem_ratio_high"))
         legend = ["| grid index | value | EMM |", "|---|---|---|"]
         for i, row in enumerate(emm.itertuples()):
             value = getattr(row, "emm")
@@ -191,6 +193,14 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
     return run
 
 
+def _add_ratio(writer, grid_label: str, size: int, ratio: float, low=None, high=None) -> None:
+    """emm/<grid label>/memorization_ratio at step |D|, and its 95 % interval's ends (_low, _high) when known."""
+    writer.add_scalar(f"emm/{grid_label}/memorization_ratio", ratio, size)
+    for name, value in (("low", low), ("high", high)):
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            writer.add_scalar(f"emm/{grid_label}/memorization_ratio_{name}", float(value), size)
+
+
 class LiveSummary:
     """The driver's writer of `emm/<grid label>/memorization_ratio` points as trainings finish."""
 
@@ -198,11 +208,11 @@ class LiveSummary:
         self.output = str(output)
         self._writer = None
 
-    def add(self, grid_label: str, size: int, ratio: float) -> None:
+    def add(self, grid_label: str, size: int, ratio: float, low=None, high=None) -> None:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(tensorboard_dir(self.output) / SUMMARY_RUN))
-        self._writer.add_scalar(f"emm/{grid_label}/memorization_ratio", ratio, int(size))
+        _add_ratio(self._writer, grid_label, int(size), ratio, low, high)
         self._writer.flush()
 
     def close(self) -> None:

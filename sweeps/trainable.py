@@ -17,15 +17,30 @@ from ray import tune
 
 from diffmem.config import apply_overrides, from_dict
 from diffmem.train import CHECKPOINT, train
-from sweeps.ledger import Ledger, training_key
+from sweeps.ledger import Ledger, key_context, training_key
+from sweeps.results import interval_of
 from sweeps.tblog import end_session, start_session
 
 
 def trial_config(settings: dict, config: dict):
-    """The resolved diffmem Config of one trial: base config, grid-point overrides, |D| and the stop rule."""
+    """The resolved diffmem Config of one trial: base config, grid-point overrides, |D| and the stop rule.
+
+    train.device 'auto' becomes the device the trial reserves: cuda with GPUs per worker, else cpu. The
+    driver (which may have no GPU) and the trial then agree on it, and a trial without a GPU of its own never
+    takes one Ray does not hide from it (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for 0-GPU workers)."""
     stop_at = 1 - settings["epsilon"] if settings.get("early_stop", True) else None
     overrides = {**config["overrides"], "data.size": config["size"], "eval.stop_at": stop_at}
-    return from_dict(apply_overrides(settings["base"], overrides))
+    cfg = from_dict(apply_overrides(settings["base"], overrides))
+    if cfg.train.device == "auto":
+        cfg.train.device = "cuda" if settings.get("gpus_per_worker", 0) > 0 else "cpu"
+    return cfg
+
+
+def trial_key(settings: dict, config: dict) -> tuple[str, dict, dict]:
+    """(ledger key, resolved config, key context) of one trial, the same in the driver and in the trial."""
+    cfg = trial_config(settings, config)
+    resolved, context = cfg.to_dict(), key_context(cfg)
+    return training_key(resolved, context), resolved, context
 
 
 def trial_logdir(settings: dict, config: dict) -> Path:
@@ -53,8 +68,8 @@ def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bo
     if writer is not None:
         end_session(writer, result.best_mem_ratio, settings["epsilon"], result.images_seen)
     if record and settings.get("ledger"):   # the moment it finishes, before Tune hears of it
-        resolved = cfg.to_dict()
-        Ledger(settings["ledger"]).put(training_key(resolved), resolved, result.history[-1], result.train_seconds)
+        key, resolved, context = trial_key(settings, config)   # the data fingerprint of the arrays it trained on
+        Ledger(settings["ledger"]).put(key, resolved, context, result.history[-1], result.train_seconds)
 
 
 class KnownResults:
@@ -62,17 +77,26 @@ class KnownResults:
 
     def __init__(self, settings: dict):
         self.settings = settings
+        self._ledger = None      # opened (and checked) once
 
     def __call__(self, config: dict) -> dict | None:
-        return Ledger(self.settings["ledger"]).get(training_key(trial_config(self.settings, config).to_dict()))
+        if getattr(self, "_ledger", None) is None:   # also when unpickled from an older tuner.pkl
+            self._ledger = Ledger(self.settings["ledger"])
+        return self._ledger.get(trial_key(self.settings, config)[0])
 
 
 def _report_known(settings: dict, config: dict) -> bool:
     """A trial the ledger already holds (it finished before a killed driver's last snapshot): report the
-    record instead of training again."""
-    known = KnownResults(settings)(config) if settings.get("ledger") else None
-    if known is not None:
-        tune.report({k: known[k] for k in ("best_mem_ratio", "images_seen", "planned_images")} | {"from_ledger": 1})
+    record, marked from_ledger, instead of training again. Never with --no-reuse (settings["no_reuse"])."""
+    if settings.get("no_reuse") or not settings.get("ledger"):
+        return False
+    known = KnownResults(settings)(config)
+    if known is not None:   # the interval the training reported: from its ratio and its eval.num_samples
+        samples = trial_config(settings, config).eval.num_samples
+        low, high = interval_of(known["best_mem_ratio"], samples)
+        tune.report({k: known[k] for k in ("best_mem_ratio", "images_seen", "planned_images")}
+                    | {"best_mem_ratio_low": low, "best_mem_ratio_high": high, "num_samples": samples,
+                       "from_ledger": 1})
     return known is not None
 
 

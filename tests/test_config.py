@@ -15,7 +15,8 @@ def test_defaults_are_the_papers_basic_setup():
 
 
 def test_yaml_plus_overrides():
-    cfg = load_config(DIGITS, ["model.channels=64", "model.channel_mult=[1,1]", "data.labels=random", "train.ema_beta=0.9"])
+    cfg = load_config(DIGITS, ["model.channels=64", "model.channel_mult=[1,1]", "data.labels=random",
+                                 "train.ema_schedule=paper_final", "train.ema_beta=0.9"])
     assert cfg.model.channels == 64 and cfg.model.channel_mult == [1, 1]
     assert cfg.data.labels == "random" and cfg.train.ema_beta == 0.9
     assert load_config(DIGITS, {"data.size": 128}).data.size == 128

@@ -17,23 +17,23 @@ from diffmem.data import load_dataset, main, training_set
 PER_BATCH = 20   # 2 images of each class per batch, 100 training images in all
 
 
-def write_cifar(root):
+def write_cifar(root, per_batch=PER_BATCH):
     """cifar-10-batches-py as the official download: Python-2-style dicts with bytes keys, protocol 2."""
     folder = root / "cifar-10-batches-py"
     folder.mkdir()
     rng = np.random.default_rng(0)
     images, labels = [], []
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch_labels = rng.permutation(np.repeat(np.arange(10), PER_BATCH // 10)).tolist()
-        data = rng.integers(0, 256, size=(PER_BATCH, 3072), dtype=np.uint8)
+        batch_labels = rng.permutation(np.repeat(np.arange(10), per_batch // 10)).tolist()
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
         batch = {b"batch_label": name.encode(), b"labels": batch_labels, b"data": data,
-                 b"filenames": [f"img_{i}.png".encode() for i in range(PER_BATCH)]}
+                 b"filenames": [f"img_{i}.png".encode() for i in range(per_batch)]}
         # numpy 1.x's module name, as in the real files (numpy 2 writes numpy._core)
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core."))
         if name != "test_batch":
             images.append(data)
             labels += batch_labels
-    meta = {b"num_cases_per_batch": PER_BATCH, b"num_vis": 3072,
+    meta = {b"num_cases_per_batch": per_batch, b"num_vis": 3072,
             b"label_names": [n.encode() for n in ("airplane automobile bird cat deer dog frog horse ship truck").split()]}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     archive = root / "cifar-10-python.tar.gz"

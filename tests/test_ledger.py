@@ -9,37 +9,43 @@ from hypothesis import strategies as st
 from ray.tune.search import Searcher
 
 from diffmem.config import ConfigError, load_config
-from sweeps.ledger import Ledger, training_key
+from diffmem.memorization import ratio_interval
+from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.searcher import EMMSearcher
 
 METRICS = {"best_mem_ratio": 0.95, "images_seen": 6000, "planned_images": 8000}
+CONTEXT = {"data": "d1", "device": "cpu", "torch": "2.14.1"}
 
 
 def test_records_round_trip_and_the_first_record_wins(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
     cfg = load_config("experiments/digits.yaml").to_dict()
-    key = training_key(cfg)
+    key = training_key(cfg, CONTEXT)
     assert ledger.get(key) is None
-    ledger.put(key, cfg, METRICS, 12.5)
-    ledger.put(key, cfg, {**METRICS, "best_mem_ratio": 0.1}, 1.0)
+    ledger.put(key, cfg, CONTEXT, METRICS, 12.5)
+    ledger.put(key, cfg, CONTEXT, {**METRICS, "best_mem_ratio": 0.1}, 1.0)
     record = Ledger(tmp_path / "l.sqlite").get(key)            # reopened: it is on disk
     assert record["best_mem_ratio"] == 0.95 and record["size"] == cfg["data"]["size"] and len(ledger) == 1
+    assert json.loads(record["context"]) == CONTEXT
 
 
 def test_key_changes_with_anything_that_determines_the_result():
     a = load_config("experiments/digits.yaml").to_dict()
     b = load_config("experiments/digits.yaml", {"train.seed": 1}).to_dict()
     c = load_config("experiments/digits.yaml", {"data.size": 65}).to_dict()
-    assert len({training_key(a), training_key(b), training_key(c)}) == 3
-    assert training_key(a) == training_key(load_config("experiments/digits.yaml").to_dict())
+    keys = {training_key(a, CONTEXT), training_key(b, CONTEXT), training_key(c, CONTEXT)}
+    for name, other in [("data", "d2"), ("device", "cuda"), ("torch", "2.15.0")]:
+        keys.add(training_key(a, {**CONTEXT, name: other}))
+    assert len(keys) == 6
+    assert training_key(a, CONTEXT) == training_key(load_config("experiments/digits.yaml").to_dict(), dict(CONTEXT))
 
 
 def test_incompatible_ledger_is_refused(tmp_path):
     path = tmp_path / "old.sqlite"
     Ledger(path)
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE meta SET value = '0' WHERE name = 'version'")
-    with pytest.raises(ConfigError, match="format version 0, this code writes 1; pass another --ledger path"):
+        db.execute("UPDATE meta SET value = '1' WHERE name = 'version'")
+    with pytest.raises(ConfigError, match="format version 1, this code writes 2; pass another --ledger path"):
         Ledger(path)
 
 
@@ -126,3 +132,194 @@ def test_property_searcher_never_asks_for_what_the_ledger_holds(case):
             assert truth is None or truth < 20
         else:
             assert row["censored"] == ">=max" and truth == 1000
+
+
+# ---------------------------------------------------------------- what the key holds besides the config
+
+def _write_pngs(folder, seed, size=8, per_class=3):
+    """An image folder as diffmem reads it (data.dataset: folder): one subfolder per class, RGB PNGs."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for c in ("a", "b"):
+        (folder / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / c / f"{i}.png")
+    return folder
+
+
+def _forget_loaded_data():
+    """A new process: diffmem.data reads (and fingerprints) each dataset once per process."""
+    import diffmem.data
+    diffmem.data._load.cache_clear()
+    diffmem.data._mix_set.cache_clear()
+    diffmem.data._fingerprint.cache_clear()
+
+
+def _folder_settings(folder, **data):
+    base = load_config(None, {"data.dataset": "folder", "data.path": str(folder), "data.size": 4,
+                              **{f"data.{k}": v for k, v in data.items()}}).to_dict()
+    return {"base": base, "epsilon": 0.1, "gpus_per_worker": 0}
+
+
+TRIAL = {"grid_index": 0, "grid_label": "p", "grid_value": None, "overrides": {}, "size": 4}
+
+
+def test_key_holds_the_data_actually_loaded(tmp_path):
+    """Files replaced at the same path (same config) give another key; the same content gives the same key.
+    The mixed-in images of data.mix_path count too."""
+    from sweeps.trainable import trial_key
+    folder = _write_pngs(tmp_path / "images", seed=0)
+    _forget_loaded_data()
+    first = trial_key(_folder_settings(folder), TRIAL)[0]
+    _forget_loaded_data()
+    assert trial_key(_folder_settings(folder), TRIAL)[0] == first          # nothing changed: reused
+    _write_pngs(folder, seed=1)                                             # same paths, new pixels
+    _forget_loaded_data()
+    changed = trial_key(_folder_settings(folder), TRIAL)[0]
+    assert changed != first
+    mix = _write_pngs(tmp_path / "mix", seed=2)
+    settings = _folder_settings(folder, mix_path=str(mix), mix_class=0, mix_rate=0.5)
+    _forget_loaded_data()
+    mixed = trial_key(settings, TRIAL)[0]
+    _write_pngs(mix, seed=3)
+    _forget_loaded_data()
+    assert trial_key(settings, TRIAL)[0] != mixed and mixed not in (first, changed)
+    _forget_loaded_data()
+
+
+def test_key_holds_the_device_type_and_the_torch_version(monkeypatch):
+    """train.device 'auto' is resolved from the trial's resources, on the driver as in the trial: a GPU
+    trial's key says cuda even where the driver has no GPU, a CPU trial's says cpu on a GPU machine."""
+    import torch
+
+    import sweeps.ledger
+    from sweeps.trainable import trial_config, trial_key
+    base = load_config("experiments/digits.yaml").to_dict()
+    assert base["train"]["device"] == "auto"
+    cpu, gpu = ({"base": base, "epsilon": 0.1, "gpus_per_worker": g} for g in (0, 1))
+    config = {**TRIAL, "size": 20}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)     # either machine: the trial's resources decide
+    assert trial_config(cpu, config).train.device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert trial_config(gpu, config).train.device == "cuda"
+    cpu_key, _, cpu_context = trial_key(cpu, config)
+    gpu_key, _, gpu_context = trial_key(gpu, config)
+    assert (cpu_context["device"], gpu_context["device"]) == ("cpu", "cuda") and cpu_key != gpu_key
+    assert cpu_context["torch"] == torch.__version__ and len(cpu_context["data"]) == 32
+    monkeypatch.setattr(torch, "__version__", "0.0.1-other")
+    assert trial_key(cpu, config)[0] != cpu_key
+    monkeypatch.undo()
+    # a config outside sweeps ('auto' as it is): resolved as diffmem.train resolves it, on this machine
+    auto = load_config("experiments/digits.yaml")
+    assert key_context(auto)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert sweeps.ledger.LEDGER_VERSION == 2
+
+
+def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):
+    """KnownResults (the searcher's lookup, in the driver) finds what a finished trial put, and --no-reuse
+    (settings["no_reuse"]) never answers from the ledger, not even a restored trial (_report_known)."""
+    import sweeps.trainable as trainable
+    from sweeps.emm_search import trial_settings
+    base = load_config("experiments/digits.yaml").to_dict()
+    spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
+            "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}
+    settings = trial_settings(spec, tmp_path)
+    config = {**TRIAL, "size": 20}
+    key, resolved, context = trainable.trial_key(settings, config)
+    Ledger(settings["ledger"]).put(key, resolved, context, METRICS, 3.0)     # as _run records it
+    assert trainable.KnownResults(settings)(config)["best_mem_ratio"] == 0.95
+    reported = []
+    monkeypatch.setattr(trainable.tune, "report", lambda metrics, **_: reported.append(metrics))
+    assert trainable._report_known(settings, config) is True
+    samples = trainable.trial_config(settings, config).eval.num_samples   # the interval the training reported
+    low, high = ratio_interval(round(0.95 * samples), samples)
+    assert reported == [{**METRICS, "best_mem_ratio_low": low, "best_mem_ratio_high": high, "num_samples": samples,
+                         "from_ledger": 1}]
+    no_reuse = trial_settings({**spec, "no_reuse": True}, tmp_path)
+    assert no_reuse["no_reuse"] is True
+    assert trainable._report_known(no_reuse, config) is False and len(reported) == 1
+
+
+# ---------------------------------------------------------------- "from ledger" counts every ledger answer
+
+def test_from_ledger_counts_answers_of_the_searcher_and_of_restored_trials():
+    """Two ways the ledger answers: the searcher observes a record without a trial, or a restored trial finds
+    its record and reports it marked from_ledger. Both are 'from ledger' in emm.csv/emm.md, neither counts as
+    a training of this sweep nor adds training images."""
+    import pandas as pd
+
+    from sweeps.results import emm_table, markdown_table, trials_from_search
+    points = [{"label": "p=0", "value": 0, "overrides": {}}]
+    known = {30: 0.95}
+    searcher = EMMSearcher(points, list(range(10, 81, 10)), (10, 80), max_concurrent=1,
+                           known_results=lambda c: ({"best_mem_ratio": known[c["size"]]} if c["size"] in known else None))
+    trials = []
+    for n in range(40):
+        config = searcher.suggest(f"t{n}")
+        if config == Searcher.FINISHED:
+            break
+        from_ledger = config["size"] == 40          # a restored trial that found its record
+        ratio = 0.95 if config["size"] <= 40 else 0.2
+        result = {"best_mem_ratio": ratio, "images_seen": 16000, "planned_images": 16000, "done": True,
+                  "from_ledger": 1 if from_ledger else float("nan"), "time_total_s": 1.0 if from_ledger else 30.0,
+                  "trial_id": f"t{n}", "config/grid_label": "p=0", "config/size": config["size"]}
+        searcher.on_trial_complete(f"t{n}", result)
+        trials.append(result)
+    summary = searcher.state.summary()
+    sizes = [s for s, *_ in summary[0]["observations"]]
+    assert 30 in sizes and 40 in sizes and searcher.reused == [(0, 30)]
+    table = trials_from_search(summary, pd.DataFrame(trials), 0.1)
+    assert set(table[table["size"].isin([30, 40])].status) == {"reused"}
+    emm = emm_table("p", summary, table)
+    trained = len(sizes) - 2
+    assert emm.reused[0] == 2 and emm.trials[0] == trained and emm.training_images[0] == 16000 * trained
+    assert f"| {trained} | 2 |" in markdown_table(emm, 0.1)
+
+
+def test_status_counts_the_ledger_answers(tmp_path):
+    import json as _json
+
+    from sweeps.status import sweep_status
+    from test_watch import make_sweep
+    out = make_sweep(tmp_path / "sweep", finished=False)
+    state_file = next((out / "tune").glob("searcher-state-*.pkl"))
+    saved = _json.loads(state_file.read_text())
+    saved["reused"] = [[0, 20], [0, 30]]          # answered by the ledger without a trial
+    state_file.write_text(_json.dumps(saved))
+    text = sweep_status(out)
+    assert "finished trainings: 6 (2 answered by the ledger)" in text, text
+    assert "3 done (2 from the ledger), 0 running" in text, text
+
+
+# ---------------------------------------------------------------- ledger files that are not ours
+
+def test_an_empty_truncated_or_foreign_ledger_is_refused_and_left_as_it_is(tmp_path):
+    """A ledger is created only where no file exists; any other file must be a whole diffmem ledger."""
+    intact = tmp_path / "intact.sqlite"
+    ledger = Ledger(intact)
+    cfg = load_config("experiments/digits.yaml").to_dict()
+    for i in range(200):
+        ledger.put(f"k{i}", cfg, CONTEXT, METRICS, 1.0)
+    data = intact.read_bytes()
+    foreign = tmp_path / "foreign.sqlite"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x)")
+    cases = {"empty.sqlite": (b"", r"is empty \(0 bytes\), not a diffmem ledger"),
+             "notes.sqlite": (b"name,emm\nwidth,40\n", "is not a SQLite file, so not a diffmem ledger"),
+             "half.sqlite": (data[:len(data) // 2], "is (damaged or )?truncated"),
+             "short.sqlite": (data[:-100], r"is truncated \(\d+ of \d+ bytes\)"),
+             "foreign.sqlite": (foreign.read_bytes(), "is a SQLite file but not a diffmem ledger")}
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(ConfigError, match=f"^ledger {path} {message}.*(--ledger path|backup)") as refused:
+            Ledger(path)
+        assert "\n" not in str(refused.value) and "where no file exists" in str(refused.value)
+        assert path.read_bytes() == content, name                       # not touched, never made a new one
+    with pytest.raises(ConfigError, match="is a folder, not a ledger file"):
+        Ledger(tmp_path)
+    # the intact one: opened again (a resume, another sweep), every record is still there
+    assert len(Ledger(intact)) == 200 and Ledger(intact).get("k7")["best_mem_ratio"] == 0.95
+    assert intact.read_bytes() == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["intact.sqlite", *cases])   # no temporary left

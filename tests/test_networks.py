@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from diffmem.networks import DDPMpp, PositionalEmbedding, Resample
+from diffmem.networks import SongUNet, PositionalEmbedding, Resample
 
 DIGITS = dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(), dropout=0.0)
 # Same topology as the basic setup (3 levels x 3 skips = 9), small enough for many forward passes.
@@ -37,13 +37,13 @@ def one_thread():
 @pytest.fixture(scope="module")
 def basic():
     torch.manual_seed(0)
-    return DDPMpp(32, 3, 3)   # paper's basic setup: 128 ch, [2,2,2], 2 blocks, attn 16, dropout 0.13
+    return SongUNet(32, 3, 3)   # paper's basic setup: 128 ch, [2,2,2], 2 blocks, attn 16, dropout 0.13
 
 
 # ---------------------------------------------------------------------------------------------- shapes
 
 def test_digits_shape_and_grads_reach_every_parameter():
-    model = DDPMpp(8, 1, 1, **DIGITS)
+    model = SongUNet(8, 1, 1, **DIGITS)
     x, t = inputs(5, 1, 8)
     y = model(x, t)
     assert y.shape == (5, 1, 8, 8) and y.dtype == torch.float32
@@ -60,27 +60,27 @@ def test_basic_setup_shape(basic):
 
 
 def test_16x16_shape():
-    model = DDPMpp(16, 3, 3, model_channels=32, num_blocks=1, attn_resolutions=(8,), dropout=0.0)
+    model = SongUNet(16, 3, 3, model_channels=32, num_blocks=1, attn_resolutions=(8,), dropout=0.0)
     x, t = inputs(3, 3, 16)
     assert model(x, t).shape == (3, 3, 16, 16)
 
 
 def test_out_channels_may_differ_from_in_channels():
-    assert DDPMpp(8, 3, 1, **DIGITS)(*inputs(2, 3, 8)).shape == (2, 1, 8, 8)
+    assert SongUNet(8, 3, 1, **DIGITS)(*inputs(2, 3, 8)).shape == (2, 1, 8, 8)
 
 
 def test_resolution_checks():
     with pytest.raises(ValueError, match="power of two"):
-        DDPMpp(12, 1, 1, **DIGITS)
+        SongUNet(12, 1, 1, **DIGITS)
     with pytest.raises(ValueError, match="power of two"):
-        DDPMpp(4, 1, 1, model_channels=32, channel_mult=(1,), attn_resolutions=())
+        SongUNet(4, 1, 1, model_channels=32, channel_mult=(1,), attn_resolutions=())
     with pytest.raises(ValueError, match="lowest resolution must be >= 2"):
-        DDPMpp(8, 1, 1, model_channels=16, channel_mult=(1, 1, 1, 1), num_blocks=1, attn_resolutions=())
+        SongUNet(8, 1, 1, model_channels=16, channel_mult=(1, 1, 1, 1), num_blocks=1, attn_resolutions=())
     # 8 -> 4 -> 2 is the deepest allowed stack at 8x8.
-    model = DDPMpp(8, 1, 1, model_channels=16, channel_mult=(1, 1, 1), num_blocks=1, attn_resolutions=())
+    model = SongUNet(8, 1, 1, model_channels=16, channel_mult=(1, 1, 1), num_blocks=1, attn_resolutions=())
     assert model(*inputs(2, 1, 8)).shape == (2, 1, 8, 8)
     with pytest.raises(ValueError, match="embedding"):
-        DDPMpp(8, 1, 1, embedding="sinusoidal", **DIGITS)
+        SongUNet(8, 1, 1, embedding="sinusoidal", **DIGITS)
 
 
 # ------------------------------------------------------------------------------------ architecture pins
@@ -91,7 +91,7 @@ def test_basic_setup_parameter_count(basic):
 
 
 def test_edm_four_block_parameter_count():
-    model = DDPMpp(32, 3, 3, num_blocks=4)
+    model = SongUNet(32, 3, 3, num_blocks=4)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 2) == 55.73
 
 
@@ -107,7 +107,7 @@ def test_basic_setup_layout(basic):
     assert basic.map_layer1.out_features == 512 and basic.map_layer0.in_features == 128
     # GroupNorm: 32 groups but >= 4 channels per group; eps 1e-6.
     assert basic.dec["32x32_block2"].norm0.num_groups == 32 and basic.dec["32x32_block2"].norm0.eps == 1e-6
-    small = DDPMpp(8, 1, 1, **DIGITS)
+    small = SongUNet(8, 1, 1, **DIGITS)
     assert small.num_skips == 4 and small.enc["8x8_block0"].norm0.num_groups == 8
 
 
@@ -173,7 +173,7 @@ def run_with_taps(model, x, t, zero_skip_of=()):
 
 def test_skip_mask_feeds_zeros_at_exactly_the_disabled_position():
     torch.manual_seed(0)
-    ref = scramble(DDPMpp(16, 3, 3, **NINE_SKIPS))
+    ref = scramble(SongUNet(16, 3, 3, **NINE_SKIPS))
     assert ref.num_skips == 9
     dec_blocks = [n for n in ref.dec if "_block" in n]   # pops in reverse push order (LIFO)
     x, t = inputs(2, 3, 16)
@@ -185,7 +185,7 @@ def test_skip_mask_feeds_zeros_at_exactly_the_disabled_position():
     for k in range(ref.num_skips):
         mask = [1] * ref.num_skips
         mask[k] = 0
-        model = DDPMpp(16, 3, 3, skip_connections=mask, **NINE_SKIPS)
+        model = SongUNet(16, 3, 3, skip_connections=mask, **NINE_SKIPS)
         model.load_state_dict(ref.state_dict())
         model.eval()
         out, pushed, received = run_with_taps(model, x, t)
@@ -207,10 +207,10 @@ def test_skip_mask_feeds_zeros_at_exactly_the_disabled_position():
 
 def test_paper_skip_numbering():
     # Paper skip 1 (input conv, 16x16 here) reaches the last decoder block; skip 9 the first one.
-    ref = DDPMpp(16, 3, 3, **NINE_SKIPS)
+    ref = SongUNet(16, 3, 3, **NINE_SKIPS)
     x, t = inputs(1, 3, 16)
-    first_off = DDPMpp(16, 3, 3, skip_connections=[0] + [1] * 8, **NINE_SKIPS)
-    last_off = DDPMpp(16, 3, 3, skip_connections=[1] * 8 + [0], **NINE_SKIPS)
+    first_off = SongUNet(16, 3, 3, skip_connections=[0] + [1] * 8, **NINE_SKIPS)
+    last_off = SongUNet(16, 3, 3, skip_connections=[1] * 8 + [0], **NINE_SKIPS)
     for m in (first_off, last_off):
         m.load_state_dict(ref.state_dict())
     _, _, rec = run_with_taps(first_off.eval(), x, t)
@@ -221,8 +221,8 @@ def test_paper_skip_numbering():
 
 
 def test_all_skips_off_runs_and_keeps_widths():
-    model = DDPMpp(8, 1, 1, skip_connections=[0, 0, 0, 0], **DIGITS)
-    full = DDPMpp(8, 1, 1, **DIGITS)
+    model = SongUNet(8, 1, 1, skip_connections=[0, 0, 0, 0], **DIGITS)
+    full = SongUNet(8, 1, 1, **DIGITS)
     assert [b.in_channels for b in model.dec.values()] == [b.in_channels for b in full.dec.values()]
     assert model(*inputs(2, 1, 8)).shape == (2, 1, 8, 8)
     assert model.skip_connections == (False,) * 4 and full.skip_connections == (True,) * 4
@@ -233,27 +233,27 @@ def test_all_skips_off_runs_and_keeps_widths():
 def test_bad_skip_masks_raise(mask):
     with pytest.raises(ValueError, match=r"expected 9 = len\(channel_mult\) \* \(num_blocks \+ 1\)|9 entries "
                                          r"= len\(channel_mult\) \* \(num_blocks \+ 1\)|list of 9 zeros"):
-        DDPMpp(16, 3, 3, skip_connections=mask, **NINE_SKIPS)
+        SongUNet(16, 3, 3, skip_connections=mask, **NINE_SKIPS)
 
 
 def test_bad_mask_length_message():
     with pytest.raises(ValueError) as err:
-        DDPMpp(16, 3, 3, skip_connections=[1, 1, 1, 1], **NINE_SKIPS)
+        SongUNet(16, 3, 3, skip_connections=[1, 1, 1, 1], **NINE_SKIPS)
     assert str(err.value) == ("model.skip_connections has 4 entries, expected 9 = len(channel_mult) * "
                               "(num_blocks + 1); use e.g. [1, 1, 1, 1, 1, 1, 1, 1, 1]")
 
 
 def test_mask_accepts_bools_and_tensors():
-    m = DDPMpp(8, 1, 1, skip_connections=torch.tensor([1, 0, 1, 1]), **DIGITS)
+    m = SongUNet(8, 1, 1, skip_connections=torch.tensor([1, 0, 1, 1]), **DIGITS)
     assert m.skip_connections == (True, False, True, True)
-    assert DDPMpp(8, 1, 1, skip_connections=(True, True, False, True), **DIGITS).skip_connections[2] is False
+    assert SongUNet(8, 1, 1, skip_connections=(True, True, False, True), **DIGITS).skip_connections[2] is False
 
 
 # ------------------------------------------------------------------------------------------ conditioning
 
 def test_class_labels_change_the_output_and_match_edm_one_hot():
     torch.manual_seed(0)
-    model = scramble(DDPMpp(8, 1, 1, label_dim=10, **DIGITS))
+    model = scramble(SongUNet(8, 1, 1, label_dim=10, **DIGITS))
     x, t = inputs(3, 1, 8)
     a = model(x, t, torch.tensor([0, 1, 2]))
     b = model(x, t, torch.tensor([3, 1, 9]))
@@ -268,7 +268,7 @@ def test_class_labels_change_the_output_and_match_edm_one_hot():
 
 
 def test_many_unique_labels():
-    model = DDPMpp(8, 1, 1, label_dim=50_000, **DIGITS)
+    model = SongUNet(8, 1, 1, label_dim=50_000, **DIGITS)
     assert model.map_label.weight.shape == (32, 50_000)
     x, t = inputs(3, 1, 8)
     model(x, t, torch.tensor([0, 25_000, 49_999])).sum().backward()
@@ -279,8 +279,8 @@ def test_many_unique_labels():
 def test_label_errors():
     x, t = inputs(2, 1, 8)
     with pytest.raises(ValueError, match="unconditional"):
-        DDPMpp(8, 1, 1, **DIGITS)(x, t, torch.tensor([0, 1]))
-    cond = DDPMpp(8, 1, 1, label_dim=10, **DIGITS)
+        SongUNet(8, 1, 1, **DIGITS)(x, t, torch.tensor([0, 1]))
+    cond = SongUNet(8, 1, 1, label_dim=10, **DIGITS)
     with pytest.raises(ValueError, match="conditional.*pass class_labels"):
         cond(x, t)
     with pytest.raises(ValueError, match="integer class indices"):
@@ -303,9 +303,9 @@ def test_positional_embedding_formula():
 
 def test_fourier_and_positional_both_run():
     torch.manual_seed(0)
-    pos = DDPMpp(8, 1, 1, embedding="positional", **DIGITS)
+    pos = SongUNet(8, 1, 1, embedding="positional", **DIGITS)
     torch.manual_seed(0)
-    four = DDPMpp(8, 1, 1, embedding="fourier", **DIGITS)
+    four = SongUNet(8, 1, 1, embedding="fourier", **DIGITS)
     x, t = inputs(4, 1, 8)
     assert pos(x, t).shape == four(x, t).shape == (4, 1, 8, 8)
     freqs = four.map_noise.freqs
@@ -317,13 +317,13 @@ def test_fourier_and_positional_both_run():
 
 
 def test_channel_mult_noise_widens_the_noise_embedding():
-    m = DDPMpp(8, 1, 1, channel_mult_noise=2, embedding="fourier", **DIGITS)
+    m = SongUNet(8, 1, 1, channel_mult_noise=2, embedding="fourier", **DIGITS)
     assert m.map_layer0.in_features == 64 and m.map_noise.freqs.shape == (32,)
     assert m(*inputs(2, 1, 8)).shape == (2, 1, 8, 8)
 
 
 def test_dropout_only_in_training():
-    model = scramble(DDPMpp(8, 1, 1, **{**DIGITS, "dropout": 0.5}))
+    model = scramble(SongUNet(8, 1, 1, **{**DIGITS, "dropout": 0.5}))
     x, t = inputs(2, 1, 8)
     torch.testing.assert_close(model(x, t), model(x, t), rtol=0, atol=0)
     model.train()

@@ -236,3 +236,20 @@ def test_conditional_samples_use_only_classes_of_the_subset():
     result = evaluate_denoiser(spy, ts, EvalConfig(num_samples=64, batch_size=64, num_steps=4))
     assert set(seen) <= present and len(set(seen)) > 5
     assert result.ratio >= 0.99   # the class-conditional optimum also reproduces training images
+
+
+def test_the_papers_class_draw_is_uniform_over_label_dim_and_the_same_draw_when_every_class_has_images():
+    from diffmem.evaluate import sample_classes, seeded_latents
+    sparse = training_set(DataConfig(size=30, labels="random", label_classes=100))
+    _, labels = seeded_latents(range(400), (1, 8, 8), sample_classes(sparse, "all"), "cpu")
+    # EDM's generate.py: torch.randint(label_dim) from the seed's generator, after its latent
+    expected = []
+    for seed in range(400):
+        g = torch.Generator().manual_seed(seed)
+        torch.randn((1, 8, 8), generator=g)
+        expected.append(int(torch.randint(100, (), generator=g)))
+    assert labels.tolist() == expected
+    assert len(set(expected) - set(sparse.labels.tolist())) > 50   # most of them never trained on
+    full = training_set(DataConfig(size=100, labels="true"))   # all 10 classes present
+    assert torch.equal(seeded_latents(range(50), (1, 8, 8), sample_classes(full, "all"), "cpu")[1],
+                       seeded_latents(range(50), (1, 8, 8), sample_classes(full, "present"), "cpu")[1])

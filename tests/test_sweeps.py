@@ -119,6 +119,10 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     assert list(emm.value) == ["none", "unique"]
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == emm.trials.sum() and trials.best_mem_ratio.between(0, 1).all()
+    # every best ratio with its 95 % interval, in trials.csv and on the console
+    assert (trials.best_mem_ratio_low <= trials.best_mem_ratio).all()
+    assert (trials.best_mem_ratio <= trials.best_mem_ratio_high).all()
+    assert re.search(r"best ratio \d\.\d{3} \[\d\.\d{3}, \d\.\d{3}\]: (not )?memorized", stdout), stdout[-2000:]
     # the bracket is consistent with what was measured
     for _, row in emm.iterrows():
         mine = trials[trials.grid_label == f"random_labels={row.value}"]

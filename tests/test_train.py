@@ -1,4 +1,5 @@
 """The training loop for real on the digits: resume, reproducibility, bad input, what it writes."""
+import re
 import subprocess
 import sys
 
@@ -42,6 +43,15 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
             assert torch.equal(a[k], b[k]), k
     assert [h["mem_ratio"] for h in whole.history] == [h["mem_ratio"] for h in resumed.history]
     assert s1["step"] == s2["step"] and whole.best_mem_ratio == resumed.best_mem_ratio
+    ends = ("best_mem_ratio_low", "best_mem_ratio_high")   # the best snapshot's interval survives the resume
+    assert [whole.history[-1][k] for k in ends] == [resumed.history[-1][k] for k in ends]
+    from diffmem.memorization import ratio_interval
+    for h in whole.history:   # every evaluation: its ratio over its samples, with the 95 % interval of that ratio
+        assert h["num_samples"] == 16 and (h["mem_ratio_low"], h["mem_ratio_high"]) == \
+            ratio_interval(round(h["mem_ratio"] * 16), 16)
+        assert h["mem_ratio_low"] <= h["mem_ratio"] <= h["mem_ratio_high"]
+        best = next(e for e in whole.history if e["mem_ratio"] == h["best_mem_ratio"])   # the snapshot that gave it
+        assert (h["best_mem_ratio_low"], h["best_mem_ratio_high"]) == (best["mem_ratio_low"], best["mem_ratio_high"])
 
 
 def test_same_config_and_seed_same_result(tmp_path):
@@ -71,7 +81,11 @@ def test_cli_trains_and_writes_tensorboard_and_grid(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(tmp_path / "run")).Reload()
     tags = events.Tags()
-    assert {"train/loss", "train/lr", "memorization/mem_ratio", "memorization/best_mem_ratio"} <= set(tags["scalars"])
+    assert {"train/loss", "train/lr", "memorization/mem_ratio", "memorization/best_mem_ratio",
+            "memorization/mem_ratio_low", "memorization/mem_ratio_high", "memorization/best_mem_ratio_low",
+            "memorization/best_mem_ratio_high"} <= set(tags["scalars"])
+    assert re.search(r"best memorization ratio (\S+) \[(\S+), (\S+)\] \(95 % Wilson interval over 16 samples\)",
+                     run.stdout), run.stdout
     assert "samples/generated_nn1_nn2" in tags["images"]
     assert [e.step for e in events.Scalars("memorization/mem_ratio")] == [1024, 2016, 3008]
 

@@ -75,13 +75,14 @@ def make_sweep(output: Path, finished: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
     from sweeps.bisection import EMMSearchState
-    from sweeps.results import emm_table, write_results
+    from sweeps.results import emm_table, interval_of, write_results
     from sweeps.searcher import SAVE_FORMAT, SAVE_VERSION
     from sweeps.tblog import end_session, start_session
     tune_dir = output / "tune"
     tune_dir.mkdir(parents=True)
-    spec = {"version": 1, "factor": "width", "values": [8, 16], "grid_points": GRID, "base": {},
-            "config_file": str(ROOT / "experiments" / "digits.yaml"), "preset": "smoke", "epsilon": 0.1,
+    spec = {"version": 1, "factor": "width", "values": [8, 16], "grid_points": GRID,
+            "base": {"eval": {"num_samples": 256}}, "config_file": str(ROOT / "experiments" / "digits.yaml"),
+            "preset": "smoke", "epsilon": 0.1,
             "tolerance": 0.1, "size_range": [10, 80], "allowed_sizes": list(range(10, 801, 10)), "workers": 1,
             "gpus_per_worker": 0, "ddp": False, "max_failures": 2, "max_concurrent": 2,
             "ledger": str(output / "ledger.sqlite"), "no_reuse": False}
@@ -93,8 +94,10 @@ def make_sweep(output: Path, finished: bool) -> Path:
         state.start(g, size)
         state.observe(g, size, ratio, images=16000)
         trial_data.append(_trial(tune_dir, f"t{k:07d}", g, size, ratio, "TERMINATED"))
+        low, high = interval_of(ratio, 256)
         rows.append({"grid_label": GRID[g]["label"], "value": GRID[g]["value"], "size": size, "best_mem_ratio": ratio,
-                     "memorized": ratio >= 0.9, "stopped_early": False, "images_seen": 16000,
+                     "best_mem_ratio_low": low, "best_mem_ratio_high": high, "memorized": ratio >= 0.9,
+                     "stopped_early": False, "images_seen": 16000,
                      "planned_images": 16000, "train_seconds": 30.0, "trial_id": f"t{k:07d}", "status": "done"})
         run = output / "tensorboard" / GRID[g]["label"] / f"D={size}"
         config = {"grid_label": GRID[g]["label"], "overrides": GRID[g]["overrides"], "size": size}
@@ -125,7 +128,10 @@ def _trial(tune_dir: Path, trial_id: str, g: int, size: int, ratio: float, statu
     folder = tune_dir / f"{GRID[g]['label']}_D={size}_{trial_id}"
     folder.mkdir()
     (folder / "params.json").write_text(json.dumps(config))
-    result = {"best_mem_ratio": ratio, "images_seen": 8000 if status == "RUNNING" else 16000,
+    from sweeps.results import interval_of
+    low, high = interval_of(ratio, 256)
+    result = {"best_mem_ratio": ratio, "best_mem_ratio_low": low, "best_mem_ratio_high": high,
+              "images_seen": 8000 if status == "RUNNING" else 16000,
               "planned_images": 16000, "time_total_s": seconds, "trial_id": trial_id, "config": config}
     (folder / "result.json").write_text(json.dumps(result) + "\n")
     return [json.dumps({"trial_id": trial_id, "status": status, "config": config}),
@@ -164,7 +170,8 @@ def test_event_files_hold_the_sweeps_tags(tmp_path):
 
     summary = _events(out / "tensorboard" / "summary")
     scalars = summary.Tags()["scalars"]
-    assert {"emm/width=8/memorization_ratio", "emm/width=16/memorization_ratio", "emm/width"} <= set(scalars)
+    assert {"emm/width=8/memorization_ratio", "emm/width=16/memorization_ratio", "emm/width",
+            "emm/width=8/memorization_ratio_low", "emm/width=8/memorization_ratio_high"} <= set(scalars)
     curve = summary.Scalars("emm/width=8/memorization_ratio")
     assert [(s.step, round(s.value, 2)) for s in curve] == [(20, 0.95), (30, 0.7), (40, 0.4)]
     assert [(s.step, s.value) for s in summary.Scalars("emm/width")] == [(0, 20.0), (1, 40.0)]
@@ -195,7 +202,8 @@ def test_status_of_a_running_sweep(tmp_path):
     assert text.splitlines()[0].endswith(": running"), text
     assert re.search(r"width=8\s+resolved\s+\[20, 30\)\s+20\s+3 done, 0 running", text), text
     assert re.search(r"width=16\s+open\s+\[20, -\) searching 20\.\.80\s+\?\s+1 done, 1 running", text), text
-    assert "width=16|D|=40 (running, 8,000 of 16,000 images, best ratio so far 0.500)" in text
+    assert "width=16|D|=40 (running, 8,000 of 16,000 images, best ratio so far 0.500 [0.439, 0.561])" in text
+    assert "20: 0.950 [0.915, 0.970] memorized, 30: 0.700 [0.640, 0.752], 40: 0.400 [0.340, 0.459]" in text
     assert "finished trainings: 4; mean 30 s per training" in text
     # width=16 searches 20..80: log2(log(80/20) / log(1.1)) -> 4 steps, but only 5 sizes lie between
     # (log2(6) -> 3 steps), one of them running; 2 at once: (2 x 30 s + (30 s - 10 s run so far)) / 2 = 40 s
@@ -264,8 +272,8 @@ def test_report_is_one_self_contained_page(tmp_path):
     text = page.read_text()
     assert text.count('<table class="emm">') == 1 and "No tables yet" in text   # the running one: its status
     assert text.count("data:image/png;base64,") == 2 + 4     # emm.png, curves.png, 2 bracket ends x 2 points
-    assert "width=8, |D| = 20: best ratio 0.950, memorized" in text
-    assert "width=8, |D| = 30: best ratio 0.700, not memorized" in text
+    assert "width=8, |D| = 20: best ratio 0.950 [0.915, 0.970], memorized" in text   # with its 95 % interval
+    assert "width=8, |D| = 30: best ratio 0.700 [0.640, 0.752], not memorized" in text
     assert not re.search(r'(src|href)="(?!data:)', text)
 
 
@@ -290,7 +298,8 @@ def test_explore_space_maps_through_the_factor_registry():
     base = load_config(str(ROOT / "experiments" / "digits.yaml"))
     params = {"width": 16, "labels": "random-10", "ema": 0.9}
     assert trial_overrides(params, base, 10) == {"model.channels": 16, "data.labels": "random",
-                                                 "data.label_classes": 10, "train.ema_beta": 0.9}
+                                                 "data.label_classes": 10, "train.ema_schedule": "paper_final",
+                                                 "train.ema_beta": 0.9}
     assert trial_label(params) == "ema=0.9,labels=random-10,width=16"
 
 
@@ -321,6 +330,7 @@ def test_smoke_sweep_tensorboard_tags(smoke_sweep):
         events = _events(run)
         tags = events.Tags()
         assert {"train/loss", "train/lr", "memorization/mem_ratio", "memorization/best_mem_ratio",
+                "memorization/mem_ratio_low", "memorization/best_mem_ratio_high",
                 "train/images_per_sec", "hparams/best_mem_ratio", "hparams/memorized"} <= set(tags["scalars"])
         assert "samples/generated_nn1_nn2" in tags["images"]
         assert "samples/nn_ratio/text_summary" in tags["tensors"]
