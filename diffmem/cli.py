@@ -48,16 +48,17 @@ def run_cli(prog: str, description: str, run, argv=None, dry_run=None) -> int:
         parser.add_argument("--dry-run", action="store_true",
                             help="print the resolved config and the schedule the training would follow, then exit")
     args = parser.parse_args(argv)
+    dry = getattr(args, "dry_run", False)   # diffmem.optimum has no --dry-run
     try:
         cfg = load_config(args.config, args.overrides)
         dataset = load_dataset(cfg.data)
         data = training_set(cfg.data, dataset)   # a missing dataset or impossible size fails now, before any work
         validate_with_data(cfg, dataset.images.shape[-1], len(dataset.labels), dataset.name)
-        if not getattr(args, "dry_run", False):
+        if not dry:
             check_machine(cfg)
     except ConfigError as e:
         return fail(str(e))
-    if getattr(args, "dry_run", False):
+    if dry:
         print(dry_run(cfg, data))
         return 0
     run_dir = Path(args.output or f"runs/{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}")

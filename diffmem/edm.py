@@ -17,13 +17,26 @@ def _sigma_column(sigma, x):
     return torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
 
 
-class VPPrecond(torch.nn.Module):
-    """Variance preserving: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t ~ U(eps_t, 1)."""
-    beta_d, beta_min, M, epsilon_t = 19.9, 0.1, 1000, 1e-5
+class Precond(torch.nn.Module):
+    """D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, label) (EDM eq. 7); a subclass gives scalings(sigma),
+    the noise distribution of its loss (sample_sigma) and its weight lambda (loss_weight)."""
 
     def __init__(self, net):
         super().__init__()
         self.net = net
+
+    def forward(self, x, sigma, class_labels=None):
+        x = x.to(torch.float32)
+        c_skip, c_out, c_in, c_noise = self.scalings(_sigma_column(sigma, x))
+        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), class_labels)
+
+
+class VPPrecond(Precond):
+    """Variance preserving: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1), t ~ U(eps_t, 1)."""
+    beta_d, beta_min, M, epsilon_t = 19.9, 0.1, 1000, 1e-5
+
+    def __init__(self, net):
+        super().__init__(net)
         self.sigma_min = float(self.sigma(self.epsilon_t))   # ~0.0010
         self.sigma_max = float(self.sigma(1.0))              # ~152.2
 
@@ -35,12 +48,8 @@ class VPPrecond(torch.nn.Module):
         sigma = torch.as_tensor(sigma)
         return ((self.beta_min ** 2 + 2 * self.beta_d * (1 + sigma ** 2).log()).sqrt() - self.beta_min) / self.beta_d
 
-    def forward(self, x, sigma, class_labels=None):
-        x = x.to(torch.float32)
-        sigma = _sigma_column(sigma, x)
-        c_skip, c_out, c_in = 1, -sigma, 1 / (sigma ** 2 + 1).sqrt()
-        c_noise = (self.M - 1) * self.sigma_inv(sigma)
-        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), class_labels)
+    def scalings(self, sigma):
+        return 1, -sigma, 1 / (sigma ** 2 + 1).sqrt(), (self.M - 1) * self.sigma_inv(sigma)
 
     def sample_sigma(self, n, device, generator=None):
         t = self.epsilon_t + (1 - self.epsilon_t) * torch.rand(n, device=device, generator=generator)
@@ -50,24 +59,17 @@ class VPPrecond(torch.nn.Module):
         return 1 / sigma ** 2
 
 
-class EDMPrecond(torch.nn.Module):
+class EDMPrecond(Precond):
     """EDM: sigma_data = 0.5, ln sigma ~ N(P_mean = -1.2, P_std = 1.2)."""
     sigma_data, P_mean, P_std = 0.5, -1.2, 1.2
     sigma_min, sigma_max = 0.0, math.inf
 
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, sigma, class_labels=None):
-        x = x.to(torch.float32)
-        sigma = _sigma_column(sigma, x)
+    def scalings(self, sigma):
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
         c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.log() / 4
-        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), class_labels)
+        return c_skip, c_out, c_in, sigma.log() / 4
 
     def sample_sigma(self, n, device, generator=None):
         return (torch.randn(n, device=device, generator=generator) * self.P_std + self.P_mean).exp()
@@ -76,21 +78,13 @@ class EDMPrecond(torch.nn.Module):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 
-class VEPrecond(torch.nn.Module):
+class VEPrecond(Precond):
     """Variance exploding (NCSN++ runs, paper.md §8): sigma = sigma_min (sigma_max / sigma_min)^u, u ~ U(0, 1),
     lambda = 1 / sigma^2; c_skip = 1, c_out = sigma, c_in = 1, c_noise = ln(sigma / 2)."""
     sigma_min, sigma_max = 0.02, 100.0
 
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x, sigma, class_labels=None):
-        x = x.to(torch.float32)
-        sigma = _sigma_column(sigma, x)
-        c_skip, c_out, c_in = 1, sigma, 1
-        c_noise = (0.5 * sigma).log()
-        return c_skip * x + c_out * self.net(c_in * x, c_noise.flatten(), class_labels)
+    def scalings(self, sigma):
+        return 1, sigma, 1, (0.5 * sigma).log()
 
     def sample_sigma(self, n, device, generator=None):
         u = torch.rand(n, device=device, generator=generator)

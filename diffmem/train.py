@@ -25,10 +25,10 @@ from typing import Callable
 
 import torch
 
-from diffmem import ema
 from diffmem.config import Config, ConfigError, duration_images
 from diffmem.data import TrainingSet, save_grid, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
+from diffmem.ema import ema_beta, halflife_images, rampup_end
 from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
 from diffmem.memorization import ratio_interval
 from diffmem.networks import SongUNet
@@ -96,8 +96,8 @@ class Schedule:
         return self.lr * min(seen / self.warmup, 1.0) if self.warmup else self.lr   # linear warm-up, no decay
 
     def ema_beta(self, seen: int) -> float:
-        return ema.ema_beta(self.ema_schedule, self.ema_halflife, self.ema_rampup, self.batch, seen, self.size,
-                            self.ema_final)
+        return ema_beta(self.ema_schedule, self.ema_halflife, self.ema_rampup, self.batch, seen, self.size,
+                        self.ema_final)
 
     def evaluates(self, before: int, after: int) -> bool:
         """A snapshot is evaluated when a step crosses a multiple of eval_every, and after the last step."""
@@ -364,7 +364,7 @@ def describe(cfg: Config, data: TrainingSet) -> str:
         return f"{count:,.0f} images ({count / n:,.1f} epochs, {-(-count // batch):,.0f} steps)"
 
     points = plan.evaluations()
-    ramp_end = ema.rampup_end(plan.ema_halflife, plan.ema_rampup)
+    ramp_end = rampup_end(plan.ema_halflife, plan.ema_rampup)
     after = plan.ema_beta(max(ramp_end, points[-1]))
     first = plan.ema_beta(points[0] - batch)   # the step that reaches the first snapshot
     shown = ", ".join(f"{p:,}" for p in points[:3]) + (f", ..., {points[-1]:,}" if len(points) > 3 else "")
@@ -379,9 +379,9 @@ def describe(cfg: Config, data: TrainingSet) -> str:
         f"  lr warm-up     linear from 0 to {t.lr:g} over {images(plan.warmup)}, then constant",
         f"  EMA            train.ema_schedule {t.ema_schedule}{final}, train.ema_halflife h = {plan.ema_halflife:,} images, "
         f"ramp-up " + (f"{t.ema_rampup:g} x images seen, over the first {images(ramp_end)}" if t.ema_rampup else "none"),
-        f"    beta at the first snapshot  {first:.5f} (half-life {ema.halflife_images(first, batch):,.0f} images)",
-        f"    beta after the ramp-up      {after:.5f} (half-life {ema.halflife_images(after, batch):,.0f} images, "
-        f"{ema.halflife_images(after, batch) / batch:,.1f} steps)"
+        f"    beta at the first snapshot  {first:.5f} (half-life {halflife_images(first, batch):,.0f} images)",
+        f"    beta after the ramp-up      {after:.5f} (half-life {halflife_images(after, batch):,.0f} images, "
+        f"{halflife_images(after, batch) / batch:,.1f} steps)"
         + (" -- never reached: the ramp-up outlasts the training" if ramp_end >= plan.total else ""),
         f"  evaluations    {len(points)}, every {plan.eval_every:,} images, at {shown} images seen",
         f"  samples        {e.num_samples:,} per evaluation (seeds 0-{e.num_samples - 1}), {e.num_steps} Heun steps "

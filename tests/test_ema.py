@@ -80,7 +80,7 @@ def test_the_loop_takes_the_beta_of_the_images_seen_before_each_step(monkeypatch
     ({"train.ema_schedule": "mode2"}, "train.ema_schedule='mode2' is not one of paper, paper_final, halflife"),
     ({"train.ema_schedule": "paper_final", "train.ema_beta": 1.0}, "train.ema_beta=1.0 must be in [0, 1)"),
     ({"train.ema_rampup": -0.05}, "train.ema_rampup=-0.05 must be a positive share"),
-    ({"train.ema_rampup": float("nan")}, "train.ema_rampup=nan must be a positive share"),
+    ({"train.ema_rampup": float("nan")}, "train.ema_rampup=nan must be a finite number > 0, or null"),
 ])
 def test_bad_ema_settings_are_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:
