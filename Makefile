@@ -24,6 +24,7 @@ test-fast: setup
 bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ignored)
 	mkdir -p bench/results
 	$(PY) bench/search_efficiency.py --json bench/results/search_efficiency.json
+	$(PY) bench/eval_adaptive.py --json bench/results/eval_adaptive.json
 	$(PY) bench/nn.py --json bench/results/nn.json
 	$(PY) bench/optimum.py --json bench/results/optimum.json
 	$(PY) bench/train_step.py --json bench/results/train_step.json

@@ -155,7 +155,7 @@ def run_incremental(curves, workers: int) -> dict:
 def run_search(curves, workers: int, early_stop: bool, t0: float, tau: float) -> dict:
     state = EMMSearchState([{"label": label} for label, _ in curves], ALLOWED_SIZES, SIZE_RANGE,
                            epsilon=EPSILON, tolerance=TOLERANCE)
-    rounds = len(simulate(state, lambda g, n: curves[g][1](n), workers,   # synchronous rounds of `workers`
+    rounds = len(simulate(state, lambda g, n, seed: curves[g][1](n), workers,   # synchronous rounds of `workers`
                           lambda g, n, ratio: training_images(n, ratio, early_stop, t0, tau)))
     rows = state.summary()
     for row, (label, curve) in zip(rows, curves):   # the search must find the truth (monotone curves)
@@ -182,7 +182,7 @@ def run_study(sweeps, workers: int, t0: float, tau: float, use_ledger: bool) -> 
             return images
         state = EMMSearchState([{"label": label} for label, _ in curves], ALLOWED_SIZES, SIZE_RANGE,
                                epsilon=EPSILON, tolerance=TOLERANCE)
-        simulate(state, lambda g, n, curves=curves: curves[g][1](n), workers, cost)
+        simulate(state, lambda g, n, seed, curves=curves: curves[g][1](n), workers, cost)
     return totals
 
 

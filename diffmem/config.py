@@ -120,7 +120,12 @@ class EvalConfig:
     sigma_max: float = 80.0
     rho: float = 7.0
     threshold: float = 1 / 3           # ||x-NN1|| / ||x-NN2|| strictly below counts as memorized
-    stop_at: float | None = None       # stop training once the running max reaches this ratio
+    memorized_at: float | None = None  # a ratio >= this is "memorized" (a sweep sets 1 - epsilon): training
+                                       # stops once its running max reaches it, and the adaptive evaluation
+                                       # decides against it; null: full duration, every seed sampled
+    adaptive: bool = True              # sample the seeds in looks, stop once a sequential test decides
+                                       # (diffmem/sequential.py); false: every seed, every snapshot
+    adaptive_error: float = 0.01       # bound on a wrong early decision over all looks of one evaluation
     quantize: bool = True              # measure distances on 8-bit images, as the paper does
     sample_classes: str = "present"    # a conditional model's sample labels, drawn per seed uniformly from
                                        # present: the classes that hold a training image of the subset
@@ -319,7 +324,8 @@ def _check_choice(key: str, value):
 FINITE = {"data.mix_rate": "in [0, 1]", "model.dropout": "in [0, 1)", "train.lr": "> 0",
           "train.weight_decay": ">= 0", "train.ema_beta": "in [0, 1), or null", "train.ema_rampup": "> 0, or null",
           "eval.sigma_min": "> 0", "eval.sigma_max": "> eval.sigma_min", "eval.rho": "> 0 (EDM: 7)",
-          "eval.threshold": "in (0, 1]", "eval.stop_at": "in (0, 1], or null"}
+          "eval.threshold": "in (0, 1]", "eval.memorized_at": "in (0, 1], or null",
+          "eval.adaptive_error": "in (0, 0.5)"}
 SEED_MAX = 2 ** 63 - 1   # torch seeds are 64-bit; train.seed + rank must stay one
 
 
@@ -458,8 +464,11 @@ def validate(cfg: Config) -> None:
         parse_duration(getattr(getattr(cfg, section), name), key)
     if not 0 < e.threshold <= 1:
         raise ConfigError(f"eval.threshold={e.threshold} must be in (0, 1]; the paper uses 1/3")
-    if e.stop_at is not None and not 0 < e.stop_at <= 1:
-        raise ConfigError(f"eval.stop_at={e.stop_at} must be in (0, 1] or null")
+    if e.memorized_at is not None and not 0 < e.memorized_at <= 1:
+        raise ConfigError(f"eval.memorized_at={e.memorized_at} must be in (0, 1] or null")
+    if not 0 < e.adaptive_error < 0.5:
+        raise ConfigError(f"eval.adaptive_error={e.adaptive_error} must be in (0, 0.5): the chance an early decision "
+                          f"of the adaptive evaluation is wrong (default 0.01), or set eval.adaptive=false")
     if not 0 < e.sigma_min < e.sigma_max:
         raise ConfigError(f"eval.sigma_min={e.sigma_min} and eval.sigma_max={e.sigma_max} need 0 < min < max")
     if not e.rho > 0:

@@ -29,14 +29,21 @@ from diffmem.data import TrainingSet
 from diffmem.edm import edm_sampler
 from diffmem.memorization import distance_ratio, nearest_neighbours, to_pixels
 from diffmem.precision import full_precision
+from diffmem.sequential import SequentialTest
 
 
 @dataclass
 class Evaluation:
     ratio: float                  # memorization ratio: share of samples with NN ratio < threshold
-    nn_ratio: torch.Tensor        # (num_samples,) ||x - NN1|| / ||x - NN2||
-    nn_index: torch.Tensor        # (num_samples, 2) indices of NN1, NN2 in the training subset
-    samples: torch.Tensor         # (num_samples, C, H, W) in [-1, 1]
+    nn_ratio: torch.Tensor        # (samples used,) ||x - NN1|| / ||x - NN2||
+    nn_index: torch.Tensor        # (samples used, 2) indices of NN1, NN2 in the training subset
+    samples: torch.Tensor         # (samples used, C, H, W) in [-1, 1]
+    memorized: bool | None = None   # the decision against eval.memorized_at (None: no question asked)
+    stopped_early: bool = False   # the adaptive evaluation decided before using all eval.num_samples seeds
+
+    @property
+    def copies(self) -> int:
+        return round(self.ratio * len(self.nn_ratio))
 
 
 def seeded_latents(seeds, shape, classes: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -62,28 +69,40 @@ def sample_batches(num_samples: int, batch_size: int) -> list[range]:
     return [range(start, min(start + batch_size, num_samples)) for start in range(0, num_samples, batch_size)]
 
 
+def sequential_test(cfg: EvalConfig) -> SequentialTest | None:
+    """The adaptive evaluation's test (diffmem/sequential.py), or None: every seed is sampled (eval.adaptive
+    false, or no eval.memorized_at to decide against)."""
+    if not cfg.adaptive or cfg.memorized_at is None:
+        return None
+    return SequentialTest.build(cfg.memorized_at, cfg.adaptive_error, cfg.num_samples, cfg.batch_size)
+
+
 @torch.no_grad()
-def generate(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=None, rank: int = 0,
-             world: int = 1) -> torch.Tensor | None:
-    """Samples of seeds 0..num_samples-1 in seed order; with world > 1 (an initialised process group) each rank
-    samples batches rank, rank + world, ... and rank 0 receives all of them (the other ranks get None)."""
+def generate(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=None, rank: int = 0, world: int = 1,
+             seeds: range | None = None) -> torch.Tensor | None:
+    """Samples of `seeds` (default 0..num_samples-1; a range of whole seed batches) in seed order; with world > 1
+    (an initialised process group) batch b of the evaluation is sampled by rank b mod world, and rank 0 receives
+    all of them (the other ranks get None)."""
     device = torch.device(device or train_set.images.device)
     shape = train_set.images.shape[1:]
     classes = sample_classes(train_set, cfg.sample_classes)
-    batches = sample_batches(cfg.num_samples, cfg.batch_size)
+    seeds = seeds if seeds is not None else range(cfg.num_samples)
+    batches = [b for b in sample_batches(cfg.num_samples, cfg.batch_size) if seeds.start <= b.start < seeds.stop]
+    first = seeds.start // cfg.batch_size           # the evaluation's index of batches[0]
     mine = []
     with full_precision(device):
-        for seeds in batches[rank::world]:
+        for seeds in batches[(rank - first) % world::world]:
             latents, labels = seeded_latents(seeds, shape, classes, device)
             mine.append(edm_sampler(denoiser, latents, labels, cfg.num_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho))
     if world == 1:
         return torch.cat(mine)
-    return _gather_batches(mine, batches, rank, world, (cfg.batch_size, *shape), device)
+    return _gather_batches(mine, batches, first, rank, world, (cfg.batch_size, *shape), device)
 
 
-def _gather_batches(mine: list, batches: list, rank: int, world: int, batch_shape, device):
-    """All ranks' batches to rank 0, in seed order. Each rank sends a fixed-size buffer (all_gather works on
-    gloo and NCCL alike); a rank with fewer or shorter batches pads with zeros that are cut away here."""
+def _gather_batches(mine: list, batches: list, first: int, rank: int, world: int, batch_shape, device):
+    """All ranks' batches to rank 0, in seed order (batch first + j was sampled by rank (first + j) mod world).
+    Each rank sends a fixed-size buffer (all_gather works on gloo and NCCL alike); a rank with fewer or shorter
+    batches pads with zeros that are cut away here."""
     per_rank = -(-len(batches) // world)
     buffer = torch.zeros((per_rank, *batch_shape), dtype=torch.float32, device=device)
     for j, samples in enumerate(mine):
@@ -92,27 +111,46 @@ def _gather_batches(mine: list, batches: list, rank: int, world: int, batch_shap
     torch.distributed.all_gather(everyone, buffer)
     if rank != 0:
         return None
-    return torch.cat([everyone[b % world][b // world, :len(seeds)] for b, seeds in enumerate(batches)])
+    return torch.cat([everyone[(first + j) % world][j // world, :len(seeds)] for j, seeds in enumerate(batches)])
 
 
 @torch.no_grad()
 def evaluate_denoiser(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=None, rank: int = 0,
                       world: int = 1) -> Evaluation | None:
-    """Sample, find the two nearest training images of every sample, score. With world > 1 every rank of the
-    process group must call this; rank 0 returns the evaluation, the others None."""
+    """Sample, find the two nearest training images of every sample, score. With eval.adaptive the seeds go in
+    at the looks of the sequential test and sampling stops once it decides (diffmem/sequential.py). With
+    world > 1 every rank of the process group must call this; rank 0 returns the evaluation, the others None."""
     device = torch.device(device or train_set.images.device)
-    samples = generate(denoiser, train_set, cfg, device, rank, world)
-    if samples is None:
-        return None
+    test = sequential_test(cfg)
+    looks = test.looks if test is not None else (cfg.num_samples,)
     with full_precision(device):
-        train = train_set.images.to(device)
+        train_px = train_set.images.to(device)
         if cfg.quantize:   # the paper saves samples as 8-bit PNG and compares on the 0..255 scale
-            gen_px, train_px = to_pixels(samples).float(), to_pixels(train).float()
-        else:
-            gen_px, train_px = samples, train
-        d, idx = nearest_neighbours(gen_px, train_px, k=2)
-        nn_ratio = distance_ratio(d)
-    return Evaluation((nn_ratio < cfg.threshold).float().mean().item(), nn_ratio.cpu(), idx.cpu(), samples.cpu())
+            train_px = to_pixels(train_px).float()
+    parts, ratios, indices, copies, decision, start = [], [], [], 0, None, 0
+    for look, stop in enumerate(looks):
+        samples = generate(denoiser, train_set, cfg, device, rank, world, range(start, stop))
+        if samples is not None:   # rank 0: score the new samples
+            with full_precision(device):
+                d, idx = nearest_neighbours(to_pixels(samples).float() if cfg.quantize else samples, train_px, k=2)
+                nn_ratio = distance_ratio(d)
+            parts.append(samples.cpu()), ratios.append(nn_ratio.cpu()), indices.append(idx.cpu())
+            copies += int((nn_ratio < cfg.threshold).sum())
+            decision = test.decide(look, copies) if test is not None else None
+        if world > 1 and test is not None:   # every rank goes on, or stops, with rank 0
+            flag = torch.tensor([-1 if decision is None else int(decision)], device=device)
+            torch.distributed.broadcast(flag, src=0)
+            decision = None if flag.item() < 0 else bool(flag.item())
+        start = stop
+        if decision is not None:
+            break
+    if rank != 0:
+        return None
+    used = torch.cat(ratios)
+    memorized = decision if test is not None else (
+        None if cfg.memorized_at is None else copies / len(used) >= cfg.memorized_at)
+    return Evaluation(copies / len(used), used, torch.cat(indices), torch.cat(parts), memorized,
+                      stopped_early=len(used) < cfg.num_samples)
 
 
 def nn_grid_rows(result: Evaluation, train_set: TrainingSet, n: int = 16) -> list[torch.Tensor]:

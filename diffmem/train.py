@@ -3,7 +3,16 @@
 The paper's procedure (paper.md §6): Adam with L2 weight decay, linear lr warm-up, EMA, no augmentation,
 one fixed shuffle cycled every epoch; a snapshot every `eval.every`, whose EMA model is sampled and scored;
 the reported number is the highest memorization ratio over snapshots. Once that running maximum reaches
-`eval.stop_at` the answer cannot change, so training may stop there.
+`eval.memorized_at` the answer cannot change, so training may stop there.
+
+With eval.adaptive a snapshot's evaluation may stop early, once its sequential test decides
+(diffmem/sequential.py); its ratio is then over the samples it used (num_samples in the metrics) and lies on
+the side of memorized_at it decided, so "the running maximum reaches memorized_at" still means "some
+snapshot decided memorized", as with the fixed evaluation. Each snapshot is one decision: an early one is
+wrong about that snapshot's true ratio with probability <= eval.adaptive_error. The maximum over S snapshots
+is the paper's rule and is biased upwards with either evaluation (the luckiest of S draws); the adaptive one
+adds at most eval.adaptive_error per snapshot to the chance that a snapshot whose true ratio is below
+memorized_at is called memorized (bench/eval_adaptive.py measures how often it decides unlike all seeds).
 
 Speed (train.precision, train.channels_last, train.compile; diffmem/precision.py): the training subset is
 moved to the device once and every batch is an index gather there, so there is no DataLoader and nothing to
@@ -29,7 +38,7 @@ from diffmem.config import Config, ConfigError, duration_images
 from diffmem.data import TrainingSet, save_grid, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
 from diffmem.ema import ema_beta, halflife_images, rampup_end
-from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
+from diffmem.evaluate import evaluate_denoiser, nn_grid_rows, sequential_test
 from diffmem.memorization import ratio_interval
 from diffmem.networks import SongUNet
 from diffmem.pictures import nn_grid_picture, nn_ratio_markdown
@@ -191,7 +200,7 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     ema_params, params = list(ema.parameters()), list(denoiser.parameters())
 
     def stopped():
-        return e.stop_at is not None and state["best"] >= e.stop_at
+        return e.memorized_at is not None and state["best"] >= e.memorized_at
 
     if state["history"] and (state["images_seen"] >= total or stopped()) and report is not None:
         report(state["history"][-1], ckpt_path)   # resumed after its last evaluation: say the answer again
@@ -249,19 +258,20 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
             result = evaluate_denoiser(ema, data, e, device=device, rank=rank, world=world)
             state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - eval_tic
             if rank == 0:
-                samples = len(result.nn_ratio)
-                interval = ratio_interval(round(result.ratio * samples), samples)   # 95 %, over the samples
+                samples = len(result.nn_ratio)   # fewer than eval.num_samples when the adaptive test stopped early
+                interval = ratio_interval(result.copies, samples)   # 95 %, over the samples
                 # The best ratio comes with the interval of the snapshot that gave it, that snapshot's own. The
                 # maximum over snapshots is biased upwards (the luckiest of several draws), which no single
                 # snapshot's interval accounts for.
                 if result.ratio >= state["best"]:
-                    state["best"], state["best_interval"] = result.ratio, interval
+                    state["best"], state["best_interval"], state["best_samples"] = result.ratio, interval, samples
                 best_low, best_high = state.get("best_interval", (math.nan, math.nan))   # nan: an older checkpoint
                 metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
                            "step": state["step"], "loss": last_loss.item(), "lr": lr, "mem_ratio": result.ratio,
                            "mem_ratio_low": interval[0], "mem_ratio_high": interval[1], "num_samples": samples,
                            "best_mem_ratio": state["best"], "best_mem_ratio_low": best_low,
-                           "best_mem_ratio_high": best_high,
+                           "best_mem_ratio_high": best_high, "best_num_samples": state.get("best_samples", 0),
+                           "eval_stopped_early": int(result.stopped_early),
                            "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9),
                            "step_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
             if distributed:
@@ -295,7 +305,7 @@ def measure_speed(cfg: Config, warmup: int, steps: int, train_set: TrainingSet |
     batch = cfg.train.batch_size
     warm, total = warmup * batch, (warmup + steps) * batch
     cfg.train.duration, cfg.train.lr_warmup = f"{total / 1000}kimg", "0"
-    cfg.train.log_every, cfg.eval.every, cfg.eval.stop_at = f"{total / 1000}kimg", f"{warm / 1000}kimg", None
+    cfg.train.log_every, cfg.eval.every, cfg.eval.memorized_at = f"{total / 1000}kimg", f"{warm / 1000}kimg", None
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -342,6 +352,7 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
         for key in ("mem_ratio", "best_mem_ratio"):
             for name in (key, f"{key}_low", f"{key}_high"):
                 writer.add_scalar(f"memorization/{name}", metrics[name], step)
+        writer.add_scalar("memorization/num_samples", metrics["num_samples"], step)   # adaptive: the samples used
         writer.add_scalar("train/images_per_sec", metrics["images_per_sec"], step)
         # the picture carries each sample's distance ratio under its column; the text tab has them as a table
         writer.add_image("samples/generated_nn1_nn2", nn_grid_picture(result, data), step, dataformats="HWC")
@@ -351,7 +362,21 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
     log(f"{step:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "
         f"mem_ratio {metrics['mem_ratio']:.4f} [{metrics['mem_ratio_low']:.4f}, {metrics['mem_ratio_high']:.4f}]  "
         f"best {metrics['best_mem_ratio']:.4f} [{metrics['best_mem_ratio_low']:.4f}, "
-        f"{metrics['best_mem_ratio_high']:.4f}] of {metrics['num_samples']} samples")
+        f"{metrics['best_mem_ratio_high']:.4f}] of {metrics['num_samples']} samples"
+        + (" (adaptive: decided early)" if metrics["eval_stopped_early"] else ""))
+
+
+def adaptive_line(e) -> str:
+    """How an evaluation decides: the adaptive test's looks and boundaries, or all seeds."""
+    test = sequential_test(e)
+    if e.memorized_at is None:
+        return "none asked (eval.memorized_at null): every seed sampled, training runs its whole duration"
+    if test is None or len(test.looks) == 1:
+        why = "eval.adaptive false" if test is None else "one look: eval.batch_size >= eval.num_samples"
+        return f"memorized iff ratio >= {e.memorized_at:g} over all {e.num_samples:,} samples ({why})"
+    bounds = ", ".join(f"n={n:,}: >= {a} memorized, <= {b} not" for n, a, b in zip(test.looks, test.above, test.below))
+    return (f"memorized iff ratio >= {e.memorized_at:g}; adaptive (error <= {e.adaptive_error:g}), copies at the looks "
+            f"{bounds}; else all {e.num_samples:,}")
 
 
 def describe(cfg: Config, data: TrainingSet) -> str:
@@ -387,6 +412,7 @@ def describe(cfg: Config, data: TrainingSet) -> str:
         f"  samples        {e.num_samples:,} per evaluation (seeds 0-{e.num_samples - 1}), {e.num_steps} Heun steps "
         f"({2 * e.num_steps - 1} network evaluations each)"
         + (f", labels from {e.sample_classes} classes" if data.labels is not None else ""),
+        f"  decision       {adaptive_line(e)}",
         f"  network        {cfg.model.arch} ({type(denoiser.net).__name__}), {params:,} parameters, "
         f"{cfg.model.precond} preconditioning",
     ]
@@ -401,7 +427,7 @@ def main(argv=None) -> int:
         last = result.history[-1]
         print(f"|D|={cfg.data.size}: best memorization ratio {result.best_mem_ratio:.4f} "
               f"[{last['best_mem_ratio_low']:.4f}, {last['best_mem_ratio_high']:.4f}] (95 % Wilson interval over "
-              f"{last['num_samples']} samples) over {len(result.history)} evaluations, {result.images_seen} images, "
+              f"{last['best_num_samples']} samples) over {len(result.history)} evaluations, {result.images_seen} images, "
               f"{result.train_seconds:.1f} s"
               f"{' (stopped early)' if result.stopped_early else ''}; run folder {run_dir}")
         return 0

@@ -20,10 +20,37 @@ bracket over the allowed sizes that is narrowed by bisection in log |D|:
 - A failed training frees its size for re-proposal; after `max_failures` failures at the same size the
   grid point is `unresolved` and stops.
 
-`EMMSearchState` holds one `SizeBracket` per grid point, plans the probes for the free workers
-(`propose`), takes results in any order (`start`, `observe`, `fail`, `cancel`) and round-trips through a
-versioned JSON-compatible dict (`to_dict` / `from_dict`). `simulate` runs it to the end against known
-memorization curves (bench/search_efficiency.py, `emm_search.py --estimate`).
+Seed replicates (`seeds` = K, `emm_search.py --seeds K`): each grid point gets K independent searches, one
+per training seed s = 0..K-1 (train.seed = the sweep's seed + s; only the seed varies, not the training
+subset), each with its own SizeBracket. The planner treats each (grid point, seed) as it treats a grid point
+with one seed: one bracket among the others, widest first. The grid point's answer (`seed_median`):
+
+- EMM = the median over seeds of the per-seed EMMs, the lower median for even K (conservative). With
+  per-seed curves that decrease in |D| this is the largest |D| at which at least half the seeds memorize.
+- Its bracket [low, high) is the lower median of the seeds' lows and of their highs: the k-th smallest of
+  numbers each inside its own bracket lies between the k-th smallest low and the k-th smallest high, so the
+  median of the seeds' true EMMs lies in it whenever every seed's bracket holds its own.
+- The spread: the per-seed EMMs and the interval [min over seeds of low, max over seeds of high). The
+  smallest and the largest of K independent draws bracket the population median with probability
+  1 - 2^(1-K) (distribution-free order statistics: all K fall on one side of it with probability 2 * 2^-K),
+  so that is the interval's nominal level for the EMM of the median seed: 75 % for K = 3, 94 % for K = 5.
+  With K = 1 the interval is the bracket alone and says nothing about other seeds.
+- Censoring: an unknown end counts as -inf (no low) or +inf (no high) in both medians and in the interval.
+  The grid point is open while any seed is, unresolved if any seed is (a size that fails twice is most
+  likely the configuration's, not the seed's, problem), ">=max" if at least K - k seeds are (k = (K-1)//2,
+  the lower median's rank: then the median low is the largest size) and "<min" if at least k + 1 seeds are.
+  Its EMM is the median low still, as it is for one seed.
+
+Why K searches rather than K seeds at the final bracket ends only: each seed gets its own EMM, so the spread is
+measured instead of assuming that the seeds agree on where to look; the ledger answers each seed's trainings
+on its own (seed 0 is the training of a one-seed sweep, so raising K later trains only the new seeds); and
+the K searches give K times more trainings to plan at once, which keeps free workers busy.
+
+`EMMSearchState` holds the brackets (bracket index = grid index * K + seed, the grid index itself for one
+seed), plans the probes for the free workers (`propose`), takes results in any order (`start`, `observe`,
+`fail`, `cancel`) and round-trips through a versioned JSON-compatible dict (`to_dict` / `from_dict`).
+`simulate` runs it to the end against known memorization curves (bench/search_efficiency.py,
+`emm_search.py --estimate`, tests/test_seeds_noise.py).
 """
 from __future__ import annotations
 
@@ -142,7 +169,8 @@ class SizeBracket:
 
     def __init__(self, settings: SearchSettings):
         self.settings = settings
-        self.observations: list[tuple[int, float, bool, float]] = []   # (size, best_ratio, memorized, images)
+        # (size, best_ratio, memorized, images, samples): samples behind best_ratio, for its interval (0: unknown)
+        self.observations: list[tuple[int, float, bool, float, int]] = []
         self.pending: dict[int, int] = {}     # size -> number of trainings running at that size
         self.failures: dict[int, int] = {}    # size -> failed trainings at that size
         self.error: str | None = None         # set once the grid point is unresolved
@@ -151,9 +179,9 @@ class SizeBracket:
     def known_ends(self) -> tuple[int | None, int | None]:
         """(low, high) as indices: the robust rule of the module docstring."""
         index_of = self.settings.index_of
-        not_memorized = [index_of(s) for s, _, mem, _ in self.observations if not mem]
+        not_memorized = [index_of(s) for s, _, mem, *_ in self.observations if not mem]
         high = min(not_memorized) if not_memorized else None
-        memorized = [index_of(s) for s, _, mem, _ in self.observations
+        memorized = [index_of(s) for s, _, mem, *_ in self.observations
                      if mem and (high is None or index_of(s) < high)]
         low = max(memorized) if memorized else None
         return low, high
@@ -244,11 +272,11 @@ class SizeBracket:
             if self.pending[size] == 0:
                 del self.pending[size]
 
-    def observe(self, size: int, best_ratio: float, images: float = 0.0) -> None:
+    def observe(self, size: int, best_ratio: float, images: float = 0.0, samples: int = 0) -> None:
         self.settings.index_of(size)
         self._release(size)
         memorized = self.settings.memorized(best_ratio)
-        self.observations.append((size, float(best_ratio), memorized, float(images)))
+        self.observations.append((size, float(best_ratio), memorized, float(images), int(samples)))
 
     def fail(self, size: int, error: str = "") -> None:
         self.settings.index_of(size)
@@ -269,8 +297,8 @@ class SizeBracket:
                 "censored": status if status in (AT_LEAST_MAX, BELOW_MIN, UNRESOLVED) else "",
                 "status": status,
                 "trials": len(self.observations) + sum(self.failures.values()),
-                "images": sum(images for *_, images in self.observations),
-                "observations": [(s, r, m) for s, r, m, _ in self.observations],
+                "images": sum(o[3] for o in self.observations),
+                "observations": [(s, r, m, n) for s, r, m, _, n in self.observations],   # n: samples behind r
                 "pending": sorted(s for s, n in self.pending.items() for _ in range(n)),
                 "error": self.error}
 
@@ -283,28 +311,90 @@ class SizeBracket:
     @classmethod
     def from_dict(cls, d: dict, settings: SearchSettings) -> "SizeBracket":
         bracket = cls(settings)
-        bracket.observations = [(int(s), float(r), bool(m), float(i)) for s, r, m, i in d["observations"]]
+        bracket.observations = [(int(o[0]), float(o[1]), bool(o[2]), float(o[3]), int(o[4]) if len(o) > 4 else 0)
+                                for o in d["observations"]]   # 4 entries: saved before the samples were kept
         bracket.pending = {int(s): int(n) for s, n in d["pending"]}
         bracket.failures = {int(s): int(n) for s, n in d["failures"]}
         bracket.error = d["error"]
         return bracket
 
 
+def seed_median(replicates: list[dict]) -> dict:
+    """A grid point's answer from its seeds' SizeBracket.summary() dicts (the rule of the module docstring):
+    the lower median of their lows (the EMM) and of their highs, the interval [min low, max high)
+    (interval_level gives its nominal level), the status, and the sums of what they cost. With one seed: that
+    seed's summary, plus the interval (its bracket) and the replicates."""
+    k = (len(replicates) - 1) // 2                  # the lower median's rank
+    lows = sorted(-math.inf if r["low"] is None else r["low"] for r in replicates)
+    highs = sorted(math.inf if r["high"] is None else r["high"] for r in replicates)
+    statuses = [r["status"] for r in replicates]
+    if OPEN in statuses:
+        status = OPEN
+    elif UNRESOLVED in statuses:
+        status = UNRESOLVED
+    elif statuses.count(AT_LEAST_MAX) >= len(replicates) - k:
+        status = AT_LEAST_MAX
+    elif statuses.count(BELOW_MIN) >= k + 1:
+        status = BELOW_MIN
+    else:
+        status = RESOLVED
+    low, high = _finite(lows[k]), _finite(highs[k])
+    return {"emm": low, "low": low, "high": high,
+            "censored": status if status in (AT_LEAST_MAX, BELOW_MIN, UNRESOLVED) else "", "status": status,
+            "seeds": len(replicates), "interval_low": _finite(lows[0]), "interval_high": _finite(highs[-1]),
+            "trials": sum(r["trials"] for r in replicates), "images": sum(r["images"] for r in replicates),
+            "observations": [o for r in replicates for o in r["observations"]],
+            "pending": sorted(s for r in replicates for s in r["pending"]),
+            "error": next((r["error"] for r in replicates if r["error"]), None),
+            "replicates": replicates}
+
+
+def interval_level(seeds: int) -> float:
+    """Nominal level of [min low, max high) for the EMM of the median seed: 1 - 2^(1-K); 0 for one seed, whose
+    bracket says nothing about other seeds."""
+    return 1 - 2.0 ** (1 - seeds)
+
+
+def _finite(x: float) -> int | None:
+    return None if math.isinf(x) else x
+
+
 class EMMSearchState:
-    """One SizeBracket per grid point, plus the planner that shares free workers among them."""
+    """One SizeBracket per grid point and seed, plus the planner that shares free workers among them."""
 
     def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
-                 max_failures: int = 2, expand_factor: float = 2.0):
-        """grid_points: dicts with at least "label" and "value" (other keys, e.g. overrides, are kept)."""
+                 max_failures: int = 2, expand_factor: float = 2.0, seeds: int = 1):
+        """grid_points: dicts with at least "label" and "value" (other keys, e.g. overrides, are kept).
+        seeds: independent searches per grid point, one per training seed (module docstring)."""
         self.grid_points = [copy.deepcopy(dict(g)) for g in grid_points]
         if not self.grid_points:
             raise ValueError("need at least one grid point")
         for g in self.grid_points:
             if "label" not in g:
                 raise ValueError(f"grid point {g} has no 'label'")
+        if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+            raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
+        self.seeds = seeds
         self.settings = SearchSettings.build(allowed_sizes, size_range, epsilon=epsilon, tolerance=tolerance,
                                              max_failures=max_failures, expand_factor=expand_factor)
-        self.brackets = [SizeBracket(self.settings) for _ in self.grid_points]
+        self.brackets = [SizeBracket(self.settings) for _ in range(len(self.grid_points) * seeds)]
+
+    # ---- brackets, grid points and seeds ----
+    def replicate(self, bracket_index: int) -> tuple[int, int]:
+        """(grid index, seed) of a bracket."""
+        if not 0 <= bracket_index < len(self.brackets):
+            raise ValueError(f"no bracket {bracket_index}: {len(self.brackets)} brackets")
+        return divmod(bracket_index, self.seeds)
+
+    def bracket_index(self, grid_index: int, seed: int) -> int:
+        if not (0 <= grid_index < len(self.grid_points) and 0 <= seed < self.seeds):
+            raise ValueError(f"no grid point {grid_index} with seed {seed}: {len(self.grid_points)} grid points, "
+                             f"{self.seeds} seeds")
+        return grid_index * self.seeds + seed
+
+    def seed_brackets(self, grid_index: int) -> list[SizeBracket]:
+        """The brackets of one grid point, seed 0 first."""
+        return self.brackets[grid_index * self.seeds:(grid_index + 1) * self.seeds]
 
     # ---- queries ----
     @property
@@ -317,9 +407,10 @@ class EMMSearchState:
 
     # ---- planning ----
     def propose(self, free_slots: int) -> list[tuple[int, int]]:
-        """Up to `free_slots` new (grid_index, size) probes. Pure: call start() for the ones launched.
+        """Up to `free_slots` new (bracket index, size) probes. Pure: call start() for the ones launched.
+        A bracket is one grid point's search for one seed (replicate()); with one seed, the grid point.
 
-        1. every open grid point with nothing running gets one probe, widest bracket first;
+        1. every open bracket with nothing running gets one probe, widest bracket first;
         2. bracket ends still to test get a probe (expansion ends, or initial ends once the inside is used);
         3. further slots split the widest gaps (log ratio) again: a gap with n probes is cut into n + 1
            equal parts in log |D| (k-section), so idle workers shorten the search.
@@ -391,27 +482,29 @@ class EMMSearchState:
         centre = (log_a + log_b) / 2
         return sorted(chosen, key=lambda k: (abs(math.log(sizes[k]) - centre), k))
 
-    # ---- updates (sizes are training-set sizes, not indices) ----
-    def start(self, grid_index: int, size: int) -> None:
-        self.brackets[grid_index].start(size)
+    # ---- updates (bracket indices as propose() gives them; sizes are training-set sizes, not indices) ----
+    def start(self, bracket_index: int, size: int) -> None:
+        self.brackets[bracket_index].start(size)
 
-    def observe(self, grid_index: int, size: int, best_ratio: float, images: float = 0.0) -> None:
-        self.brackets[grid_index].observe(size, best_ratio, images)
+    def observe(self, bracket_index: int, size: int, best_ratio: float, images: float = 0.0, samples: int = 0) -> None:
+        self.brackets[bracket_index].observe(size, best_ratio, images, samples)
 
-    def fail(self, grid_index: int, size: int, error: str = "") -> None:
-        self.brackets[grid_index].fail(size, error)
+    def fail(self, bracket_index: int, size: int, error: str = "") -> None:
+        self.brackets[bracket_index].fail(size, error)
 
-    def cancel(self, grid_index: int, size: int) -> None:
-        self.brackets[grid_index].cancel(size)
+    def cancel(self, bracket_index: int, size: int) -> None:
+        self.brackets[bracket_index].cancel(size)
 
     # ---- reporting and persistence ----
     def summary(self) -> list[dict]:
-        return [{"label": g["label"], "value": g.get("value"), **b.summary()}
-                for g, b in zip(self.grid_points, self.brackets)]
+        """One row per grid point: its seeds' answer (seed_median), their summaries under "replicates"."""
+        return [{"label": g["label"], "value": g.get("value"),
+                 **seed_median([b.summary() for b in self.seed_brackets(i)])}
+                for i, g in enumerate(self.grid_points)]
 
     def to_dict(self) -> dict:
         return {"format": "diffmem.EMMSearchState", "version": FORMAT_VERSION,
-                "settings": self.settings.to_dict(),
+                "settings": self.settings.to_dict(), "seeds": self.seeds,
                 "grid_points": copy.deepcopy(self.grid_points),
                 "brackets": [b.to_dict() for b in self.brackets]}
 
@@ -423,9 +516,10 @@ class EMMSearchState:
         s = d["settings"]
         state = cls(d["grid_points"], s["allowed_sizes"], tuple(s["size_range"]), epsilon=s["epsilon"],
                     tolerance=s["tolerance"], max_failures=s["max_failures"],
-                    expand_factor=s["expand_factor"])
-        if len(d["brackets"]) != len(state.grid_points):
-            raise ValueError(f"{len(d['brackets'])} brackets saved for {len(state.grid_points)} grid points")
+                    expand_factor=s["expand_factor"], seeds=d.get("seeds", 1))   # saved before seeds: one
+        if len(d["brackets"]) != len(state.brackets):
+            raise ValueError(f"{len(d['brackets'])} brackets saved for {len(state.grid_points)} grid points "
+                             f"with {state.seeds} seeds")
         state.brackets = [SizeBracket.from_dict(b, state.settings) for b in d["brackets"]]
         return state
 
@@ -433,21 +527,23 @@ class EMMSearchState:
 def simulate(state: EMMSearchState, ratio, slots: int, images=lambda grid_index, size, ratio: 0.0) -> list[list]:
     """Run the search in `state` to its end against known memorization curves, without training anything.
 
-    ratio(grid_index, size) is the best memorization ratio that training would reach, images(grid_index, size,
+    ratio(grid_index, size, seed=seed) is the best memorization ratio that training would reach (seed: 0 ..
+    state.seeds - 1, passed by name so that a callable without it fails loudly), images(grid_index, size,
     ratio) the training images it would cost. The trainings go in synchronous rounds: at most `slots` start
     together and all finish before the next round is planned (Tune refills a slot as soon as it frees up, so
     real sweeps need at most as many rounds). Returns the rounds, each a list of (grid_index, size); the
-    trainings, images and brackets are then in state.summary(). Used by bench/search_efficiency.py and by
-    sweeps/emm_search.py --estimate."""
+    trainings, images and brackets are then in state.summary(). Used by bench/search_efficiency.py,
+    sweeps/emm_search.py --estimate and tests/test_seeds_noise.py."""
     rounds = []
     while not state.finished:
         batch = state.propose(slots)
         if not batch:   # cannot happen with slots >= 1 and nothing pending; never loop forever
             raise RuntimeError(f"the search proposed nothing with {slots} free slots and open grid points")
-        for g, n in batch:
-            state.start(g, n)
-        for g, n in batch:
-            r = ratio(g, n)
-            state.observe(g, n, r, images=images(g, n, r))
-        rounds.append(batch)
+        for b, n in batch:
+            state.start(b, n)
+        for b, n in batch:
+            g, seed = state.replicate(b)
+            r = ratio(g, n, seed=seed)
+            state.observe(b, n, r, images=images(g, n, r))
+        rounds.append([(state.replicate(b)[0], n) for b, n in batch])
     return rounds

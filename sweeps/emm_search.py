@@ -24,8 +24,8 @@ if str(ROOT) not in sys.path:      # `python sweeps/emm_search.py` from a checko
     sys.path.insert(0, str(ROOT))
 
 from diffmem.cli import ArgumentParser  # noqa: E402
-from diffmem.config import (ConfigError, apply_overrides, check_machine, from_dict, parse_override,  # noqa: E402
-                            parse_value, read_yaml, validate_with_data)
+from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machine, from_dict,  # noqa: E402
+                            parse_override, parse_value, read_yaml, validate_with_data)
 from diffmem.data import load_dataset  # noqa: E402
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="output folder (default results/<factor>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep from its output folder")
     p.add_argument("--seed", type=int, help="training seed (train.seed)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per grid point (default 1): one search each, seed s trains with "
+                        "train.seed + s; the EMM is their median, with their spread")
     p.add_argument("--ledger", help="results ledger shared across sweeps (default OUTPUT/ledger.sqlite)")
     p.add_argument("--no-reuse", action="store_true", help="train again even what the ledger already holds")
     p.add_argument("--max-failures", type=int, default=2,
@@ -129,10 +132,18 @@ def build_spec(args) -> dict:
                           f"for what the machine holds)")
     if args.workers_per_trial < 1 or args.gpus_per_trial < 0 or args.max_failures < 0:
         raise ConfigError("--workers-per-trial must be >= 1, --gpus-per-trial >= 0 and --max-failures >= 0")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} must be >= 1 (training seeds per grid point, default 1)")
+    if args.seeds > 1 and args.factor == "data_size":
+        raise ConfigError("--seeds applies to the EMM search; data_size trains each size once (run it again with "
+                          "another --seed for another seed)")
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.seed is not None:
         overrides["train.seed"] = args.seed
     base_cfg = from_dict(apply_overrides(raw, overrides))       # the config itself loads
+    if base_cfg.train.seed + args.seeds - 1 > SEED_MAX:
+        raise ConfigError(f"--seeds {args.seeds} from train.seed={base_cfg.train.seed} goes past the largest seed "
+                          f"2**63 - 1; use a smaller --seed")
     if base_cfg.train.device == "cuda" and not args.gpus_per_trial:
         raise ConfigError("train.device=cuda needs --gpus-per-trial N: a trial trains only on the GPUs it reserves "
                           "(or use train.device=auto)")
@@ -199,7 +210,12 @@ def build_spec(args) -> dict:
             "allowed_sizes": list(range(step, max_size + 1, step)),
             "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
             "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
-            "max_concurrent": args.max_concurrent}
+            "max_concurrent": args.max_concurrent, "seeds": args.seeds}
+
+
+def sweep_seeds(spec: dict) -> int:
+    """Training seeds per grid point; a sweep.json written before --seeds had one."""
+    return spec.get("seeds", 1)
 
 
 def _sweep_int(sweep: dict, key: str, where: str) -> int | None:
@@ -263,6 +279,9 @@ def read_spec(output: Path, use: str = "resume") -> dict:
     wrong = [k for k, t in SPEC_TYPES.items() if not isinstance(spec[k], t) or isinstance(spec[k], bool)]
     if not wrong and not all(isinstance(p, dict) and "label" in p for p in spec["grid_points"]):
         wrong = ["grid_points"]
+    seeds = sweep_seeds(spec)
+    if not wrong and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        wrong = ["seeds"]
     if wrong:
         raise ConfigError(f"{path} is damaged ('{wrong[0]}' is {json.dumps(spec[wrong[0]], default=str)[:60]}); "
                           + ("start a new sweep" if use == "resume" else "it cannot be read"))
@@ -304,7 +323,7 @@ RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config"
                 "size_range": "--size-range", "max_concurrent": "--max-concurrent",
                 "workers_per_trial": "--workers-per-trial", "gpus_per_trial": "--gpus-per-trial",
                 "max_failures": "--max-failures", "ledger": "--ledger", "no_reuse": "--no-reuse",
-                "output": "--output"}
+                "output": "--output", "seeds": "--seeds"}
 
 
 def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
@@ -316,7 +335,7 @@ def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
            "max_concurrent": spec["max_concurrent"] or "what the machine holds",
            "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
            "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
-           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output)}
+           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec)}
     flags = [dest for dest in RESUME_FIXED if dest in given]
     if flags:
         said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
@@ -446,7 +465,9 @@ def estimate(spec: dict, args) -> str:
     import torch
     from diffmem.config import duration_images
     from diffmem.train import measure_speed
+    from diffmem.evaluate import sequential_test
     from sweeps.bisection import EMMSearchState, simulate
+    from sweeps.trainable import trial_config
 
     workers, gpu = spec["workers"], bool(spec["gpus_per_worker"])
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
@@ -487,26 +508,38 @@ def estimate(spec: dict, args) -> str:
     finally:
         torch.set_num_threads(threads)
 
-    def cost(g: int, size: int) -> tuple[int, float]:
+    settings = trial_settings({**spec, "ledger": None, "no_reuse": True}, Path("."))   # the trials' configs
+
+    def eval_share(g: int, size: int, memorized: bool) -> float:
+        """The share of eval.num_samples one evaluation of that training samples at a ratio of 1 (memorized) or 0:
+        the adaptive test's first look that decides (1: all, as with eval.adaptive false or data_size)."""
+        test = sequential_test(trial_config(settings, {"overrides": points[g]["overrides"], "size": size}).eval)
+        if test is None:
+            return 1.0
+        look = next(k for k, n in enumerate(test.looks) if test.decide(k, n if memorized else 0) is not None)
+        return test.looks[look] / test.looks[-1]
+
+    def cost(g: int, size: int, memorized: bool) -> tuple[int, float]:
         """(training images, seconds) of one training of grid point g at |D| = size, run to its end."""
         cfg = config(points[g], size)
         images = duration_images(cfg.train.duration, size, "train.duration")
         snapshots = math.ceil(images / duration_images(cfg.eval.every, size, "eval.every"))
-        return images, images / speed_of[g]["images_per_sec"] + snapshots * speed_of[g]["eval_seconds"]
+        return images, (images / speed_of[g]["images_per_sec"]
+                        + snapshots * speed_of[g]["eval_seconds"] * eval_share(g, size, memorized))
 
     if spec["factor"] == "data_size":   # no search: every value once
         sizes = [(0, v) for v in spec["values"]]
-        scenarios = [[sizes[i:i + slots] for i in range(0, len(sizes), slots)]]
+        scenarios = [([sizes[i:i + slots] for i in range(0, len(sizes), slots)], math.inf)]
     else:
         crossings = [lo * (hi / lo) ** ((k + 0.5) / ESTIMATE_POSITIONS) for k in range(ESTIMATE_POSITIONS)]
         scenarios = []
         for crossing in crossings:   # memorized up to the crossing, not beyond: a monotone curve
             state = EMMSearchState(points, spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
-                                   tolerance=spec["tolerance"])
-            scenarios.append(simulate(state, lambda g, n, c=crossing: 1.0 if n <= c else 0.0, slots))
+                                   tolerance=spec["tolerance"], seeds=sweep_seeds(spec))
+            scenarios.append((simulate(state, lambda g, n, seed, c=crossing: 1.0 if n <= c else 0.0, slots), crossing))
     figures = []
-    for rounds in scenarios:
-        costs = [[cost(g, n) for g, n in batch] for batch in rounds]
+    for rounds, crossing in scenarios:
+        costs = [[cost(g, n, n <= crossing) for g, n in batch] for batch in rounds]
         figures.append({"trainings": sum(len(b) for b in rounds),
                         "images": sum(i for batch in costs for i, _ in batch),
                         "wall": sum(max(s for _, s in batch) for batch in costs),
@@ -550,6 +583,16 @@ def estimate(spec: dict, args) -> str:
                  + (f"; {workers} workers per training count as {workers}x one worker's images/s and 1/{workers} "
                     f"of its evaluation (linear scaling assumed; the gradient all-reduce makes it less)"
                     if workers > 1 else ""))
+    if spec["factor"] != "data_size":
+        high_share, low_share = (sorted({eval_share(g, hi, m) for g in range(len(points))}) for m in (True, False))
+        if max(high_share + low_share) < 1:
+            lines.append(f"  evaluation: adaptive (eval.adaptive), a snapshot samples {_span(high_share, _share)} of "
+                         f"eval.num_samples at a ratio of 1 and {_span(low_share, _share)} at 0 (the curves above); "
+                         f"near 1 - epsilon up to all of them")
+        else:
+            lines.append("  evaluation: every snapshot samples all eval.num_samples (eval.adaptive false, or one look)")
+    if sweep_seeds(spec) > 1:
+        lines.append(f"  seeds: {sweep_seeds(spec)} independent searches per grid point (--seeds), all counted above")
     if gpu and device == "cpu":
         lines.append("  no GPU on this machine: the speed is the CPU's; run --estimate on a GPU node of the cluster")
     if args.address and not spec["max_concurrent"]:
@@ -565,6 +608,10 @@ def _span(values: list, fmt) -> str:
         return low
     unit = " s" if low.endswith(" s") else ""
     return f"{low.removesuffix(unit)}-{high}"
+
+
+def _share(x: float) -> str:
+    return f"{x:.0%}"
 
 
 def _count(x: float) -> str:
@@ -621,7 +668,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         name=TUNE_NAME, storage_path=str(output.resolve()), verbose=0,
         callbacks=[ProgressPrinter(spec["epsilon"]),
                    SweepTensorBoard(output.resolve(), spec["grid_points"], spec["size_range"],
-                                    f"EMM sweep over {spec['factor']}")],
+                                    f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec))],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
     if spec["factor"] == "data_size":   # the curve itself: every size once, no search
@@ -632,7 +679,8 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
-                           known_results=None if spec["no_reuse"] else KnownResults(settings), max_failures=1)
+                           known_results=None if spec["no_reuse"] else KnownResults(settings), max_failures=1,
+                           seeds=sweep_seeds(spec), base_seed=spec["base"]["train"]["seed"])
     tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=max_concurrent,
                                   trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
                                   reuse_actors=_reuse_actors(spec))
@@ -641,7 +689,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
 
 def collect(spec: dict, output: Path, result_grid) -> tuple:
     import pandas as pd
-    from sweeps.results import curve_summary, emm_table, grid_num_samples, trials_from_search, trials_table
+    from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
     from sweeps.searcher import load_experiment_state
     frame = result_grid.get_dataframe()
     if spec["factor"] == "data_size":
@@ -649,9 +697,9 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
         summary = [curve_summary("data_size", "curve", trials, spec["epsilon"])]
     else:
         summary = load_experiment_state(str(output.resolve() / TUNE_NAME)).summary()
-        samples = {p["label"]: grid_num_samples(spec["base"], p.get("overrides")) for p in spec["grid_points"]}
-        trials = trials_from_search(summary, frame, spec["epsilon"], samples)
-    failed = [{"grid_label": r.config.get("grid_label"), "size": r.config.get("size"), "status": "error",
+        trials = trials_from_search(summary, frame, spec["epsilon"])
+    failed = [{"grid_label": r.config.get("grid_label"), "size": r.config.get("size"),
+               "seed": r.config.get("seed_index", 0), "status": "error",
                "error": str(r.error).strip().splitlines()[-1][:300]} for r in result_grid if r.error is not None]
     if failed:   # failed trainings have no metrics; keep their last error line
         trials = pd.concat([trials, pd.DataFrame(failed)], ignore_index=True)
@@ -710,7 +758,9 @@ def main(argv=None) -> int:
     start = time.time()
     try:
         max_concurrent = start_ray(args, spec)
-        print(f"sweep {spec['factor']} over {[p['label'] for p in spec['grid_points']]}: "
+        seeds = sweep_seeds(spec)
+        print(f"sweep {spec['factor']} over {[p['label'] for p in spec['grid_points']]}"
+              + (f", {seeds} seeds each" if seeds > 1 else "") + f": "
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once; "
               f"output {output}")
         tuner = make_tuner(spec, output, max_concurrent, restore=bool(args.resume))

@@ -26,14 +26,16 @@ from pathlib import Path
 
 from diffmem.config import ConfigError
 
-LEDGER_VERSION = 2   # 2: the key holds the data fingerprint, device type and torch version (column `context`)
-# best_mem_ratio's 95 % interval is not a column: the ratio is copies / eval.num_samples of the record's config
-# (part of its key and of its `config` column), so sweeps.results.interval_of gives back the very interval the
-# training reported, and a ledger-answered trial shows the same interval as a trained one.
+LEDGER_VERSION = 3   # 2: the key holds the data fingerprint, device type and torch version (column `context`)
+#                      3: best_num_samples, the samples behind best_mem_ratio (the adaptive evaluation may stop early)
+# best_mem_ratio's 95 % interval is not a column: the ratio is copies / best_num_samples, so
+# sweeps.results.interval_of gives back the very interval the training reported, and a ledger-answered trial
+# shows the same interval as a trained one.
 SCHEMA = """
 CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE trainings (
-    key TEXT PRIMARY KEY, best_mem_ratio REAL NOT NULL, images_seen INTEGER NOT NULL,
+    key TEXT PRIMARY KEY, best_mem_ratio REAL NOT NULL, best_num_samples INTEGER NOT NULL,
+    images_seen INTEGER NOT NULL,
     planned_images INTEGER NOT NULL, train_seconds REAL NOT NULL, size INTEGER NOT NULL,
     config TEXT NOT NULL, context TEXT NOT NULL, code_version TEXT NOT NULL, finished_at REAL NOT NULL);
 """
@@ -168,8 +170,9 @@ class Ledger:
     def put(self, key: str, resolved_config: dict, context: dict, metrics: dict, train_seconds: float) -> None:
         """Record one finished training (the first record of a key wins: they are equal by construction)."""
         with closing(self._connect()) as db, db:   # the inner one commits, or rolls back on error
-            db.execute("INSERT OR IGNORE INTO trainings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                       (key, float(metrics["best_mem_ratio"]), int(metrics["images_seen"]),
+            db.execute("INSERT OR IGNORE INTO trainings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (key, float(metrics["best_mem_ratio"]), int(metrics["best_num_samples"]),
+                        int(metrics["images_seen"]),
                         int(metrics["planned_images"]), float(train_seconds), int(resolved_config["data"]["size"]),
                         json.dumps(resolved_config, sort_keys=True), json.dumps(context, sort_keys=True),
                         code_version(), time.time()))

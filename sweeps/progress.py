@@ -8,18 +8,20 @@ from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
 from sweeps.results import ratio_text
+from sweeps.tblog import ratio_label, seed_tag, trial_label
 
 logger = logging.getLogger(__name__)
 
 
 def trial_name(trial) -> str:
-    """Readable in the Ray dashboard and Tune's tables: 'random_labels=10|D|=120'."""
-    return f"{trial.config.get('grid_label')}|D|={trial.config.get('size')}"
+    """Readable in the Ray dashboard and Tune's tables: 'random_labels=10|D|=120' (sweeps.tblog.trial_label)."""
+    return trial_label(trial.config)
 
 
 def trial_dirname(trial) -> str:
     label = "".join(ch if ch.isalnum() or ch in "=._-" else "_" for ch in str(trial.config.get("grid_label")))
-    return f"{label}_D={trial.config.get('size')}_{trial.trial_id}"
+    tag = seed_tag(trial.config)
+    return f"{label}_D={trial.config.get('size')}{f'_{tag}' if tag else ''}_{trial.trial_id}"
 
 
 class ProgressPrinter(tune.Callback):
@@ -53,17 +55,19 @@ class SweepTensorBoard(TBXLoggerCallback):
     themselves (sweeps/tblog.py). This writes the HParams experiment when the sweep starts and one point of
     memorization ratio against |D| per grid point as each training finishes (tensorboard/summary)."""
 
-    def __init__(self, output: str, grid_points: list, size_range, description: str = ""):
+    def __init__(self, output: str, grid_points: list, size_range, description: str = "", seeds: int = 1):
         # Tune's logger state is not set up: none of its methods runs (all three hooks are replaced)
-        self.output, self.grid_points, self.size_range, self.description = \
-            str(output), grid_points, list(size_range), description
+        self.output, self.grid_points, self.size_range, self.description, self.seeds = \
+            str(output), grid_points, list(size_range), description, seeds
         self._live = None
 
     def setup(self, *args, **kwargs):
         from sweeps.tblog import LiveSummary, write_experiment
         self._live = LiveSummary(self.output)
         try:   # TensorBoard is for watching: a failure here must not fail the sweep
-            write_experiment(self.output, self.grid_points, self.size_range, self.description)
+            # unpickled from the tuner.pkl of a sweep before --seeds: one seed
+            write_experiment(self.output, self.grid_points, self.size_range, self.description,
+                             getattr(self, "seeds", 1))
         except Exception as e:
             logger.warning("could not write the HParams experiment to TensorBoard: %s", e)
 
@@ -80,7 +84,7 @@ class SweepTensorBoard(TBXLoggerCallback):
         if failed or best is None or label is None or size is None or self._live is None:
             return
         try:
-            self._live.add(str(label), int(size), float(best), result.get("best_mem_ratio_low"),
+            self._live.add(ratio_label(trial.config), int(size), float(best), result.get("best_mem_ratio_low"),
                            result.get("best_mem_ratio_high"))
         except Exception as e:
             logger.warning("could not write to TensorBoard: %s", e)

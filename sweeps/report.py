@@ -108,21 +108,25 @@ def deciding_trainings(trials, emm_row, grid_label: str, epsilon: float) -> list
 
 
 def _emm_table(emm, epsilon: float) -> str:
-    from sweeps.results import format_emm
-    head = ("<tr><th>value</th><th>EMM</th><th>bracket [low, high)</th><th>trainings</th><th>from ledger</th>"
-            "<th>training images</th><th>seconds</th></tr>")
+    from sweeps.results import format_emm, interval_text, spread_note, versus_previous
+    head = ("<tr><th>value</th><th>EMM</th><th>per seed</th><th>interval</th><th>vs previous</th>"
+            "<th>bracket [low, high)</th><th>trainings</th><th>from ledger</th><th>training images</th>"
+            "<th>seconds</th></tr>")
     rows = []
     for _, r in emm.iterrows():
         censored = isinstance(r.censored, str) and r.censored
         reused = int(r.reused) if "reused" in r and r.reused == r.reused else 0
         rows.append(f"<tr><td>{html.escape(str(r.value))}</td>"
                     f"<td{' class=censored' if censored else ''}>{html.escape(format_emm(r))}</td>"
+                    f"<td>{html.escape(str(r.seed_emms))}</td><td>{html.escape(interval_text(r))}</td>"
+                    f"<td>{html.escape(versus_previous(r))}</td>"
                     f"<td>[{_num(r.low) if _num(r.low) is not None else '-'}, "
                     f"{_num(r.high) if _num(r.high) is not None else '-'})</td>"
                     f"<td>{int(r.trials)}</td><td>{reused}</td><td>{int(r.training_images):,}</td>"
                     f"<td>{float(r.train_seconds):.0f}</td></tr>")
     caption = f"EMM: largest |D| with memorization ratio &ge; {1 - epsilon:.2f}"
-    return f'<table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table>'
+    return (f'<table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table>'
+            f'<p class="meta">{html.escape(spread_note(emm))}</p>')
 
 
 def sweep_section(output: Path) -> str:
@@ -146,8 +150,13 @@ def sweep_section(output: Path) -> str:
         return f'<section class="sweep">{"".join(parts)}</section>'
     emm = pd.read_csv(output / "emm.csv", keep_default_na=False, na_values=[""])
     trials = pd.read_csv(output / "trials.csv", keep_default_na=False, na_values=[""])
+    if "seeds" not in emm:   # written before --seeds: one seed, its bracket as the interval, no comparison
+        from sweeps.results import format_emm
+        emm = emm.assign(seeds=1, seed_emms=[format_emm(r) for _, r in emm.iterrows()], interval_low=emm.low,
+                         interval_high=emm.high, distinguishable_from_previous="")
     parts.append(_emm_table(emm, epsilon))
-    for name, title in (("emm.png", f"EMM against {factor} (bracket as error bar; red: censored)"),
+    for name, title in (("emm.png", f"EMM against {factor} (bracket, with several seeds their interval, as error "
+                                    f"bar; red: censored)"),
                         ("curves.png", "Memorization ratio against |D| (bars: 95 % intervals; dashed: 1 − ε)")):
         if (output / name).is_file():
             parts.append(f"<h3>{html.escape(title)}</h3><figure>"
@@ -159,15 +168,17 @@ def sweep_section(output: Path) -> str:
                  f"images; d1/d2 under each column is ||x − NN1|| / ||x − NN2|| (a copy below {threshold}). "
                  "Last evaluation of each training.</p>")
     from sweeps.results import ratio_text
-    from sweeps.tblog import tensorboard_dir
+    from sweeps.tblog import seed_tag, tensorboard_dir, training_run
     for _, row in emm.iterrows():
         label = f"{factor}={row.value}" if factor != "data_size" else "data_size"
         for t in deciding_trainings(trials, row.to_dict(), label, epsilon):
             size = int(t["size"])
             verdict = "memorized" if str(t["memorized"]).lower() == "true" else "not memorized"
             best = ratio_text(float(t["best_mem_ratio"]), t.get("best_mem_ratio_low"), t.get("best_mem_ratio_high"))
-            caption = f"{label}, |D| = {size}: best ratio {best}, {verdict}"
-            grid = last_sample_grid(tensorboard_dir(output) / label.replace("/", "_") / f"D={size}")
+            config = {"grid_label": label, "size": size, "seed_index": int(t.get("seed", 0)), "seeds": int(row.seeds)}
+            tag = seed_tag(config)
+            caption = f"{label}, |D| = {size}{f', {tag}' if tag else ''}: best ratio {best}, {verdict}"
+            grid = last_sample_grid(tensorboard_dir(output) / training_run(config))
             if grid is None:
                 why = ("answered by the results ledger: trained by an earlier sweep"
                        if t.get("status") == "reused" else "no sample grid in its TensorBoard run")

@@ -11,11 +11,15 @@ from pathlib import Path
 
 import pandas as pd
 
-EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "trials", "reused", "training_images",
+# emm, low, high, censored: the seeds' median (sweeps.bisection.seed_median); seeds, seed_emms, interval_low,
+# interval_high: their spread; distinguishable_from_previous: the intervals of this and the previous grid point
+# do not overlap.
+EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "seeds", "seed_emms", "interval_low",
+               "interval_high", "distinguishable_from_previous", "trials", "reused", "training_images",
                "train_seconds", "error"]
-TRIAL_COLUMNS = ["grid_label", "value", "size", "best_mem_ratio", "best_mem_ratio_low", "best_mem_ratio_high",
-                 "memorized", "stopped_early", "images_seen", "planned_images", "train_seconds", "step_seconds",
-                 "eval_seconds", "trial_id", "status", "error"]
+TRIAL_COLUMNS = ["grid_label", "value", "size", "seed", "best_mem_ratio", "best_mem_ratio_low",
+                 "best_mem_ratio_high", "best_num_samples", "memorized", "stopped_early", "images_seen",
+                 "planned_images", "train_seconds", "step_seconds", "eval_seconds", "trial_id", "status", "error"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -26,19 +30,13 @@ def _atomic(path: Path, write) -> None:
 
 def interval_of(ratio, num_samples) -> tuple[float, float]:
     """The 95 % interval (diffmem.memorization.ratio_interval) of a memorization ratio measured on num_samples
-    samples; (nan, nan) when either is unknown. A training's best ratio is copies / eval.num_samples of its own
-    config (every snapshot samples the same seeds), so a ratio the searcher or the ledger holds and that number
-    give back exactly the interval the training reported."""
+    samples; (nan, nan) when either is unknown. A training's best ratio is copies / best_num_samples (all
+    eval.num_samples, or fewer where the adaptive evaluation stopped early), so a ratio the searcher or the
+    ledger holds with its samples gives back exactly the interval the training reported."""
     from diffmem.memorization import ratio_interval
     if ratio is None or ratio != ratio or not num_samples:
         return math.nan, math.nan
     return ratio_interval(round(ratio * num_samples), int(num_samples))
-
-
-def grid_num_samples(base: dict, overrides: dict | None) -> int:
-    """eval.num_samples of a grid point's trainings: the sweep's base config with the point's overrides."""
-    from diffmem.config import EvalConfig, apply_overrides
-    return int((apply_overrides(base, overrides or {}).get("eval") or {}).get("num_samples", EvalConfig.num_samples))
 
 
 def ratio_text(ratio, low=None, high=None, digits: int = 3) -> str:
@@ -58,8 +56,10 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
         best = r.get("best_mem_ratio", float("nan"))
         images, planned = r.get("images_seen", float("nan")), r.get("planned_images", float("nan"))
         rows.append({"grid_label": label, "value": values.get(label), "size": int(r["config/size"]),
+                     "seed": _seed_of(r),
                      "best_mem_ratio": best, "best_mem_ratio_low": r.get("best_mem_ratio_low", float("nan")),
                      "best_mem_ratio_high": r.get("best_mem_ratio_high", float("nan")),
+                     "best_num_samples": r.get("best_num_samples", float("nan")),   # the samples behind the best
                      "memorized": bool(best >= 1 - epsilon) if best == best else None,
                      "stopped_early": bool(images < planned) if images == images else None,
                      "images_seen": images, "planned_images": planned,
@@ -71,44 +71,74 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                      "status": "error" if r.get("error") else ("reused" if r.get("from_ledger") == 1 else "done")})
     table = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     order = {p["label"]: i for i, p in enumerate(grid_points)}
-    return table.sort_values(["grid_label", "size"], key=lambda c: c.map(order) if c.name == "grid_label" else c,
-                             ignore_index=True)
+    return table.sort_values(["grid_label", "seed", "size"],
+                             key=lambda c: c.map(order) if c.name == "grid_label" else c, ignore_index=True)
 
 
-def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float,
-                       num_samples: dict | None = None) -> pd.DataFrame:
+def _seed_of(row) -> int:
+    """The seed replicate of a Tune row (config/seed_index); a trial of a sweep before --seeds is seed 0."""
+    seed = row.get("config/seed_index")
+    return 0 if seed is None or seed != seed else int(seed)
+
+
+def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
     """Every training the search observed, in order: run by this sweep (details from Tune's results) or
     answered by the results ledger (status 'reused': trained before, by this or another sweep), either by the
-    searcher without a trial or by a restored trial that found its record (Tune's row, marked from_ledger).
-    num_samples: grid label -> eval.num_samples, for the interval of a ratio the searcher alone holds."""
+    searcher without a trial (its interval from the ratio and the samples the searcher keeps with it) or by a
+    restored trial that found its record (Tune's row, marked from_ledger)."""
     ran = trials_table(frame, summary, epsilon)
     rows = []
     for point in summary:
-        for size, ratio, memorized in point["observations"]:
-            match = ran[(ran.grid_label == point["label"]) & (ran["size"] == size)]
-            if len(match):
-                rows.append(match.iloc[-1].to_dict())
-            else:
-                low, high = interval_of(ratio, (num_samples or {}).get(point["label"]))
-                rows.append({"grid_label": point["label"], "value": point["value"], "size": size,
+        for seed, replicate in enumerate(point["replicates"]):
+            for size, ratio, memorized, samples in replicate["observations"]:
+                match = ran[(ran.grid_label == point["label"]) & (ran["size"] == size) & (ran.seed == seed)]
+                if len(match):
+                    rows.append(match.iloc[-1].to_dict())
+                    continue
+                low, high = interval_of(ratio, samples)
+                rows.append({"grid_label": point["label"], "value": point["value"], "size": size, "seed": seed,
                              "best_mem_ratio": ratio, "best_mem_ratio_low": low, "best_mem_ratio_high": high,
+                             "best_num_samples": samples or math.nan,
                              "memorized": memorized, "status": "reused"})
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
 def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.DataFrame:
-    """One row per grid point: EMM (the largest |D| found to memorize) with its bracket and what it cost."""
+    """One row per grid point: EMM (the largest |D| found to memorize; with several seeds their median) with its
+    bracket, its spread over seeds and what it cost."""
     rows = []
-    for point in summary:
+    for i, point in enumerate(summary):
         mine = trials[trials.grid_label == point["label"]]
         reused = int((mine.status == "reused").sum())
         errors = mine.error.dropna() if "error" in mine else []
         rows.append({"factor": factor, "value": point["value"], "emm": point["emm"], "low": point["low"],
-                     "high": point["high"], "censored": point["censored"], "trials": point["trials"] - reused,
-                     "reused": reused,
+                     "high": point["high"], "censored": point["censored"], "seeds": point["seeds"],
+                     "seed_emms": " ".join(seed_emm_text(r) for r in point["replicates"]),
+                     "interval_low": point["interval_low"], "interval_high": point["interval_high"],
+                     "distinguishable_from_previous": None if i == 0 else not _overlap(summary[i - 1], point),
+                     "trials": point["trials"] - reused, "reused": reused,
                      "training_images": int(point["images"]), "train_seconds": round(float(mine.train_seconds.sum()), 1),
                      "error": errors.iloc[-1] if len(errors) else (point.get("error") or "")})
     return pd.DataFrame(rows, columns=EMM_COLUMNS)
+
+
+def seed_emm_text(replicate: dict) -> str:
+    """One seed's EMM in a word: '50', '>=320', '<10', 'open' or 'unresolved'."""
+    from sweeps.bisection import AT_LEAST_MAX, BELOW_MIN, RESOLVED
+    if replicate["status"] == AT_LEAST_MAX:
+        return f">={replicate['low']}"
+    if replicate["status"] == BELOW_MIN:
+        return f"<{replicate['high']}"
+    return str(replicate["emm"]) if replicate["status"] == RESOLVED else replicate["status"]
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    """Do the intervals [interval_low, interval_high) of two grid points overlap (an unknown end is unbounded)?"""
+    def ends(p):
+        low, high = p["interval_low"], p["interval_high"]
+        return -math.inf if low is None else low, math.inf if high is None else high
+    (a_low, a_high), (b_low, b_high) = ends(a), ends(b)
+    return a_low < b_high and b_low < a_high
 
 
 def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) -> dict:
@@ -118,18 +148,50 @@ def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) 
     high = int(failing["size"].iloc[0]) if len(failing) else None
     below = done[done.memorized.astype(bool) & ((done["size"] < high) if high else True)]
     low = int(below["size"].iloc[-1]) if len(below) else None
-    censored = ">=max" if high is None else ("<min" if low is None else "")
-    return {"label": grid_label, "value": value, "emm": low, "low": low, "high": high, "censored": censored,
-            "trials": len(done), "images": float(done[done.status != "reused"].images_seen.sum())}
+    from sweeps.bisection import AT_LEAST_MAX, BELOW_MIN, RESOLVED, seed_median
+    status = AT_LEAST_MAX if high is None else (BELOW_MIN if low is None else RESOLVED)
+    curve = {"emm": low, "low": low, "high": high, "status": status, "trials": len(done),
+             "images": float(done[done.status != "reused"].images_seen.sum()),
+             "observations": list(zip(done["size"], done.best_mem_ratio, done.memorized.astype(bool),
+                                      done.best_num_samples)),
+             "pending": [], "error": None}
+    return {"label": grid_label, "value": value, **seed_median([curve])}   # one seed, as a search's summary
 
 
 def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
-    lines = [f"EMM (largest |D| with memorization ratio >= {1 - epsilon:.2f})", "",
-             "| value | EMM | bracket | trainings | from ledger | images | seconds |", "|---|---|---|---|---|---|---|"]
+    lines = [f"EMM (largest |D| with memorization ratio >= {1 - epsilon:.2f})", "", spread_note(emm), "",
+             "| value | EMM | per seed | interval | vs previous | bracket | trainings | from ledger | images "
+             "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in emm.iterrows():
-        lines.append(f"| {r.value} | {format_emm(r)} | [{_int(r.low)}, {_int(r.high)}) | {r.trials} | {r.reused} | "
-                     f"{r.training_images:,} | {r.train_seconds:.0f} |")
+        lines.append(f"| {r.value} | {format_emm(r)} | {r.seed_emms} | {interval_text(r)} | {versus_previous(r)} | "
+                     f"[{_int(r.low)}, {_int(r.high)}) | {r.trials} | {r.reused} | {r.training_images:,} | "
+                     f"{r.train_seconds:.0f} |")
     return "\n".join(lines) + "\n"
+
+
+def spread_note(emm: pd.DataFrame) -> str:
+    """What the EMM, the interval and 'vs previous' of an EMM table mean, for its number of seeds."""
+    from sweeps.bisection import interval_level
+    seeds = int(emm.seeds.max()) if len(emm) else 1
+    if seeds == 1:
+        return ("One training seed: the interval is the bracket, with no spread over seeds; 'vs previous' says "
+                "whether two neighbouring brackets are apart (--seeds K gives the spread).")
+    return (f"{seeds} training seeds per grid point: EMM is the (lower) median of the seeds' EMMs, bracket the "
+            f"median of their brackets; interval = [smallest low, largest high) over the seeds, nominal "
+            f"{interval_level(seeds):.0%} for the median seed's EMM; 'not distinguishable': its interval overlaps "
+            f"the previous grid point's.")
+
+
+def interval_text(row) -> str:
+    return f"[{_int(row.interval_low)}, {_int(row.interval_high)})"
+
+
+def versus_previous(row) -> str:
+    """'' for the first grid point, else whether its interval is apart from the previous grid point's."""
+    apart = row.distinguishable_from_previous
+    if apart is None or apart != apart or apart == "":
+        return ""
+    return "distinguishable" if str(apart).lower() == "true" else "not distinguishable"
 
 
 def format_emm(row) -> str:
@@ -154,20 +216,31 @@ def plot_emm(path: Path, factor: str, emm: pd.DataFrame) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.6))
     x = list(range(len(emm)))
-    for i, r in emm.iterrows():
-        lo = r.low if r.low == r.low and r.low is not None else (r.high or 1) / 2
-        hi = r.high if r.high == r.high and r.high is not None else lo * 2
+    for i, r in emm.iterrows():   # the interval is the bracket with one seed
+        lo = r.interval_low if r.interval_low == r.interval_low and r.interval_low is not None else \
+            (r.interval_high or 1) / 2
+        hi = r.interval_high if r.interval_high == r.interval_high and r.interval_high is not None else lo * 2
         centre = r.emm if r.emm == r.emm and r.emm is not None else lo
         ax.errorbar([i], [centre], yerr=[[max(centre - lo, 0)], [max(hi - centre, 0)]], fmt="o", capsize=4,
                     color="C3" if r.censored else "C0")
+        if r.seeds > 1:   # each seed's own EMM beside the median
+            ax.plot([i + 0.08] * len(seed_emms(r)), seed_emms(r), "_", color="gray", ms=8)
+    seeds = int(emm.seeds.max()) if len(emm) else 1
     ax.set_xticks(x, [str(v) for v in emm.value])
     ax.set_yscale("log")
     ax.set_xlabel(factor)
-    ax.set_ylabel("EMM (|D|), bracket as error bar")
+    ax.set_ylabel("EMM (|D|), bracket as error bar" if seeds == 1 else
+                  f"EMM (|D|): median of {seeds} seeds,\ninterval as error bar, seeds as dashes", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
+
+
+def seed_emms(row) -> list[int]:
+    """The seeds' EMMs of an emm.csv row that are numbers ('>=320' counts as 320; '<10', 'open' and 'unresolved'
+    have none)."""
+    return [int(t.lstrip(">=")) for t in str(row.seed_emms).split() if t.lstrip(">=").isdigit()]
 
 
 def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsilon: float) -> None:
@@ -177,12 +250,13 @@ def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsil
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, point in enumerate(grid_points):
         mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()].sort_values("size")
-        if len(mine):
-            ax.plot(mine["size"], mine.best_mem_ratio * 100, "o-", color=f"C{i % 10}", label=str(point["value"]))
-            ratio = pd.to_numeric(mine.best_mem_ratio)
-            ends = [pd.to_numeric(mine.get(f"best_mem_ratio_{end}", ratio)) for end in ("low", "high")]
-            ax.errorbar(mine["size"], ratio * 100, yerr=[((ratio - ends[0]) * 100).fillna(0).clip(lower=0),
-                                                         ((ends[1] - ratio) * 100).fillna(0).clip(lower=0)],
+        for k, (_, curve) in enumerate(mine.groupby("seed")):   # one line per seed, in the grid point's colour
+            ax.plot(curve["size"], curve.best_mem_ratio * 100, "o-", color=f"C{i % 10}",
+                    label=str(point["value"]) if k == 0 else None)
+            ratio = pd.to_numeric(curve.best_mem_ratio)
+            ends = [pd.to_numeric(curve.get(f"best_mem_ratio_{end}", ratio)) for end in ("low", "high")]
+            ax.errorbar(curve["size"], ratio * 100, yerr=[((ratio - ends[0]) * 100).fillna(0).clip(lower=0),
+                                                          ((ends[1] - ratio) * 100).fillna(0).clip(lower=0)],
                         fmt="none", ecolor=f"C{i % 10}", capsize=2, lw=0.8)   # each ratio's 95 % interval
     ax.axhline((1 - epsilon) * 100, ls="--", color="gray", lw=1)
     ax.set_xscale("log")

@@ -39,7 +39,8 @@ SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
 
 def load_experiment_searcher(experiment_dir: str) -> dict:
     """What EMMSearcher saved in the newest snapshot of a Tune experiment dir (searcher-state-<time>.pkl, which
-    holds our JSON): "state", "reused" (the [grid index, size] the ledger answered without a trial), ..."""
+    holds our JSON): "state", "reused" (the [bracket index, size] the ledger answered without a trial;
+    EMMSearchState.replicate gives the bracket's grid index and seed), ..."""
     paths = glob.glob(os.path.join(experiment_dir, Searcher.CKPT_FILE_TMPL.format("*")))
     if not paths:
         raise FileNotFoundError(f"no searcher state in {experiment_dir}")
@@ -57,27 +58,34 @@ def load_experiment_state(experiment_dir: str) -> EMMSearchState:
 
 
 class EMMSearcher(Searcher):
-    """Suggests {"grid_index", "grid_label", "grid_value", "overrides", "size"} trial configs."""
+    """Suggests {"grid_index", "grid_label", "grid_value", "seed_index", "seeds", "overrides", "size"} trial
+    configs. Seed s > 0 of a grid point trains with the override train.seed = base_seed + s; seed 0 has the grid
+    point's overrides alone, so it is the training a one-seed sweep runs (the same ledger key)."""
 
     def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
                  max_concurrent: int = 2, metric: str = "best_mem_ratio", mode: str = "max",
-                 max_failures: int = 2, known_results=None):
+                 max_failures: int = 2, known_results=None, seeds: int = 1, base_seed: int | None = None):
         """known_results: optional callable, trial config -> the ledger's record of that training or None;
-        a training the ledger holds is observed at once instead of being run again."""
+        a training the ledger holds is observed at once instead of being run again.
+        seeds: searches per grid point, one per training seed; base_seed: the sweep's train.seed (needed
+        with seeds > 1)."""
         if mode != "max":
             raise ValueError(f"EMMSearcher compares the memorization ratio against 1 - epsilon, so mode must "
                              f"be 'max', got {mode!r}")
         super().__init__(metric=metric, mode=mode)
         if int(max_concurrent) < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {max_concurrent}")
+        if seeds > 1 and not isinstance(base_seed, int):
+            raise ValueError(f"{seeds} seeds need the sweep's train.seed as base_seed, got {base_seed!r}")
         self.max_concurrent = int(max_concurrent)
+        self.base_seed = base_seed
         self.state = EMMSearchState(grid_points, allowed_sizes, size_range, epsilon=epsilon,
-                                    tolerance=tolerance, max_failures=max_failures)
-        self._running: dict[str, tuple[int, int]] = {}    # trial_id -> (grid_index, size)
+                                    tolerance=tolerance, max_failures=max_failures, seeds=seeds)
+        self._running: dict[str, tuple[int, int]] = {}    # trial_id -> (bracket index, size)
         self._completed: set[str] = set()                 # ids whose completion was counted
         self._plan: list[tuple[int, int]] = []            # planned for the free slots, not yet launched
         self.known_results = known_results
-        self.reused: list[tuple[int, int]] = []           # (grid_index, size) answered by the ledger
+        self.reused: list[tuple[int, int]] = []           # (bracket index, size) answered by the ledger
 
     # ---- Tune hooks ----
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -95,17 +103,15 @@ class EMMSearcher(Searcher):
             probe = self._next_probe(free)
             if probe is None:
                 return None          # waiting for running trials
-            grid_index, size = probe
-            point = self.state.grid_points[grid_index]
-            config = {"grid_index": grid_index, "grid_label": point["label"], "grid_value": point.get("value"),
-                      "overrides": copy.deepcopy(point.get("overrides", {})), "size": size}
-            self.state.start(grid_index, size)
+            bracket, size = probe
+            config = self.probe_config(bracket, size)
+            self.state.start(bracket, size)
             known = self.known_results(config) if self.known_results is not None else None
             if known is None:
                 self._running[trial_id] = probe
                 return config
             # the ledger already holds this training: observe it (costing nothing) and plan again
-            self.state.observe(grid_index, size, known[self.metric], images=0.0)
+            self.state.observe(bracket, size, known[self.metric], images=0.0, samples=known["best_num_samples"])
             self.reused.append(probe)
             self._plan.clear()
 
@@ -124,19 +130,20 @@ class EMMSearcher(Searcher):
             return
         self._completed.add(trial_id)
         self._plan.clear()           # new information: plan again
-        grid_index, size = probe
+        bracket, size = probe
         if error:
-            self.state.fail(grid_index, size, f"trial {trial_id} errored")
+            self.state.fail(bracket, size, f"trial {trial_id} errored")
         elif result is None:
-            self.state.cancel(grid_index, size)       # stopped before it ran: propose the size again
+            self.state.cancel(bracket, size)       # stopped before it ran: propose the size again
         else:
             ratio = result.get(self.metric)
             if not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-                self.state.fail(grid_index, size, f"trial {trial_id} reported {self.metric}={ratio!r}")
+                self.state.fail(bracket, size, f"trial {trial_id} reported {self.metric}={ratio!r}")
             else:
                 # a restored trial the ledger answered (sweeps.trainable._report_known) trained nothing here
                 images = 0.0 if result.get("from_ledger") == 1 else float(result.get("images_seen") or 0)
-                self.state.observe(grid_index, size, float(ratio), images=images)
+                self.state.observe(bracket, size, float(ratio), images=images,
+                                   samples=int(result.get("best_num_samples") or 0))
 
     def _final(self, result: dict) -> bool:
         """A running max that already reached 1 - epsilon is final: it can only grow."""
@@ -152,6 +159,16 @@ class EMMSearcher(Searcher):
             self.load_dict(json.load(f))
 
     # ---- helpers ----
+    def probe_config(self, bracket: int, size: int) -> dict:
+        """The Tune trial config of a probe: the training at `size` of one bracket, its grid point, seed, overrides."""
+        grid_index, seed = self.state.replicate(bracket)
+        point = self.state.grid_points[grid_index]
+        overrides = copy.deepcopy(point.get("overrides", {}))
+        if seed > 0:   # seed 0 keeps the grid point's own overrides: a one-seed sweep's training, same ledger key
+            overrides["train.seed"] = overrides.get("train.seed", self.base_seed) + seed
+        return {"grid_index": grid_index, "grid_label": point["label"], "grid_value": point.get("value"),
+                "seed_index": seed, "seeds": self.state.seeds, "overrides": overrides, "size": size}
+
     def to_dict(self) -> dict:
         return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "metric": self.metric,
                 "state": self.state.to_dict(),
@@ -184,15 +201,19 @@ class EMMSearcher(Searcher):
             return None
         config = result.get("config") if isinstance(result.get("config"), dict) else {}
         grid_index = result.get("config/grid_index", config.get("grid_index"))
+        seed = result.get("config/seed_index", config.get("seed_index", 0))   # a trial of before seeds: seed 0
         size = result.get("config/size", config.get("size"))
-        if not isinstance(grid_index, int) or not isinstance(size, int):
+        if not all(isinstance(x, int) for x in (grid_index, seed, size)):
             return None
-        if not 0 <= grid_index < len(self.state.brackets) or size not in self.state.settings.allowed_sizes:
+        if not (0 <= grid_index < len(self.state.grid_points) and 0 <= seed < self.state.seeds
+                and size in self.state.settings.allowed_sizes):
             return None
+        probe = (self.state.bracket_index(grid_index, seed), size)
         # the old id of a restarted trial will never report: forget it so its slot is freed
-        for old_id, probe in list(self._running.items()):
-            if probe == (grid_index, size):
+        for old_id, running in list(self._running.items()):
+            if running == probe:
                 del self._running[old_id]
                 break
-        logger.debug("EMMSearcher: adopting trial %s as grid point %d, size %d", trial_id, grid_index, size)
-        return grid_index, size
+        logger.debug("EMMSearcher: adopting trial %s as grid point %d, seed %d, size %d", trial_id, grid_index,
+                     seed, size)
+        return probe

@@ -6,9 +6,11 @@ Sources: sweep.json (grid points, epsilon, tolerance), the Tune experiment's new
 the results ledger for training times when no trial folder has them. Works on a running sweep (as fresh as
 Tune's last snapshot, every few seconds), an interrupted one, and a finished one. Every best ratio is shown with
 its 95 % interval over the evaluation's samples, "0.980 [0.951, 0.992]" (diffmem.memorization.ratio_interval).
+With several training seeds a grid point's line gives the seeds' median (sweeps.bisection.seed_median), then
+the seeds' EMMs and interval, then each seed's own bracket and ratios.
 
-The time left is an estimate: per open grid point the bisection steps still needed to narrow its bracket to
-the tolerance, ceil(log2(log(high / low) / log(1 + tolerance))), less the trainings already running there,
+The time left is an estimate: per open bracket (grid point and seed) the bisection steps still needed to narrow
+it to the tolerance, ceil(log2(log(high / low) / log(1 + tolerance))), less the trainings already running there,
 times the mean training time so far, shared among the trainings that run at once.
 """
 from __future__ import annotations
@@ -22,7 +24,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sweeps.results import grid_num_samples, interval_of, ratio_text
+from sweeps.results import interval_of, ratio_text, seed_emm_text
+from sweeps.tblog import trial_label
 
 TUNE_DIR = "tune"
 IDLE_AFTER_S = 600      # no file of the sweep changed for this long: nothing is running
@@ -33,6 +36,7 @@ class TrialRecord:
     trial_id: str
     grid_label: str | None
     size: int | None
+    name: str = ""                        # sweeps.tblog.trial_label: grid point, |D| and seed
     status: str = "UNKNOWN"               # Tune's: PENDING, RUNNING, TERMINATED, ERROR, PAUSED
     best_mem_ratio: float | None = None
     best_mem_ratio_low: float | None = None   # its 95 % interval (diffmem.memorization.ratio_interval)
@@ -69,7 +73,7 @@ def read_trials(output: Path) -> dict[str, TrialRecord]:
             config = json.loads(params.read_text())
         except ValueError:
             continue
-        record = TrialRecord(trial_id, config.get("grid_label"), config.get("size"))
+        record = TrialRecord(trial_id, config.get("grid_label"), config.get("size"), trial_label(config))
         results = _read_json_lines(params.parent / "result.json")
         if results:
             _take_result(record, results[-1])
@@ -87,7 +91,7 @@ def read_trials(output: Path) -> dict[str, TrialRecord]:
                 continue
             config = meta.get("config") or {}
             record = trials.setdefault(meta["trial_id"], TrialRecord(meta["trial_id"], config.get("grid_label"),
-                                                                     config.get("size")))
+                                                                     config.get("size"), trial_label(config)))
             record.status = meta.get("status", record.status)
             if record.best_mem_ratio is None and runtime.get("last_result"):
                 _take_result(record, runtime["last_result"])
@@ -160,6 +164,26 @@ def _fmt_int(x) -> str:
     return "-" if x is None else str(int(x))
 
 
+def _searching(bracket) -> str:
+    """' searching 20..80': the sizes an open bracket still searches."""
+    lo, _, hi, _ = bracket.edges()
+    sizes = bracket.settings.allowed_sizes
+    return f" searching {sizes[lo]}..{sizes[hi]}"
+
+
+def _seed_lines(replicate: dict, bracket, seed: int | None) -> list[str]:
+    """The best ratios one search observed, with their intervals; with several seeds headed by the seed's status
+    and bracket. The searcher holds each best ratio with the samples behind it, which give its interval."""
+    ratios = ", ".join(f"{s}: {ratio_text(r, *interval_of(r, n))}{' memorized' if m else ''}"
+                       for s, r, m, n in sorted(replicate["observations"]))
+    if seed is None:
+        return [f"{'':30s}{ratios}"] if ratios else []
+    known = f"[{_fmt_int(replicate['low'])}, {_fmt_int(replicate['high'])})"
+    if replicate["status"] == "open":
+        known += _searching(bracket)
+    return [f"{'':30s}seed {seed}: {replicate['status']} {known}" + (f"; {ratios}" if ratios else "")]
+
+
 def sweep_status(output: str | Path, now: float | None = None) -> str:
     """The status report of the sweep in `output` (what `--status DIR` prints)."""
     output = Path(output)
@@ -214,28 +238,27 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     lines += [header, "-" * len(header)]
     steps_left = 0
     if state is not None:
-        for index, (point, bracket) in enumerate(zip(state.summary(), state.brackets)):
-            lo, lo_kind, hi, hi_kind = bracket.edges()
-            sizes = bracket.settings.allowed_sizes
+        for index, point in enumerate(state.summary()):
+            brackets = state.seed_brackets(index)
             known = f"[{_fmt_int(point['low'])}, {_fmt_int(point['high'])})"
-            if point["status"] == "open":
-                known += f" searching {sizes[lo]}..{sizes[hi]}"
+            if point["status"] == "open" and state.seeds == 1:
+                known += _searching(brackets[0])
             mine_running = [t for t in running if t.grid_label == point["label"]]
             emm = _fmt_int(point["emm"]) if point["status"] != "open" else "?"
-            from_ledger = (sum(g == index for g, _ in searcher_reused)
+            from_ledger = (sum(state.replicate(b)[0] == index for b, _ in searcher_reused)
                            + sum(t.from_ledger for t in done if t.grid_label == point["label"]))
             lines.append(f"{point['label']:28s} {point['status']:11s} {known:22s} {emm:>5s}  "
                          f"{len(point['observations'])} done"
                          + (f" ({from_ledger} from the ledger)" if from_ledger else "")
                          + f", {len(mine_running)} running")
-            if point["observations"]:   # the searcher holds each best ratio; its interval follows from the samples
-                samples = grid_num_samples(spec["base"], state.grid_points[index].get("overrides"))
-                lines.append(f"{'':30s}" + ", ".join(
-                    f"{s}: {ratio_text(r, *interval_of(r, samples))}{' memorized' if m else ''}"
-                    for s, r, m in sorted(point["observations"])))
+            if state.seeds > 1:
+                lines.append(f"{'':30s}seeds' EMMs {' '.join(seed_emm_text(r) for r in point['replicates'])}; "
+                             f"interval [{_fmt_int(point['interval_low'])}, {_fmt_int(point['interval_high'])})")
+            for seed, (replicate, bracket) in enumerate(zip(point["replicates"], brackets)):
+                lines += _seed_lines(replicate, bracket, seed if state.seeds > 1 else None)
             if point.get("error"):
                 lines.append(f"{'':30s}error: {point['error']}")
-            steps_left += remaining_steps(bracket, tolerance)
+            steps_left += sum(remaining_steps(b, tolerance) for b in brackets)
     else:   # data_size: every size once, no search
         for size in spec["values"]:
             mine = [t for t in done if t.size == size]
@@ -247,16 +270,16 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     lines.append("")
     if running and overall != "running":   # Tune's last snapshot still lists them, but nothing runs
         lines.append(f"left unfinished ({len(running)}), resumed from their checkpoints by --resume:")
-        for t in sorted(running, key=lambda t: (str(t.grid_label), t.size or 0)):
-            lines.append(f"  {t.grid_label}|D|={t.size}")
+        for t in sorted(running, key=lambda t: (str(t.grid_label), t.size or 0, t.name)):
+            lines.append(f"  {t.name}")
     elif running:
         lines.append(f"running ({len(running)}):")
-        for t in sorted(running, key=lambda t: (str(t.grid_label), t.size or 0)):
+        for t in sorted(running, key=lambda t: (str(t.grid_label), t.size or 0, t.name)):
             progress = ""
             if t.images_seen and t.planned_images:
                 progress = (f", {t.images_seen:,} of {t.planned_images:,} images, best ratio so far "
                             f"{_best_text(t)}")
-            lines.append(f"  {t.grid_label}|D|={t.size} ({t.status.lower()}{progress})")
+            lines.append(f"  {t.name} ({t.status.lower()}{progress})")
     else:
         lines.append("running: none")
     seconds = [t.seconds for t in done if t.seconds and not t.from_ledger]

@@ -3,11 +3,14 @@
 - `<grid point>/D=<size>`: one run per training (written by the trial, sweeps/trainable.py and diffmem.train):
   loss, lr, memorization ratio (and the ends of its 95 % interval), images/s against images seen; the sample |
   NN1 | NN2 grid with each sample's distance ratio; and an HParams session: the grid point, the factor's config
-  keys and |D| as hyperparameters, `hparams/best_mem_ratio` and `hparams/memorized` (0/1) as metrics.
+  keys and |D| as hyperparameters (and the seed, with --seeds K > 1), `hparams/best_mem_ratio` and
+  `hparams/memorized` (0/1) as metrics. With several seeds a training's run is `<grid point>/D=<size>_seed=<s>`
+  (`training_run`).
 - `summary`: the HParams experiment (which columns the table has) and, per grid point,
-  `emm/<grid label>/memorization_ratio` against |D| (step = |D|) with the ends of its 95 % interval (`..._low`,
-  `..._high`), written as trainings finish and rewritten whole at the end of the sweep (sweeps/results.py), and
-  `emm/<factor>`: EMM per grid index (step = index).
+  `emm/<grid label>/memorization_ratio` against |D| (step = |D|; `emm/<grid label>/seed=<s>/...` per seed with
+  several seeds) with the ends of its 95 % interval (`..._low`, `..._high`), written as trainings finish and
+  rewritten whole at the end of the sweep (sweeps/results.py), and `emm/<factor>`: EMM per grid index (step =
+  index; the seeds' median).
 
 The HParams protos are built here from tensorboard's own proto modules (no TensorFlow needed) and written
 through the trial's SummaryWriter, into the same event file as its scalars.
@@ -22,6 +25,7 @@ from pathlib import Path
 
 SIZE_KEY = "|D|"
 GRID_KEY = "grid point"
+SEED_KEY = "seed"
 METRIC_BEST = "hparams/best_mem_ratio"
 METRIC_MEMORIZED = "hparams/memorized"
 SUMMARY_RUN = "summary"
@@ -42,11 +46,38 @@ def hparam_value(value):
     return json.dumps(value, separators=(",", ":"))
 
 
+def seed_tag(config: dict) -> str:
+    """'seed=1' for a training of a sweep with several seeds (config "seed_index", "seeds" as the searcher
+    suggests them), '' with one seed: the names of a one-seed sweep stay as they were."""
+    return f"seed={config.get('seed_index', 0)}" if config.get("seeds", 1) > 1 else ""
+
+
+def trial_label(config: dict) -> str:
+    """A training's name in the Ray dashboard, the console and --status: 'random_labels=10|D|=120', with several
+    seeds 'random_labels=10|D|=120|seed=1'."""
+    tag = seed_tag(config)
+    return f"{config.get('grid_label')}|D|={config.get('size')}" + (f"|{tag}" if tag else "")
+
+
+def training_run(config: dict) -> str:
+    """A training's TensorBoard run under OUTPUT/tensorboard: '<grid point>/D=<size>', with '_seed=<s>' when the
+    sweep has several seeds."""
+    tag = seed_tag(config)
+    return f"{str(config['grid_label']).replace('/', '_')}/D={config['size']}" + (f"_{tag}" if tag else "")
+
+
 def trial_hparams(config: dict) -> dict:
-    """The hyperparameters of one training: its grid point, the config keys its grid point sets, and |D|."""
+    """The hyperparameters of one training: its grid point, the config keys its grid point sets, |D|, and its seed
+    when the sweep has several (seed s trains with train.seed + s: the override itself is left out, as seed 0
+    has none)."""
     hparams = {GRID_KEY: str(config.get("grid_label"))}
-    hparams.update({key: hparam_value(v) for key, v in sorted((config.get("overrides") or {}).items())})
+    overrides = dict(config.get("overrides") or {})
+    if seed_tag(config):
+        overrides.pop("train.seed", None)
+    hparams.update({key: hparam_value(v) for key, v in sorted(overrides.items())})
     hparams[SIZE_KEY] = float(config["size"])
+    if seed_tag(config):
+        hparams[SEED_KEY] = float(config["seed_index"])
     return hparams
 
 
@@ -125,13 +156,14 @@ def trial_grid_points(grid_points: list[dict]) -> list[dict]:
     return grid_points
 
 
-def sweep_hparam_rows(grid_points: list[dict], size_range) -> list[dict]:
-    """What every training of a sweep can have as hyperparameters: its grid point's, |D| over the range."""
+def sweep_hparam_rows(grid_points: list[dict], size_range, seeds: int = 1) -> list[dict]:
+    """What every training of a sweep can have as hyperparameters: its grid point's, |D| over the range, its seed."""
     rows = []
     for point in trial_grid_points(grid_points):
         for size in size_range:
-            rows.append(trial_hparams({"grid_label": point["label"], "overrides": point.get("overrides"),
-                                       "size": size}))
+            for seed in range(seeds):
+                rows.append(trial_hparams({"grid_label": point["label"], "overrides": point.get("overrides"),
+                                           "size": size, "seed_index": seed, "seeds": seeds}))
     return rows
 
 
@@ -153,11 +185,13 @@ def end_session(writer, best_ratio: float, epsilon: float, step: int) -> None:
 
 # ---- per sweep (called from the driver) ----
 
-def write_experiment(output: str | Path, grid_points: list[dict], size_range, description: str = "") -> None:
+def write_experiment(output: str | Path, grid_points: list[dict], size_range, description: str = "",
+                     seeds: int = 1) -> None:
     """The HParams experiment in OUTPUT/tensorboard/summary, at the start of a sweep."""
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(str(tensorboard_dir(output) / SUMMARY_RUN)) as writer:
-        writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range), description))
+        writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range, seeds),
+                                                          description))
 
 
 def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_points: list[dict], epsilon: float,
@@ -170,13 +204,16 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
     shutil.rmtree(tmp, ignore_errors=True)
     sizes = [int(s) for s in trials["size"].dropna()] if len(trials) else []
     size_range = [min(sizes), max(sizes)] if sizes else [1, 1]
+    seeds = int(emm.seeds.max()) if "seeds" in emm and len(emm) else 1
     with SummaryWriter(str(tmp)) as writer:
-        writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range),
+        writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range, seeds),
                                                           f"EMM sweep over {factor}"))
         for point in trial_grid_points(grid_points):
             mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()]
             for _, row in mine.sort_values("size").iterrows():
-                _add_ratio(writer, point["label"], int(row["size"]), float(row.best_mem_ratio),
+                seed = row.get("seed", 0)
+                config = {"grid_label": point["label"], "seed_index": 0 if seed != seed else int(seed), "seeds": seeds}
+                _add_ratio(writer, ratio_label(config), int(row["size"]), float(row.best_mem_ratio),
                            row.get("best_mem_ratio_low"), row.get("best_mem_ratio_high"))
         legend = ["| grid index | value | EMM |", "|---|---|---|"]
         for i, row in enumerate(emm.itertuples()):
@@ -193,12 +230,19 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
     return run
 
 
-def _add_ratio(writer, grid_label: str, size: int, ratio: float, low=None, high=None) -> None:
-    """emm/<grid label>/memorization_ratio at step |D|, and its 95 % interval's ends (_low, _high) when known."""
-    writer.add_scalar(f"emm/{grid_label}/memorization_ratio", ratio, size)
+def ratio_label(config: dict) -> str:
+    """Where a training's memorization ratio goes in the summary run: 'emm/<this>/memorization_ratio', the grid
+    point, and the seed when the sweep has several."""
+    tag = seed_tag(config)
+    return f"{config['grid_label']}/{tag}" if tag else str(config["grid_label"])
+
+
+def _add_ratio(writer, label: str, size: int, ratio: float, low=None, high=None) -> None:
+    """emm/<label>/memorization_ratio at step |D|, and its 95 % interval's ends (_low, _high) when known."""
+    writer.add_scalar(f"emm/{label}/memorization_ratio", ratio, size)
     for name, value in (("low", low), ("high", high)):
         if isinstance(value, (int, float)) and math.isfinite(value):
-            writer.add_scalar(f"emm/{grid_label}/memorization_ratio_{name}", float(value), size)
+            writer.add_scalar(f"emm/{label}/memorization_ratio_{name}", float(value), size)
 
 
 class LiveSummary:
@@ -208,11 +252,12 @@ class LiveSummary:
         self.output = str(output)
         self._writer = None
 
-    def add(self, grid_label: str, size: int, ratio: float, low=None, high=None) -> None:
+    def add(self, label: str, size: int, ratio: float, low=None, high=None) -> None:
+        """label: ratio_label of the training."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
             self._writer = SummaryWriter(str(tensorboard_dir(self.output) / SUMMARY_RUN))
-        _add_ratio(self._writer, grid_label, int(size), ratio, low, high)
+        _add_ratio(self._writer, label, int(size), ratio, low, high)
         self._writer.flush()
 
     def close(self) -> None:

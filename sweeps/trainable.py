@@ -19,7 +19,7 @@ from diffmem.config import apply_overrides, from_dict
 from diffmem.train import CHECKPOINT, train
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.results import interval_of
-from sweeps.tblog import end_session, start_session
+from sweeps.tblog import end_session, start_session, training_run
 
 
 def trial_config(settings: dict, config: dict):
@@ -28,8 +28,8 @@ def trial_config(settings: dict, config: dict):
     train.device 'auto' becomes the device the trial reserves: cuda with GPUs per worker, else cpu. The
     driver (which may have no GPU) and the trial then agree on it, and a trial without a GPU of its own never
     takes one Ray does not hide from it (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for 0-GPU workers)."""
-    stop_at = 1 - settings["epsilon"] if settings.get("early_stop", True) else None
-    overrides = {**config["overrides"], "data.size": config["size"], "eval.stop_at": stop_at}
+    memorized_at = 1 - settings["epsilon"] if settings.get("early_stop", True) else None   # data_size: the curve
+    overrides = {**config["overrides"], "data.size": config["size"], "eval.memorized_at": memorized_at}
     cfg = from_dict(apply_overrides(settings["base"], overrides))
     if cfg.train.device == "auto":
         cfg.train.device = "cuda" if settings.get("gpus_per_worker", 0) > 0 else "cpu"
@@ -44,9 +44,9 @@ def trial_key(settings: dict, config: dict) -> tuple[str, dict, dict]:
 
 
 def trial_logdir(settings: dict, config: dict) -> Path:
-    """Where a trial's TensorBoard events and sample grids go: OUTPUT/tensorboard/<grid point>/D=<size>."""
-    label = config["grid_label"].replace("/", "_")
-    return Path(settings["output"]) / "tensorboard" / label / f"D={config['size']}"
+    """Where a trial's TensorBoard events and sample grids go: OUTPUT/tensorboard/<grid point>/D=<size>[_seed=<s>]
+    (sweeps.tblog.training_run)."""
+    return Path(settings["output"]) / "tensorboard" / training_run(config)
 
 
 def _restore_into(checkpoint, run_dir: Path) -> None:
@@ -91,12 +91,10 @@ def _report_known(settings: dict, config: dict) -> bool:
     if settings.get("no_reuse") or not settings.get("ledger"):
         return False
     known = KnownResults(settings)(config)
-    if known is not None:   # the interval the training reported: from its ratio and its eval.num_samples
-        samples = trial_config(settings, config).eval.num_samples
-        low, high = interval_of(known["best_mem_ratio"], samples)
-        tune.report({k: known[k] for k in ("best_mem_ratio", "images_seen", "planned_images")}
-                    | {"best_mem_ratio_low": low, "best_mem_ratio_high": high, "num_samples": samples,
-                       "from_ledger": 1})
+    if known is not None:   # the interval the training reported: from its ratio and the samples behind it
+        low, high = interval_of(known["best_mem_ratio"], known["best_num_samples"])
+        tune.report({k: known[k] for k in ("best_mem_ratio", "best_num_samples", "images_seen", "planned_images")}
+                    | {"best_mem_ratio_low": low, "best_mem_ratio_high": high, "from_ledger": 1})
     return known is not None
 
 

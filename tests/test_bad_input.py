@@ -172,6 +172,8 @@ CASES = {
     "eval.rho=-1": (["--set", "eval.rho=-1"], r"eval.rho=-1.0 must be > 0 \(EDM: 7\)"),
     "eval.rho=nan": (["--set", "eval.rho=nan"], r"eval.rho=nan must be a finite number > 0"),
     "eval.threshold=nan": (["--set", "eval.threshold=nan"], r"eval.threshold=nan must be a finite number in \(0, 1\]"),
+    "eval.adaptive_error=0.5": (["--set", "eval.adaptive_error=0.5"], r"eval.adaptive_error=0.5 must be in \(0, 0.5\)"),
+    "eval.adaptive_error=0": (["--set", "eval.adaptive_error=0"], r"eval.adaptive_error=0.0 must be in \(0, 0.5\)"),
     "model.dropout=inf": (["--set", "model.dropout=inf"], r"model.dropout=inf must be a finite number in \[0, 1\)"),
     "train.duration=1e400ep": (["--set", "train.duration=1e400ep"], r"train.duration='1e400ep' is not a duration"),
     "channel_mult deeper than 8x8": (["--set", "model.channel_mult=[1,1,1,1]"], r"model.channel_mult=\[1, 1, 1, 1\] "
@@ -194,6 +196,12 @@ CASES = {
     "--epsilon nan": (["--epsilon", "nan"], r"--epsilon nan must be in \(0, 1\)"),
     "--max-concurrent 0": (["--max-concurrent", "0"], r"--max-concurrent 0 must be >= 1"),
     "--max-concurrent -2": (["--max-concurrent", "-2"], r"--max-concurrent -2 must be >= 1"),
+    "--seeds 0": (["--seeds", "0"], r"--seeds 0 must be >= 1 \(training seeds per grid point, default 1\)"),
+    "--seeds -3": (["--seeds", "-3"], r"--seeds -3 must be >= 1"),
+    "--seeds past the largest seed": (["--seed", str(2 ** 63 - 2), "--seeds", "3"], r"--seeds 3 from "
+                                      r"train.seed=9223372036854775806 goes past the largest seed 2\*\*63 - 1"),
+    "--seeds 2 with data_size": (["--factor", "data_size", "--values", "20", "--seeds", "2"],
+                                 r"--seeds applies to the EMM search; data_size trains each size once"),
     "--values 8 8.0": (["--factor", "width", "--values", "8", "8.0"], r"--values 8 and 8.0 are the same width; give "
                        r"each value once"),
     "--values all 1111 (same mask)": (["--factor", "skip_connections", "--values", "all", "1111"],
@@ -231,6 +239,7 @@ CASES = {
     "--resume --set": (_resume("--set", "model.channels=8"), RESUME + r"--set \(the sweep's: its config in sweep.json"),
     "--resume --max-concurrent": (_resume("--max-concurrent", "3"), RESUME + r"--max-concurrent \(the sweep's: what "
                                   r"the machine holds\)"),
+    "--resume --seeds": (_resume("--seeds", "3"), RESUME + r"--seeds \(the sweep's: 1\), or start"),
     # -- sweep.json that is garbage or incomplete, to --status and to report.py
     "--status: garbage sweep.json": (_spec("{not json"), r"\S+sweep.json was not written by diffmem's emm_search "
                                      r"\(unreadable: JSONDecodeError\); pass the --output folder of a sweep"),
@@ -238,6 +247,7 @@ CASES = {
     "--status: sweep.json incomplete": (_damaged_spec(values=KeyError), r"\S+sweep.json is incomplete \(no 'values'\); "
                                         r"it cannot be read"),
     "--status: sweep.json damaged": (_damaged_spec(epsilon="x"), r"\S+sweep.json is damaged \('epsilon' is \"x\"\)"),
+    "--status: sweep.json seeds 0": (_damaged_spec(seeds=0), r"\S+sweep.json is damaged \('seeds' is 0\)"),
 }
 TRAIN_CASES = {   # python -m diffmem.train (diffmem/cli.py)
     "train: model.channels=1": (_train("--set", "model.channels=1"), r"model.channels=1 is too small"),

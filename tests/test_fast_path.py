@@ -184,8 +184,9 @@ def test_compile_with_inductor_on_cpu(monkeypatch):
 
 # ---------------------------------------------------------------------------------------- DDP (2 gloo processes)
 
-EVAL_CASES = [   # (num_samples, batch_size): uneven batches, and more workers than batches
-    {"eval.num_samples": 40, "eval.batch_size": 16}, {"eval.num_samples": 10, "eval.batch_size": 16}]
+EVAL_CASES = [   # (num_samples, batch_size): uneven batches, more workers than batches, adaptive looks
+    {"eval.num_samples": 40, "eval.batch_size": 16}, {"eval.num_samples": 10, "eval.batch_size": 16},
+    {"eval.num_samples": 40, "eval.batch_size": 8, "eval.memorized_at": 0.5}]
 
 
 def _group(rank, world, rendezvous):
@@ -214,9 +215,11 @@ def test_distributed_evaluation_equals_the_single_process_one(tmp_path):
     mp.spawn(_eval_worker, args=(2, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
-    assert [spread for spread, _ in rank1] == [None, None]          # only rank 0 gets the result
+    assert [spread for spread, _ in rank1] == [None] * len(EVAL_CASES)   # only rank 0 gets the result
     for (spread, single), case in zip(rank0, EVAL_CASES):
-        assert len(spread.samples) == case["eval.num_samples"]
+        adaptive = "eval.memorized_at" in case
+        assert len(spread.samples) == (len(single.samples) if adaptive else case["eval.num_samples"])
+        assert spread.memorized == single.memorized
         for field in ("samples", "nn_ratio", "nn_index"):
             assert torch.equal(getattr(spread, field), getattr(single, field)), field
         assert spread.ratio == single.ratio

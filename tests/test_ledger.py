@@ -13,7 +13,7 @@ from diffmem.memorization import ratio_interval
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.searcher import EMMSearcher
 
-METRICS = {"best_mem_ratio": 0.95, "images_seen": 6000, "planned_images": 8000}
+METRICS = {"best_mem_ratio": 0.95, "best_num_samples": 256, "images_seen": 6000, "planned_images": 8000}
 CONTEXT = {"data": "d1", "device": "cpu", "torch": "2.14.1"}
 
 
@@ -45,7 +45,7 @@ def test_incompatible_ledger_is_refused(tmp_path):
     Ledger(path)
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '1' WHERE name = 'version'")
-    with pytest.raises(ConfigError, match="format version 1, this code writes 2; pass another --ledger path"):
+    with pytest.raises(ConfigError, match="format version 1, this code writes 3; pass another --ledger path"):
         Ledger(path)
 
 
@@ -55,7 +55,7 @@ def test_searcher_observes_what_the_ledger_holds_instead_of_training():
 
     def known_results(config):
         hit = known.get((config["grid_index"], config["size"]))
-        return None if hit is None else {"best_mem_ratio": 1.0 if hit else 0.0}
+        return None if hit is None else {"best_mem_ratio": 1.0 if hit else 0.0, "best_num_samples": 256}
 
     points = [{"label": f"p={i}", "value": i, "overrides": {}} for i in truth]
     searcher = EMMSearcher(points, list(range(10, 1001, 10)), (20, 640), max_concurrent=2,
@@ -95,7 +95,7 @@ def test_property_searcher_never_asks_for_what_the_ledger_holds(case):
 
     def known_results(config):
         key = (config["grid_index"], config["size"])
-        return {"best_mem_ratio": ratio(*key)} if key in case["known"] else None
+        return {"best_mem_ratio": ratio(*key), "best_num_samples": 256} if key in case["known"] else None
 
     points = [{"label": f"p{g}", "value": g, "overrides": {}} for g in range(len(thresholds))]
 
@@ -213,7 +213,7 @@ def test_key_holds_the_device_type_and_the_torch_version(monkeypatch):
     # a config outside sweeps ('auto' as it is): resolved as diffmem.train resolves it, on this machine
     auto = load_config("experiments/digits.yaml")
     assert key_context(auto)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert sweeps.ledger.LEDGER_VERSION == 2
+    assert sweeps.ledger.LEDGER_VERSION == 3
 
 
 def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):
@@ -227,15 +227,14 @@ def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):
     settings = trial_settings(spec, tmp_path)
     config = {**TRIAL, "size": 20}
     key, resolved, context = trainable.trial_key(settings, config)
-    Ledger(settings["ledger"]).put(key, resolved, context, METRICS, 3.0)     # as _run records it
-    assert trainable.KnownResults(settings)(config)["best_mem_ratio"] == 0.95
+    early = {**METRICS, "best_mem_ratio": 61 / 64, "best_num_samples": 64}   # an adaptive evaluation stopped at 64
+    Ledger(settings["ledger"]).put(key, resolved, context, early, 3.0)     # as _run records it
+    assert trainable.KnownResults(settings)(config)["best_mem_ratio"] == 61 / 64
     reported = []
     monkeypatch.setattr(trainable.tune, "report", lambda metrics, **_: reported.append(metrics))
     assert trainable._report_known(settings, config) is True
-    samples = trainable.trial_config(settings, config).eval.num_samples   # the interval the training reported
-    low, high = ratio_interval(round(0.95 * samples), samples)
-    assert reported == [{**METRICS, "best_mem_ratio_low": low, "best_mem_ratio_high": high, "num_samples": samples,
-                         "from_ledger": 1}]
+    low, high = ratio_interval(61, 64)   # the interval the training reported: over the samples it used
+    assert reported == [{**early, "best_mem_ratio_low": low, "best_mem_ratio_high": high, "from_ledger": 1}]
     no_reuse = trial_settings({**spec, "no_reuse": True}, tmp_path)
     assert no_reuse["no_reuse"] is True
     assert trainable._report_known(no_reuse, config) is False and len(reported) == 1
@@ -253,7 +252,8 @@ def test_from_ledger_counts_answers_of_the_searcher_and_of_restored_trials():
     points = [{"label": "p=0", "value": 0, "overrides": {}}]
     known = {30: 0.95}
     searcher = EMMSearcher(points, list(range(10, 81, 10)), (10, 80), max_concurrent=1,
-                           known_results=lambda c: ({"best_mem_ratio": known[c["size"]]} if c["size"] in known else None))
+                           known_results=lambda c: ({"best_mem_ratio": known[c["size"]], "best_num_samples": 256}
+                                                    if c["size"] in known else None))
     trials = []
     for n in range(40):
         config = searcher.suggest(f"t{n}")

@@ -148,7 +148,7 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
     spec.update(ledger=str(ledger), no_reuse=False)
     config = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {}, "size": 10}
     key, resolved, context = trial_key(emm_search.trial_settings(spec, tmp_path), config)
-    made_up = {"best_mem_ratio": 0.123, "images_seen": 16000, "planned_images": 16000}
+    made_up = {"best_mem_ratio": 0.123, "best_num_samples": 64, "images_seen": 16000, "planned_images": 16000}
     Ledger(ledger).put(key, resolved, context, made_up, 1.0)
 
     def sweep(name, *extra):

@@ -242,7 +242,7 @@ def test_searcher_suggests_configs_within_max_concurrent():
     configs = [searcher.suggest(f"t{i}") for i in range(5)]
     assert all(c is not None for c in configs[:3]) and configs[3:] == [None, None]
     assert configs[0]["overrides"] == {"data.label_classes": configs[0]["grid_value"]}
-    assert set(configs[0]) == {"grid_index", "grid_label", "grid_value", "overrides", "size"}
+    assert set(configs[0]) == {"grid_index", "grid_label", "grid_value", "seed_index", "seeds", "overrides", "size"}
     searcher.on_trial_complete("t0", {"best_mem_ratio": 0.95, "images_seen": 100})
     assert searcher.suggest("t5") is not None
 
@@ -261,10 +261,10 @@ def test_searcher_ignores_unknown_and_repeated_trial_ids():
     searcher = make_searcher()
     config = searcher.suggest("a")
     searcher.on_trial_complete("never-suggested", {"best_mem_ratio": 0.99})
-    searcher.on_trial_complete("a", {"best_mem_ratio": 0.99, "images_seen": 5})
+    searcher.on_trial_complete("a", {"best_mem_ratio": 0.99, "images_seen": 5, "best_num_samples": 100})
     searcher.on_trial_complete("a", {"best_mem_ratio": 0.1, "images_seen": 5})   # repeated: ignored
     row = searcher.state.summary()[config["grid_index"]]
-    assert row["observations"] == [(config["size"], 0.99, True)] and row["images"] == 5
+    assert row["observations"] == [(config["size"], 0.99, True, 100)] and row["images"] == 5
 
 
 def test_searcher_adopts_restarted_trial_by_its_config():
@@ -433,7 +433,7 @@ def test_a_trial_stopped_mid_training_is_not_an_answer_until_it_resumes():
     # after --resume the same trial finishes: that is the answer, counted once
     searcher.on_trial_complete("a", {"best_mem_ratio": 0.95, "done": True})
     row = searcher.state.summary()[config["grid_index"]]
-    assert row["observations"] == [(config["size"], 0.95, True)] and row["trials"] == 1
+    assert row["observations"] == [(config["size"], 0.95, True, 0)] and row["trials"] == 1   # 0: samples unknown
     # an intermediate result that already memorized is final at once
     other = searcher.suggest("b")
     searcher.on_trial_complete("b", {"best_mem_ratio": 0.95, "done": False})

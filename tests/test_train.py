@@ -63,7 +63,7 @@ def test_same_config_and_seed_same_result(tmp_path):
 
 
 def test_stops_once_the_running_max_reaches_the_target(tmp_path):
-    cfg = load_config(DIGITS, {**TINY, "eval.stop_at": 0.0001, "eval.threshold": 1.0})   # every sample counts
+    cfg = load_config(DIGITS, {**TINY, "eval.memorized_at": 0.0001, "eval.threshold": 1.0})   # every sample counts
     result = train(cfg, log=lambda *_: None)
     assert result.stopped_early and result.images_seen < 3000 and len(result.history) == 1
 
@@ -114,7 +114,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, sets, message):
 
 @pytest.mark.slow
 def test_digits_memorize_at_small_size_and_generalize_at_large():
-    small = train(load_config(DIGITS, {"data.size": 20, "eval.stop_at": 0.9}), log=lambda *_: None)
+    small = train(load_config(DIGITS, {"data.size": 20, "eval.memorized_at": 0.9}), log=lambda *_: None)
     large = train(load_config(DIGITS, {"data.size": 320}), log=lambda *_: None)
     assert small.best_mem_ratio >= 0.9
     assert large.best_mem_ratio < 0.5

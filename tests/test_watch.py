@@ -92,10 +92,11 @@ def make_sweep(output: Path, finished: bool) -> Path:
     trial_data, rows = [], []
     for k, (g, size, ratio) in enumerate(observed):
         state.start(g, size)
-        state.observe(g, size, ratio, images=16000)
+        state.observe(g, size, ratio, images=16000, samples=256)
         trial_data.append(_trial(tune_dir, f"t{k:07d}", g, size, ratio, "TERMINATED"))
         low, high = interval_of(ratio, 256)
-        rows.append({"grid_label": GRID[g]["label"], "value": GRID[g]["value"], "size": size, "best_mem_ratio": ratio,
+        rows.append({"grid_label": GRID[g]["label"], "value": GRID[g]["value"], "size": size, "seed": 0,
+                     "best_mem_ratio": ratio,
                      "best_mem_ratio_low": low, "best_mem_ratio_high": high, "memorized": ratio >= 0.9,
                      "stopped_early": False, "images_seen": 16000,
                      "planned_images": 16000, "train_seconds": 30.0, "trial_id": f"t{k:07d}", "status": "done"})
