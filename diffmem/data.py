@@ -2,11 +2,12 @@
 
 A dataset is loaded once per process as uint8 images (N, C, H, W) with integer class labels, from the
 files people download: CIFAR-10's python batches (folder or .tar.gz) and folders or .zip files of
-PNG/JPEG images (FFHQ, Imagenette, anything else). A training subset of size |D| is a prefix of a
-class-interleaved ordering, so it is class-balanced (per-class counts differ by at most one) and nested
-(the subset of size n is a prefix of the subset of size m > n), as the paper's `open_cifar10_balance`
-(paper.md §6). Labels follow §4: none, true, random with C classes (drawn once per image with a seed),
-unique (label = index). Intra-class diversity (§4) mixes a second image set into one class.
+PNG/JPEG images (FFHQ, Imagenette, EDM's dataset_tool.py output with its dataset.json labels, anything
+else). A training subset of size |D| is a prefix of a class-interleaved ordering, so it is class-balanced
+(per-class counts differ by at most one) and nested (the subset of size n is a prefix of the subset of
+size m > n), as the paper's `open_cifar10_balance` (paper.md §6). Labels follow §4: none, true, random
+with C classes (drawn once per image with a seed), unique (label = index). Intra-class diversity (§4)
+mixes a second image set into one class.
 
     python -m diffmem.data --config experiments/cifar10.yaml --grid subset.png   # what a config trains on
 """
@@ -17,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import io
+import json
 import pickle
 import tarfile
 import zipfile
@@ -56,6 +58,8 @@ FFHQ_FIX = ("download FFHQ's thumbnails128x128 folder (https://github.com/NVlabs
 IMAGENETTE_FIX = ("download https://s3.amazonaws.com/fast-ai-imageclas/imagenette2-160.tgz, unpack it "
                   "(tar -xzf) and set data.path to its train folder")
 FOLDER_FIX = "set data.path to a folder or .zip of PNG/JPEG images, one subfolder per class (or none)"
+LABELS_FIX = ('write it as EDM\'s dataset_tool.py does: {"labels": [["00000/img00000000.png", 3], ...]}, one '
+              '[path, class] pair per image, or {"labels": null} for an unlabelled dataset')
 MIX_FIX = ("set data.mix_path to a folder or .zip of PNG/JPEG images (the paper mixes 2,000 ImageNet dog "
            "images into CIFAR-10's dogs)")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -124,36 +128,92 @@ def _image_folder(path: str | None, resolution: int | None = None, *, name: str 
                   fix: str = FOLDER_FIX, key: str = "data.path", classes: bool = True) -> ImageSet:
     """PNG/JPEG images from a folder or a .zip, in sorted path order, as RGB.
 
-    Class = the subfolder an image lies in, counted from the deepest folder that holds all images (so a
-    .zip of a wrapping folder reads like the folder); sorted names give classes 0..C-1; no subfolders,
-    or classes=False, give one class 0. With a resolution, each image is center-cropped to a square
-    and resized (Lanczos), as the paper's ImageNet dogs (§4); without one, all must share one square size."""
+    Labels come from a dataset.json as EDM's dataset_tool.py writes it (_dataset_json_labels), when there is
+    one. Otherwise class = the subfolder an image lies in, counted from the deepest folder that holds all
+    images (so a .zip of a wrapping folder reads like the folder); sorted names give classes 0..C-1; no
+    subfolders, or classes=False, give one class 0. With a resolution, each image is center-cropped to a
+    square and resized (Lanczos), as the paper's ImageNet dogs (§4); without one, all must share one square size."""
     root = _existing(path, key, fix)
 
     def is_image(name):
         base = PurePosixPath(name).name
         return not base.startswith(".") and base.lower().endswith(IMAGE_SUFFIXES)   # skips macOS ._ files
-    if root.is_dir():
-        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and is_image(p.name))
-        arrays = [_decode((root / n).read_bytes(), n, resolution, key, path) for n in names]
-    elif zipfile.is_zipfile(root):
-        with zipfile.ZipFile(root) as archive:
-            names = sorted(n for n in archive.namelist() if not n.endswith("/") and is_image(n))
-            arrays = [_decode(_zip_member(archive, n, key, path), n, resolution, key, path) for n in names]
-    elif root.suffix.lower() == ".zip" or _starts_with(root, b"PK\x03\x04"):
-        raise ConfigError(f"{key}={path!r} is a damaged .zip (its table of contents, at the end of the file, is "
-                          f"missing: a truncated download or copy?); download or zip it again")
-    else:
-        raise ConfigError(f"{key}={path!r} is neither a folder nor a .zip; {fix}")
-    if not names:
-        raise ConfigError(f"{key}={path!r} holds no PNG/JPEG images; {fix}")
+    with contextlib.ExitStack() as stack:
+        if root.is_dir():
+            files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+            read = lambda n: (root / n).read_bytes()
+        elif zipfile.is_zipfile(root):
+            archive = stack.enter_context(zipfile.ZipFile(root))
+            files = sorted(n for n in archive.namelist() if not n.endswith("/"))
+            read = lambda n: _zip_member(archive, n, key, path)
+        elif root.suffix.lower() == ".zip" or _starts_with(root, b"PK\x03\x04"):
+            raise ConfigError(f"{key}={path!r} is a damaged .zip (its table of contents, at the end of the file, is "
+                              f"missing: a truncated download or copy?); download or zip it again")
+        else:
+            raise ConfigError(f"{key}={path!r} is neither a folder nor a .zip; {fix}")
+        names = [n for n in files if is_image(n)]
+        if not names:
+            raise ConfigError(f"{key}={path!r} holds no PNG/JPEG images; {fix}")
+        labels = _dataset_json_labels(files, names, read, key, path)   # before decoding: a bad file fails fast
+        arrays = [_decode(read(n), n, resolution, key, path) for n in names]
     sizes = sorted({a.shape[1:] for a in arrays})
     if len(sizes) > 1 or sizes[0][0] != sizes[0][1]:
         found = " and ".join(f"{w}x{h}" for h, w in sizes[:2])
         raise ConfigError(f"{key}={path!r} holds images of size {found}, not one square size; "
                           f"set data.resolution=32 (or another power of two) to center-crop and resize them")
-    labels = _folder_labels(names, key, path) if classes else np.zeros(len(names), dtype=np.int64)
+    if labels is None:
+        labels = _folder_labels(names, key, path) if classes else np.zeros(len(names), dtype=np.int64)
     return ImageSet(name, np.stack(arrays), labels)
+
+
+def _dataset_json_labels(files: list[str], names: list[str], read, key: str, path: str) -> np.ndarray | None:
+    """The labels of the images `names` from a dataset.json as EDM's dataset_tool.py writes it
+    ({"labels": [[path, class], ...]}, paths relative to the file's folder), None without one.
+
+    dataset_tool.py stores images in chunk folders 00000/, 00001/, ... of 1,000, which are no classes, and
+    EDM's training reads the labels from this file only; "labels": null is an unlabelled dataset (one class
+    0, as FFHQ and a flat folder). The file counts when its folder holds every image: the root, as in EDM,
+    or the one folder a .zip wraps everything in (`zip -r out.zip out`). Every image needs exactly one label
+    and every label an image."""
+    found = [f for f in sorted(files, key=lambda f: f.count("/")) if PurePosixPath(f).name == "dataset.json"]
+    prefixes = [f[:-len("dataset.json")] for f in found]
+    prefix = next((p for p in prefixes if all(n.startswith(p) for n in names)), None)
+    if prefix is None:
+        return None
+    where = f"{key}={path!r}: {prefix + 'dataset.json'!r}"
+    try:
+        content = json.loads(read(prefix + "dataset.json"))
+    except ValueError as e:   # JSONDecodeError and UnicodeDecodeError
+        raise ConfigError(f"{where} is not valid JSON ({' '.join(str(e).split())}); {LABELS_FIX}") from None
+    if not isinstance(content, dict) or "labels" not in content:
+        raise ConfigError(f'{where} has no "labels"; {LABELS_FIX}')
+    pairs = content["labels"]
+    if pairs is None:
+        return np.zeros(len(names), dtype=np.int64)
+    def is_pair(p):
+        return isinstance(p, list) and len(p) == 2 and isinstance(p[0], str)
+    bad = [pairs] if not isinstance(pairs, list) else [p for p in pairs if not is_pair(p)]
+    if bad:
+        raise ConfigError(f'{where}: "labels" holds {json.dumps(bad[0])[:60]}, not a list of [path, class] '
+                          f"pairs; {LABELS_FIX}")
+    label_of = {}
+    for file, label in pairs:
+        if type(label) is not int or label < 0:   # bool is an int to Python, but no class
+            raise ConfigError(f"{where} gives {file!r} the label {json.dumps(label)[:60]}, not a class index "
+                              f"(an integer >= 0); {LABELS_FIX}")
+        if file in label_of:
+            raise ConfigError(f"{where} lists {file!r} twice; keep one [path, class] pair per image")
+        label_of[file] = label
+    images = [n[len(prefix):] for n in names]   # as dataset.json names them: relative to its folder
+    strays = sorted(set(label_of) - set(images))
+    if strays:
+        raise ConfigError(f"{where} labels {len(strays)} file(s) that are not PNG/JPEG images there, the first "
+                          f"{strays[0]!r}; restore them or delete their entries")
+    unlabelled = [n for n in images if n not in label_of]
+    if unlabelled:
+        raise ConfigError(f"{where} has no label for {len(unlabelled)} of the {len(images)} images, the first "
+                          f"{unlabelled[0]!r}; add a [path, class] pair for each, or delete those images")
+    return np.array([label_of[n] for n in images], dtype=np.int64)
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:

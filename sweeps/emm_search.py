@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -204,6 +205,8 @@ def build_spec(args) -> dict:
     if base_cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={base_cfg.train.batch_size} must be divisible by the {workers} "
                           f"workers per trial")
+    if not args.address and not args.estimate:   # a local cluster must hold one training
+        check_local_capacity(args.gpus_per_trial, args.workers_per_trial)
     return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "factor": factor.name, "values": values, "grid_points": points,
             "base": base, "config_file": str(args.config), "preset": args.preset, "epsilon": args.epsilon,
             "tolerance": args.tolerance, "size_range": size_range,
@@ -343,6 +346,20 @@ def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
                           f"new sweep in another --output")
 
 
+def moved_here(output: Path, spec: dict) -> None:
+    """A sweep folder resumed somewhere else than where it was made (moved or copied off a scratch disk): what lies
+    inside it (its own ledger) is read here, a shared --ledger outside stays where it is, and sweep.json says so.
+    Tune follows by itself (it restores from the path given), the searcher's ledger lookup in EMMSearcher.restore
+    and the TensorBoard summary from the trials (sweeps/progress.py)."""
+    from sweeps.trainable import relocated
+    here, made = str(output.resolve()), spec.get("output")
+    if made is None or made == here:   # a sweep.json from before this key: taken to be where it was made
+        return
+    spec["ledger"], spec["output"] = relocated(spec["ledger"], made, here), here
+    write_spec(output, spec)
+    print(f"sweep folder moved from {made}: resuming it here")
+
+
 def check_ledger_writable(path: str) -> None:
     """A sweep records every finished training in its ledger: the file (or the folder it is to be created in)
     must be writable, and SQLite writes its journal beside it."""
@@ -392,6 +409,49 @@ def write_spec(output: Path, spec: dict) -> None:
     os.replace(tmp, output / SPEC_FILE)
 
 
+def check_local_capacity(gpus_per_trial: int, workers_per_trial: int) -> None:
+    """This machine holds one training of the requested size, or the sweep could never place a trial."""
+    if gpus_per_trial:
+        import torch
+        have = torch.cuda.device_count()
+        if have < gpus_per_trial:
+            raise ConfigError(f"--gpus-per-trial {gpus_per_trial} but this machine has {have} GPU"
+                              f"{'s' * (have != 1)}; leave --gpus-per-trial out to train on CPU, or pass --address "
+                              f"of a cluster with GPUs")
+    elif workers_per_trial > (os.cpu_count() or 1):
+        raise ConfigError(f"--workers-per-trial {workers_per_trial} needs {workers_per_trial} CPUs per training but "
+                          f"this machine has {os.cpu_count()}; use --workers-per-trial <= {os.cpu_count()}, or "
+                          f"pass --address of a larger cluster")
+
+
+def check_address(address: str | None) -> None:
+    """--address names a cluster that answers, before anything is written: 'auto' is resolved as ray.init resolves
+    it (RAY_ADDRESS, then the cluster `ray start` recorded on this machine; Ray 2.60's own function), and the
+    host:port must accept a connection (a closed port otherwise makes ray.init retry for minutes). What only
+    ray.init can tell (a wrong Ray version, ...) start_ray turns into one line."""
+    if not address or "://" in address:
+        return
+    given = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as e:
+            raise ConfigError(f"--address auto found no Ray cluster on this machine ({str(e).split('.')[0]}); start "
+                              f"one with `ray start --head`, or leave --address out for a local one") from None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address} is not host:port (e.g. 10.0.0.1:6379) or 'auto'")
+    import socket
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        where = given if given == address else f"{given} = {address}"
+        raise ConfigError(f"no Ray cluster answers at --address {where} ({why}); start one there with "
+                          f"`ray start --head --port={port}`, or leave --address out for a local one") from None
+
+
 def local_slots(spec: dict) -> int:
     """How many trainings of spec["workers"] workers this machine holds at once (its GPUs or its cores)."""
     if spec["gpus_per_worker"]:
@@ -426,14 +486,19 @@ def start_ray(args, spec: dict) -> int:
     import ray
     workers = spec["workers"]
     if args.address:
-        ray.init(address=args.address, log_to_driver=False)
+        try:
+            ray.init(address=args.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:   # no cluster, a wrong version, a bad address
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"cannot connect to the Ray cluster at --address {args.address}: {reason}; start one "
+                              f"with `ray start --head`, or leave --address out for a local one") from None
     else:
         loopback_only()
+        from sweeps.reaper import start_reaper
+        start_reaper()   # first: a driver killed while Ray starts must not leave Ray's agents running
         context = ray.init(num_cpus=os.cpu_count() or 1, resources={"trial_slot": local_slots(spec)},
                            include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1",
                            log_to_driver=False)
-        from sweeps.reaper import start_reaper
-        start_reaper()   # a killed driver must not leave Ray's agents running
         if not args.no_dashboard:
             url = context.dashboard_url or "127.0.0.1:8265"
             print(f"Ray dashboard: http://{url}  (token auth: header 'Authorization: Bearer' + "
@@ -451,6 +516,7 @@ def start_ray(args, spec: dict) -> int:
     return trials_at_once(spec, capacity)
 
 
+STOPPED, STOPPED_BY_SIGTERM = 130, 143   # exit statuses of a sweep stopped before its end (128 + signal number)
 ESTIMATE_POSITIONS = 8    # EMM positions, log-spaced over the size range, the search is simulated at
 ESTIMATE_STEPS = 10       # training steps timed per model, after as many untimed ones
 
@@ -648,11 +714,17 @@ def trial_settings(spec: dict, output: Path) -> dict:
             "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"]}
 
 
+def started(output: Path) -> bool:
+    """Tune saved the sweep's experiment in OUTPUT/tune, so --resume restores it (else it starts it)."""
+    from ray import tune
+    return tune.Tuner.can_restore(str(output.resolve() / TUNE_NAME))
+
+
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from ray import tune
 
     from sweeps.progress import ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
-    from sweeps.searcher import EMMSearcher
+    from sweeps.searcher import EMMSearcher, resume_in, search_algorithm
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
 
     settings = trial_settings(spec, output)
@@ -663,11 +735,12 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         trainable = tune.with_resources(tune.with_parameters(emm_trial, settings=settings), {"cpu": 1})
     experiment = output.resolve() / TUNE_NAME
     if restore:
+        resume_in(str(output.resolve()))   # the searcher and its generator follow a moved folder
         return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
     run_config = tune.RunConfig(
         name=TUNE_NAME, storage_path=str(output.resolve()), verbose=0,
         callbacks=[ProgressPrinter(spec["epsilon"]),
-                   SweepTensorBoard(output.resolve(), spec["grid_points"], spec["size_range"],
+                   SweepTensorBoard(spec["grid_points"], spec["size_range"],
                                     f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec))],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
@@ -681,13 +754,15 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
                            known_results=None if spec["no_reuse"] else KnownResults(settings), max_failures=1,
                            seeds=sweep_seeds(spec), base_seed=spec["base"]["train"]["seed"])
-    tune_config = tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=max_concurrent,
+    tune_config = tune.TuneConfig(search_alg=search_algorithm(searcher, max_concurrent), num_samples=-1,
                                   trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
                                   reuse_actors=_reuse_actors(spec))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
 def collect(spec: dict, output: Path, result_grid) -> tuple:
+    """(emm table, trials table, finished): finished when every grid point has its answer (data_size: every size
+    its training), else the sweep was stopped (Ctrl-C, SIGTERM) and --resume continues it."""
     import pandas as pd
     from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
     from sweeps.searcher import load_experiment_state
@@ -695,15 +770,17 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
     if spec["factor"] == "data_size":
         trials = trials_table(frame, [{"label": "data_size", "value": None}], spec["epsilon"])
         summary = [curve_summary("data_size", "curve", trials, spec["epsilon"])]
+        finished = set(spec["values"]) <= set(trials.loc[trials.status != "error", "size"])
     else:
-        summary = load_experiment_state(str(output.resolve() / TUNE_NAME)).summary()
+        state = load_experiment_state(str(output.resolve() / TUNE_NAME))
+        summary, finished = state.summary(), state.finished
         trials = trials_from_search(summary, frame, spec["epsilon"])
     failed = [{"grid_label": r.config.get("grid_label"), "size": r.config.get("size"),
                "seed": r.config.get("seed_index", 0), "status": "error",
                "error": str(r.error).strip().splitlines()[-1][:300]} for r in result_grid if r.error is not None]
     if failed:   # failed trainings have no metrics; keep their last error line
         trials = pd.concat([trials, pd.DataFrame(failed)], ignore_index=True)
-    return emm_table(spec["factor"], summary, trials), trials
+    return emm_table(spec["factor"], summary, trials), trials, finished
 
 
 def main(argv=None) -> int:
@@ -725,16 +802,18 @@ def main(argv=None) -> int:
             output = Path(args.resume)
             spec = read_spec(output)   # before Tune unpickles anything there
             check_resume_flags(output, spec, given_flags(argv))
-            if not (output / TUNE_NAME).is_dir():
-                raise ConfigError(f"{output} has no Tune experiment to resume ({TUNE_NAME}/ is missing)")
+            check_address(args.address)
+            moved_here(output, spec)
             Ledger(spec["ledger"])     # an empty, truncated or foreign ledger is refused, not taken for a new one
             check_ledger_writable(spec["ledger"])
         else:
+            check_address(args.address)
             spec = build_spec(args)
             output = Path(args.output or f"results/{spec['factor']}-{time.strftime('%Y%m%d-%H%M%S')}")
             check_new_output(output)
             spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").expanduser().resolve())
             spec["no_reuse"] = args.no_reuse
+            spec["output"] = str(output.resolve())   # where it was made: --resume follows a moved folder
             if os.path.lexists(spec["ledger"]):
                 Ledger(spec["ledger"])   # an existing file must be a whole diffmem ledger of this version
             created = make_output(output)
@@ -756,27 +835,44 @@ def main(argv=None) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     start = time.time()
+    terminated = []
+
+    def on_sigterm(signum, frame):   # a scheduler's stop (SIGTERM) ends the sweep as Ctrl-C does
+        terminated.append(signum)
+        signal.raise_signal(signal.SIGINT)   # Tune's handler: save the experiment, stop the trials, return
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         max_concurrent = start_ray(args, spec)
+        signal.signal(signal.SIGTERM, on_sigterm)   # again: ray.init installs its own (a native abort with a dump)
         seeds = sweep_seeds(spec)
         print(f"sweep {spec['factor']} over {[p['label'] for p in spec['grid_points']]}"
               + (f", {seeds} seeds each" if seeds > 1 else "") + f": "
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once; "
               f"output {output}")
-        tuner = make_tuner(spec, output, max_concurrent, restore=bool(args.resume))
+        # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
+        restore = bool(args.resume) and started(output)
+        tuner = make_tuner(spec, output, max_concurrent, restore=restore)
         result_grid = tuner.fit()
-        emm, trials = collect(spec, output, result_grid)
+        emm, trials, finished = collect(spec, output, result_grid)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:   # before Tune took over the signal (Ray starting): nothing measured yet
+        print(f"stopped before the sweep began; start it with --resume {output}", file=sys.stderr)
+        return STOPPED_BY_SIGTERM if terminated else STOPPED
     finally:
         ray.shutdown()
     from sweeps.results import write_results
-    table = write_results(output, spec["factor"], emm, trials, spec["grid_points"], spec["epsilon"])
+    note = "" if finished else f"Stopped before the end: rows marked open are not known yet; --resume {output} continues."
+    table = write_results(output, spec["factor"], emm, trials, spec["grid_points"], spec["epsilon"], note)
     print(f"\n{spec['factor']}: {len(trials)} trainings in {time.time() - start:.0f} s wall time; "
           f"results in {output}\n")
     print(table)
-    return 0
+    if finished:
+        return 0
+    print(note, file=sys.stderr)
+    return STOPPED_BY_SIGTERM if terminated else STOPPED
 
 
 if __name__ == "__main__":

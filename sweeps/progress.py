@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
@@ -52,27 +53,36 @@ class SweepTensorBoard(TBXLoggerCallback):
     """Takes the place of Tune's own TensorBoard logger (a TBXLoggerCallback, so Tune adds none of its own):
     Tune's copies (ray/tune/* scalars in tune/<trial>/ and an HParams table of its raw trial configs, which
     would compete with the sweep's table) are left out, because the trials write the sweep's TensorBoard
-    themselves (sweeps/tblog.py). This writes the HParams experiment when the sweep starts and one point of
-    memorization ratio against |D| per grid point as each training finishes (tensorboard/summary)."""
+    themselves (sweeps/tblog.py). This writes the HParams experiment when the first training starts and one
+    point of memorization ratio against |D| per grid point as each training finishes (tensorboard/summary).
 
-    def __init__(self, output: str, grid_points: list, size_range, description: str = "", seeds: int = 1):
+    The sweep folder is found from the trials (beside their Tune experiment), not kept: this object is pickled
+    into tune/tuner.pkl and comes back from there on --resume, also when the folder was moved or copied."""
+
+    def __init__(self, grid_points: list, size_range, description: str = "", seeds: int = 1):
         # Tune's logger state is not set up: none of its methods runs (all three hooks are replaced)
-        self.output, self.grid_points, self.size_range, self.description, self.seeds = \
-            str(output), grid_points, list(size_range), description, seeds
+        self.grid_points, self.size_range, self.description, self.seeds = \
+            grid_points, list(size_range), description, seeds
         self._live = None
 
     def setup(self, *args, **kwargs):
+        pass
+
+    def _open(self, trial) -> None:
+        """The summary writer of the sweep folder that holds `trial`'s experiment (OUTPUT/tune)."""
+        if getattr(self, "_live", None) is not None:
+            return
         from sweeps.tblog import LiveSummary, write_experiment
-        self._live = LiveSummary(self.output)
+        output = str(Path(trial.storage.experiment_fs_path).parent)
+        self._live = LiveSummary(output)
         try:   # TensorBoard is for watching: a failure here must not fail the sweep
             # unpickled from the tuner.pkl of a sweep before --seeds: one seed
-            write_experiment(self.output, self.grid_points, self.size_range, self.description,
-                             getattr(self, "seeds", 1))
+            write_experiment(output, self.grid_points, self.size_range, self.description, getattr(self, "seeds", 1))
         except Exception as e:
             logger.warning("could not write the HParams experiment to TensorBoard: %s", e)
 
     def log_trial_start(self, trial):
-        pass
+        self._open(trial)
 
     def log_trial_result(self, iteration, trial, result):
         pass
@@ -81,9 +91,10 @@ class SweepTensorBoard(TBXLoggerCallback):
         result = trial.last_result or {}
         best = result.get("best_mem_ratio")
         label, size = trial.config.get("grid_label"), trial.config.get("size")
-        if failed or best is None or label is None or size is None or self._live is None:
+        if failed or best is None or label is None or size is None:
             return
         try:
+            self._open(trial)
             self._live.add(ratio_label(trial.config), int(size), float(best), result.get("best_mem_ratio_low"),
                            result.get("best_mem_ratio_high"))
         except Exception as e:

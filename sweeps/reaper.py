@@ -44,7 +44,7 @@ def descendants(root: int) -> dict[int, int]:
     return found
 
 
-def watch(driver: int, poll_s: float = 1.0, grace_s: float = 5.0) -> int:
+def watch(driver: int, poll_s: float = 0.5, grace_s: float = 5.0) -> int:
     known: dict[int, int] = {}
     me = os.getpid()
     while _stat(driver) is not None:

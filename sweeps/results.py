@@ -270,11 +270,12 @@ def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsil
 
 
 def write_results(output: Path, factor: str, emm: pd.DataFrame, trials: pd.DataFrame, grid_points: list[dict],
-                  epsilon: float) -> str:
+                  epsilon: float, note: str = "") -> str:
+    """note: a line above the table (a sweep stopped before its end says so)."""
     output.mkdir(parents=True, exist_ok=True)
     _atomic(output / "emm.csv", lambda p: emm.to_csv(p, index=False))
     _atomic(output / "trials.csv", lambda p: trials.to_csv(p, index=False))
-    table = markdown_table(emm, epsilon)
+    table = (f"{note}\n\n" if note else "") + markdown_table(emm, epsilon)
     _atomic(output / "emm.md", lambda p: p.write_text(f"# {factor}\n\n{table}"))
     plot_emm(output / "emm.png", factor, emm)
     plot_curves(output / "curves.png", trials, grid_points, epsilon)

@@ -12,9 +12,10 @@ ray/tune/execution/tune_controller.py):
   reported dict plus Tune's auto-filled keys, with nested dicts flattened by "/" ("config/size", ...).
   A trial that errors (after Tune's own retries) arrives with result=None, error=True; a trial stopped
   before it ran (PENDING/PAUSED) arrives with result=None, error=False.
-- `TuneConfig(max_concurrent_trials=N)` wraps the searcher in a ConcurrencyLimiter, which calls
-  `set_max_concurrency(N)`; returning True hands the limit to this class (it plans k-section probes
-  for N workers). Without that setting Tune keeps only one trial pending at a time for custom searchers.
+- `TuneConfig(max_concurrent_trials=N)` wraps the searcher in a ConcurrencyLimiter (search_algorithm() does the
+  same, in a SweepSearchGenerator), which calls `set_max_concurrency(N)`; returning True hands the limit to this
+  class (it plans k-section probes for N workers). Without a ConcurrencyLimiter Tune keeps only one trial
+  pending at a time for custom searchers (tune_controller._get_max_pending_trials).
 - Tune calls `save(path)` on every experiment snapshot and `restore(path)` in `Tuner.restore`, on the
   searcher unpickled from tuner.pkl. The class must live in an importable module (this one) so it is
   pickled by reference. State is only as fresh as the last snapshot, so ids may come back unknown or twice.
@@ -28,13 +29,44 @@ import logging
 import math
 import os
 
-from ray.tune.search import Searcher
+from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
 from sweeps.bisection import EMMSearchState
 
 logger = logging.getLogger(__name__)
 
 SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
+
+_resumed_in: str | None = None   # where the sweep folder being resumed is now (resume_in)
+
+
+def resume_in(output: str) -> None:
+    """Before Tuner.restore(...).fit() of the sweep folder `output`: Tune restores the searcher and its generator
+    in this process from tuner.pkl and their saved states, which hold absolute paths of where the sweep was made.
+    Tune follows a moved folder for the trials it restores, not for these two; they read this instead."""
+    global _resumed_in
+    _resumed_in = output
+
+
+def search_algorithm(searcher: "EMMSearcher", max_concurrent: int) -> SearchGenerator:
+    """What Tune would wrap the searcher in for TuneConfig(max_concurrent_trials=N), with a generator that
+    follows a moved sweep folder (SweepSearchGenerator)."""
+    return SweepSearchGenerator(ConcurrencyLimiter(searcher, max_concurrent=max_concurrent))
+
+
+class SweepSearchGenerator(SearchGenerator):
+    """Tune's own generator, except on restore. Ray 2.60 brings back the Experiment it held when its state was
+    saved (SearchGenerator.set_state), with the storage path of where the sweep folder then was: the trials it
+    creates after a moved or copied folder is resumed write their checkpoints there and fail ("Unable to set up
+    cluster storage ... storage_fs_path=<old path>"), and their grid points would end unresolved. The restored
+    Experiment's storage is pointed at where the folder is now."""
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        if _resumed_in is not None and self._experiment is not None:
+            for storage in {id(s): s for s in (self._experiment.storage, self._experiment.spec.get("storage"))
+                            if s is not None}.values():
+                storage.storage_fs_path = _resumed_in
 
 
 def load_experiment_searcher(experiment_dir: str) -> dict:
@@ -157,6 +189,9 @@ class EMMSearcher(Searcher):
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path) as f:
             self.load_dict(json.load(f))
+        # the ledger lookup was unpickled with the paths of where the sweep was made (a moved or copied folder)
+        if _resumed_in is not None and hasattr(self.known_results, "moved_to"):
+            self.known_results.moved_to(_resumed_in)
 
     # ---- helpers ----
     def probe_config(self, bracket: int, size: int) -> dict:

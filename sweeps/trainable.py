@@ -72,12 +72,27 @@ def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bo
         Ledger(settings["ledger"]).put(key, resolved, context, result.history[-1], result.train_seconds)
 
 
+def relocated(path: str | None, old_output: str, new_output: str) -> str | None:
+    """A path of a sweep folder that moved from old_output to new_output: inside the folder, it moved with it (the
+    default ledger, OUTPUT/ledger.sqlite); outside (a shared --ledger), it stays."""
+    if path is None:
+        return None
+    inside = Path(path).is_relative_to(old_output)
+    return str(Path(new_output) / Path(path).relative_to(old_output)) if inside else path
+
+
 class KnownResults:
     """Asked by the searcher before it proposes a training: the ledger's record of that trial, if any."""
 
     def __init__(self, settings: dict):
         self.settings = settings
         self._ledger = None      # opened (and checked) once
+
+    def moved_to(self, output: str) -> None:
+        """The sweep folder is now at `output` (a restored searcher's settings hold the old paths)."""
+        old = self.settings["output"]
+        self.settings = {**self.settings, "output": output, "ledger": relocated(self.settings["ledger"], old, output)}
+        self._ledger = None
 
     def __call__(self, config: dict) -> dict | None:
         if getattr(self, "_ledger", None) is None:   # also when unpickled from an older tuner.pkl

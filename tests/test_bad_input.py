@@ -172,6 +172,11 @@ CASES = {
     "eval.rho=-1": (["--set", "eval.rho=-1"], r"eval.rho=-1.0 must be > 0 \(EDM: 7\)"),
     "eval.rho=nan": (["--set", "eval.rho=nan"], r"eval.rho=nan must be a finite number > 0"),
     "eval.threshold=nan": (["--set", "eval.threshold=nan"], r"eval.threshold=nan must be a finite number in \(0, 1\]"),
+    "--address 127.0.0.1:1": (["--address", "127.0.0.1:1"], r"no Ray cluster answers at --address 127.0.0.1:1 "
+                              r"\(Connection refused\); start one there with `ray start --head --port=1`"),
+    "--address host only": (["--address", "nohost"], r"--address nohost is not host:port"),
+    "--workers-per-trial > CPUs": (["--workers-per-trial", str(2 * (os.cpu_count() or 1))],
+                                   r"--workers-per-trial \d+ needs \d+ CPUs per training but this machine has \d+"),
     "eval.adaptive_error=0.5": (["--set", "eval.adaptive_error=0.5"], r"eval.adaptive_error=0.5 must be in \(0, 0.5\)"),
     "eval.adaptive_error=0": (["--set", "eval.adaptive_error=0"], r"eval.adaptive_error=0.0 must be in \(0, 0.5\)"),
     "model.dropout=inf": (["--set", "model.dropout=inf"], r"model.dropout=inf must be a finite number in \[0, 1\)"),
@@ -263,6 +268,8 @@ TRAIN_CASES = {   # python -m diffmem.train (diffmem/cli.py)
                             r"config file '\S+' is empty"),
 }
 if not HAS_GPU:
+    CASES["--gpus-per-trial without a GPU"] = (["--gpus-per-trial", "1"],
+                                                r"--gpus-per-trial 1 but this machine has 0 GPUs; leave --gpus-per-trial out")
     CASES["train.device=cuda without a GPU"] = (["--set", "train.device=cuda", "--gpus-per-trial", "1"],
                                                 r"train.device=cuda but this machine has no GPU .*; use train.device=auto")
     TRAIN_CASES["train: train.device=cuda without a GPU"] = (_train("--set", "train.device=cuda"),
@@ -314,6 +321,25 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(entry, case, tmp_path,
     finally:
         _writable_again(sandbox)
     assert re.fullmatch(f"error: {message}.*\n", err), err
+
+
+def test_address_auto_is_resolved_as_ray_resolves_it_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """--address auto reads RAY_ADDRESS first (Ray 2.60's own resolution); a cluster that does not answer there is
+    one line, before the output folder exists, in seconds rather than ray.init's minutes of retries."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    err = _refused(emm_search.main, ["--address", "auto", "--preset", "smoke", "--output", str(tmp_path / "out")],
+                   tmp_path, monkeypatch, capsys)
+    # Ray resolves 127.0.0.1 to the node's address (services.resolve_ip_for_localhost)
+    assert re.match(r"error: no Ray cluster answers at --address auto = [\d.]+:1 \(Connection refused\)", err), err
+
+
+def test_resume_starts_a_sweep_that_stopped_before_tune_saved_anything(tmp_path):
+    """A sweep whose cluster could not be reached after its folder was written (tune/ empty) is started, not
+    refused, by --resume; one Tune saved is restored."""
+    folder = _sweep_folder(tmp_path)
+    assert not emm_search.started(folder)
+    (folder / "tune" / "tuner.pkl").write_bytes(b"")   # what Tune writes first when it starts an experiment
+    assert emm_search.started(folder)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,5 +1,8 @@
 """Datasets written to tmp_path in the real on-disk formats (CIFAR-10 python batches, image folders, .zip,
-.tar.gz) and read back: contents, order, resizing, subsets, intra-class mixing, errors and the CLI."""
+.tar.gz, EDM's dataset_tool.py output) and read back: contents, labels, order, resizing, subsets, intra-class
+mixing, errors and the CLI."""
+import io
+import json
 import pickle
 import shutil
 import subprocess
@@ -12,7 +15,7 @@ import pytest
 from PIL import Image
 
 from diffmem.config import ConfigError, DataConfig, load_config
-from diffmem.data import load_dataset, main, training_set
+from diffmem.data import fingerprint, load_dataset, main, training_set
 
 PER_BATCH = 20   # 2 images of each class per batch, 100 training images in all
 
@@ -212,6 +215,137 @@ def test_a_damaged_zip_is_one_line_that_names_the_fix(tmp_path):
         load_dataset(DataConfig(dataset="folder", path=str(tmp_path / "pets")))
     assert "'dog/b.png' is a damaged image (image file is truncated" in str(err.value)
     assert "delete that file or replace it with a PNG/JPEG image" in str(err.value) and "\n" not in str(err.value)
+
+
+def edm_files(images, labels):
+    """{archive path: bytes} exactly as EDM's dataset_tool.py writes a dataset: uncompressed PNGs named
+    {idx:08d}[:5]/img{idx:08d}.png (chunk folders of 1,000) and dataset.json with [path, label] pairs, or
+    "labels": null when the source has none. The pairs here are shuffled: they are looked up by path."""
+    files = {}
+    for idx, arr in enumerate(images):
+        idx_str = f"{idx:08d}"
+        png = io.BytesIO()
+        Image.fromarray(arr).save(png, format="png", compress_level=0, optimize=False)
+        files[f"{idx_str[:5]}/img{idx_str}.png"] = png.getvalue()
+    pairs = None if labels is None else [[name, int(label)] for name, label in zip(files, labels)]
+    if pairs is not None:
+        pairs = [pairs[i] for i in np.random.default_rng(3).permutation(len(pairs))]
+    files["dataset.json"] = json.dumps({"labels": pairs})
+    return files
+
+
+def write_edm(dest, files):
+    """As dataset_tool.py --dest=DIR or --dest=X.zip (a stored zip, written member by member)."""
+    if dest.suffix == ".zip":
+        with zipfile.ZipFile(dest, "w", compression=zipfile.ZIP_STORED) as z:
+            for name, data in files.items():
+                z.writestr(name, data)
+    else:
+        for name, data in files.items():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(data.encode() if isinstance(data, str) else data)
+    return dest
+
+
+EDM_N = 1010   # two chunk folders, 00000/ and 00001/: the two "classes" diffmem used to see
+
+
+@pytest.fixture(scope="module")
+def edm_data():
+    rng = np.random.default_rng(4)
+    return rng.integers(0, 256, size=(EDM_N, 4, 4, 3), dtype=np.uint8), rng.integers(0, 10, size=EDM_N)
+
+
+def test_edm_dataset_json_labels_folder_and_zip(tmp_path, edm_data, capsys):
+    images, labels = edm_data
+    files = edm_files(images, labels)
+    wrapped = tmp_path / "wrapped.zip"   # `zip -r wrapped.zip cifar10-4x4`: everything under one folder
+    with zipfile.ZipFile(wrapped, "w") as z:
+        for name, data in files.items():
+            z.writestr(f"cifar10-4x4/{name}", data)
+    for path in (write_edm(tmp_path / "cifar10-4x4", files), write_edm(tmp_path / "cifar10-4x4.zip", files), wrapped):
+        data = load_dataset(DataConfig(dataset="folder", path=str(path)))
+        assert np.array_equal(data.images, images.transpose(0, 3, 1, 2))
+        assert data.labels.tolist() == labels.tolist()                     # per image, from dataset.json
+        assert len(np.unique(data.labels)) == 10
+        ts = training_set(DataConfig(dataset="folder", path=str(path), size=100, labels="true"))
+        assert ts.label_dim == 10 and np.bincount(ts.labels.numpy()).tolist() == [10] * 10
+        assert np.array_equal(ts.labels.numpy(), labels[ts.indices])
+        # what the issue saw as "2 classes, labels true"
+        assert main(["--set", "data.dataset=folder", "--set", f"data.path={path}", "--set", "data.size=20",
+                     "--set", "data.labels=true"]) == 0
+        assert capsys.readouterr().out == "folder: 20 of 1010 images, 3x4x4, 10 classes, labels true (label_dim 10)\n"
+    # FFHQ's reader, where subfolders are never classes, takes dataset.json's labels too
+    faces = load_dataset(DataConfig(dataset="ffhq", path=str(tmp_path / "cifar10-4x4.zip")))
+    assert faces.labels.tolist() == labels.tolist()
+    # the fingerprint covers the labels as loaded: the same images labelled otherwise hash otherwise
+    relabelled = write_edm(tmp_path / "relabelled.zip", edm_files(images, (labels + 1) % 10))
+    assert (fingerprint(DataConfig(dataset="folder", path=str(relabelled)))
+            != fingerprint(DataConfig(dataset="folder", path=str(tmp_path / "cifar10-4x4.zip"))))
+
+
+def test_edm_null_labels_are_unlabelled_and_without_dataset_json_subfolders_stay_classes(tmp_path, edm_data):
+    images = edm_data[0]
+    files = edm_files(images, None)
+    assert json.loads(files["dataset.json"]) == {"labels": None}
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.fromarray(images[i]).save(flat / f"{i}.png")
+    flat_true = training_set(DataConfig(dataset="folder", path=str(flat), size=3, labels="true"))
+    for path in (write_edm(tmp_path / "ffhq-4x4", files), write_edm(tmp_path / "ffhq-4x4.zip", files)):
+        data = load_dataset(DataConfig(dataset="folder", path=str(path)))
+        assert np.array_equal(data.images, images.transpose(0, 3, 1, 2))
+        assert data.labels.tolist() == [0] * EDM_N                          # one class, not the chunk folders
+        # data.labels=true: as on any dataset without labels (a flat folder, FFHQ), one class
+        ts = training_set(DataConfig(dataset="folder", path=str(path), size=3, labels="true"))
+        assert ts.label_dim == flat_true.label_dim == 1 and ts.labels.tolist() == flat_true.labels.tolist() == [0] * 3
+    del files["dataset.json"]   # without it the subfolders are classes, as before (a new path: loads are cached)
+    for path in (write_edm(tmp_path / "chunks", files), write_edm(tmp_path / "chunks.zip", files)):
+        assert load_dataset(DataConfig(dataset="folder", path=str(path))).labels.tolist() == [0] * 1000 + [1] * 10
+
+
+SMALL = ["00000/img00000000.png", "00000/img00000001.png", "00000/img00000002.png"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"labels": [[SMALL[0], 0], [SMALL[1], 1], [SMALL[2], 1], ["00000/img00000003.png", 0]]},
+     "labels 1 file(s) that are not PNG/JPEG images there, the first '00000/img00000003.png'; restore them or "
+     "delete their entries"),
+    ({"labels": [[SMALL[0], 0], [SMALL[2], 1]]},
+     "has no label for 1 of the 3 images, the first '00000/img00000001.png'; add a [path, class] pair for each, "
+     "or delete those images"),
+    ({"labels": []}, "has no label for 3 of the 3 images, the first '00000/img00000000.png'"),
+    ({"labels": [[SMALL[0], 0], [SMALL[1], 1], [SMALL[1], 1], [SMALL[2], 1]]},
+     "lists '00000/img00000001.png' twice; keep one [path, class] pair per image"),
+    ({"labels": [[SMALL[0], -1], [SMALL[1], 1], [SMALL[2], 1]]},
+     "gives '00000/img00000000.png' the label -1, not a class index (an integer >= 0); write it as EDM's "
+     'dataset_tool.py does: {"labels": [["00000/img00000000.png", 3], ...]}, one [path, class] pair per image, '
+     'or {"labels": null} for an unlabelled dataset'),
+    ({"labels": [[SMALL[0], 0], [SMALL[1], 1.5], [SMALL[2], 1]]}, "gives '00000/img00000001.png' the label 1.5, not"),
+    ({"labels": [[SMALL[0], 0], [SMALL[1], "cat"], [SMALL[2], 1]]}, "the label \"cat\", not a class index"),
+    ({"labels": [[SMALL[0], True], [SMALL[1], 1], [SMALL[2], 1]]}, "the label true, not a class index"),
+    ({"labels": [[SMALL[0], [0.5, 0.5]], [SMALL[1], 1], [SMALL[2], 1]]}, "the label [0.5, 0.5], not a class index"),
+    ({"labels": {SMALL[0]: 0}}, '"labels" holds {"00000/img00000000.png": 0}, not a list of [path, class] pairs; '
+                                "write it as EDM's"),
+    ({"labels": [[SMALL[0]], [SMALL[1], 1], [SMALL[2], 1]]}, '"labels" holds ["00000/img00000000.png"], not a list'),
+    ({"label": None}, 'has no "labels"; write it as EDM\'s dataset_tool.py does'),
+    ([["labels", None]], 'has no "labels"; write it as'),
+    ('{"labels": [["00000/img00000000.png", 0],', "is not valid JSON (Expecting value: line 1 column 42 (char 41)); "
+                                                  "write it as EDM's dataset_tool.py does"),
+    (b"\xff\xfe{}", "is not valid JSON ("),
+], ids=["label-for-missing-file", "image-without-label", "empty-labels", "duplicate", "negative", "float", "string",
+        "bool", "vector", "dict-not-list", "not-a-pair", "no-labels-key", "not-an-object", "truncated-json",
+        "not-utf8"])
+@pytest.mark.parametrize("kind", ["folder", "zip"])
+def test_an_inconsistent_dataset_json_is_one_line_that_names_the_fix(tmp_path, edm_data, kind, content, message):
+    files = edm_files(edm_data[0][:3], edm_data[1][:3])
+    files["dataset.json"] = content if isinstance(content, (str, bytes)) else json.dumps(content)
+    path = write_edm(tmp_path / ("edm.zip" if kind == "zip" else "edm"), files)
+    with pytest.raises(ConfigError) as err:
+        load_dataset(DataConfig(dataset="folder", path=str(path)))
+    assert str(err.value).startswith(f"data.path={str(path)!r}: 'dataset.json'")
+    assert message in str(err.value) and "\n" not in str(err.value)
 
 
 def test_intra_class_mixing(tmp_path, cifar):

@@ -167,3 +167,15 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
     assert list(trials.status) == ["reused"] and trials.best_mem_ratio[0] == 0.123
     assert "| 0 | 1 |" in (tmp_path / "reuse" / "emm.md").read_text()
     assert len(Ledger(ledger)) == 1          # the first record of a key wins
+
+
+def test_a_moved_sweep_folder_takes_its_own_ledger_and_leaves_a_shared_one(tmp_path):
+    """sweeps.trainable.relocated: what lies inside the folder moves with it; a --ledger outside stays."""
+    from sweeps.trainable import KnownResults, relocated
+    old, new = str(tmp_path / "scratch" / "sweep"), str(tmp_path / "home" / "sweep")
+    assert relocated(f"{old}/ledger.sqlite", old, new) == f"{new}/ledger.sqlite"
+    assert relocated(str(tmp_path / "shared.sqlite"), old, new) == str(tmp_path / "shared.sqlite")
+    assert relocated(f"{old}-other/ledger.sqlite", old, new) == f"{old}-other/ledger.sqlite"   # a sibling, not inside
+    known = KnownResults({"output": old, "ledger": f"{old}/ledger.sqlite", "base": {}})
+    known.moved_to(new)
+    assert known.settings["output"] == new and known.settings["ledger"] == f"{new}/ledger.sqlite"

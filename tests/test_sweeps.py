@@ -138,19 +138,29 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
 
 
 @pytest.mark.slow
-def test_interrupted_sweep_resumes_to_the_same_table(smoke_sweep, tmp_path):
+def test_terminated_sweep_moved_elsewhere_resumes_to_the_same_table(smoke_sweep, tmp_path):
+    """SIGTERM (a scheduler's stop) ends the sweep as Ctrl-C does: Tune saves its state, the tables written are
+    whole and say they are partial, exit 143. The folder, then moved (as off a cluster's scratch disk), resumes
+    where it now is to the uninterrupted sweep's table, and nothing is written where it was."""
+    import shutil
     import signal
     out = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    for line in proc.stdout:             # Ctrl-C once the first training has finished
+    for line in proc.stdout:             # stopped once the first training has finished
         if "best ratio" in line:
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(signal.SIGTERM)
             break
-    proc.communicate(timeout=300)
-    assert "open" in (out / "emm.md").read_text()        # the partial table says what is not known yet
-    run = _search("--resume", str(out), "--no-dashboard", cwd=tmp_path)
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, rest[-3000:]
+    assert "Stopped before the end" in (out / "emm.md").read_text() and "open" in (out / "emm.md").read_text()
+    moved = tmp_path / "moved"
+    shutil.move(out, moved)
+    run = _search("--resume", str(moved), "--no-dashboard", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert f"sweep folder moved from {out}" in run.stdout and not out.exists()
+    assert (moved / "tensorboard" / "summary").is_dir()
+    out = moved
     columns = ["value", "emm", "low", "high", "censored"]
     resumed, whole = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
     pd.testing.assert_frame_equal(resumed[columns], whole[columns])
@@ -226,6 +236,39 @@ def test_killed_driver_resumes_without_retraining_and_leaves_no_ray_behind(smoke
     assert finished_before >= 1 and len(Ledger(out / "ledger.sqlite")) == len(trials)
     for logdir in (out / "tensorboard").glob("*/D=*"):
         assert len(list(logdir.glob("events.*"))) <= 2      # a training in flight at the kill resumed once
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.mark.slow
+def test_a_driver_killed_while_ray_starts_leaves_no_ray_behind(tmp_path):
+    """kill -9 of the driver as soon as Ray's first process exists: the reaper, started before Ray, ends them."""
+    import os
+    import signal
+
+    from sweeps.reaper import _stat, descendants
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--output", str(tmp_path / "s")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    deadline, ray_processes = time.time() + 120, {}
+    while time.time() < deadline and not ray_processes:
+        ray_processes = {p: s for p, s in descendants(proc.pid).items()
+                         if "ray" in _cmdline(p) and "sweeps.reaper" not in _cmdline(p)}
+        time.sleep(0.05)
+    assert ray_processes, "Ray never started"
+    time.sleep(1.0)                                          # the reaper has seen them (it polls every 0.5 s)
+    seen = {**ray_processes, **descendants(proc.pid)}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 60
+    while time.time() < deadline and any((st := _stat(p)) and st[1] == s for p, s in seen.items()):
+        time.sleep(1)
+    left = [p for p, s in seen.items() if (st := _stat(p)) and st[1] == s]
+    assert not left, f"Ray processes left after the driver was killed during start-up: {left}"
 
 
 @pytest.mark.slow
