@@ -798,16 +798,15 @@ def main(argv=None) -> int:
                 raise ConfigError("--estimate prices a new sweep; for one under way, --status DIR says the time left")
             print(estimate(build_spec(args), args))
             return 0
+        check_address(args.address)   # a cluster that does not answer: before any folder is read or written
         if args.resume:
             output = Path(args.resume)
             spec = read_spec(output)   # before Tune unpickles anything there
             check_resume_flags(output, spec, given_flags(argv))
-            check_address(args.address)
             moved_here(output, spec)
             Ledger(spec["ledger"])     # an empty, truncated or foreign ledger is refused, not taken for a new one
             check_ledger_writable(spec["ledger"])
         else:
-            check_address(args.address)
             spec = build_spec(args)
             output = Path(args.output or f"results/{spec['factor']}-{time.strftime('%Y%m%d-%H%M%S')}")
             check_new_output(output)
