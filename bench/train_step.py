@@ -18,9 +18,17 @@ Images/s is measured over the steps after the first window (compilation and cuDN
 the first window, reported on their own). Every figure is printed as a ratio against fp32 measured in the
 same run; on a GPU the absolute images/s count too.
 
+The distance to the machine's limit: each variant's achieved FLOP/s (the step's convolutions and matrix
+products as PyTorch's FLOP counter counts them, forward and backward, times steps per second) as a fraction of
+the machine's dense matrix-multiply FLOP/s in the same precision, measured in the same run.
+
+--packed: images/s of K trainings packed in one process (diffmem/packed.py, K = 1, 2, 4, 8, 16; all K
+trainings' images together) against one training alone (diffmem.train), digits model, fp32.
+
     python bench/train_step.py [--json PATH]     # CPU: digits (3 variants) and paper (2 variants), ~5 min
     bash bench/gpu_check.sh                      # a lent GPU: paper, all variants, and the evaluation
     python bench/train_step.py --smoke           # toy sizes (tests/test_fast_path.py)
+    python bench/train_step.py --packed          # K packed digits trainings against one, ~3 min on 2 cores
 """
 from __future__ import annotations
 
@@ -37,9 +45,10 @@ import diffmem.train  # noqa: E402
 from bench.common import machine_line, write_json  # noqa: E402
 from diffmem.config import load_config  # noqa: E402
 from diffmem.data import TrainingSet  # noqa: E402
+from diffmem.edm import denoising_loss  # noqa: E402
 from diffmem.evaluate import generate  # noqa: E402
 from diffmem.memorization import nearest_neighbours, to_pixels  # noqa: E402
-from diffmem.precision import full_precision  # noqa: E402
+from diffmem.precision import autocast, full_precision, training_precision  # noqa: E402
 from diffmem.train import build_denoiser, measure_speed  # noqa: E402
 
 VARIANTS = {   # name -> (precision, channels_last, compile)
@@ -50,6 +59,7 @@ SETUPS = {   # name -> (config file or None for the defaults, image shape)
     "paper": (None, (3, 32, 32)), "digits": (str(ROOT / "experiments" / "digits.yaml"), (1, 8, 8)),
     "smoke": (None, (3, 8, 8))}
 SMOKE_MODEL = {"model.channels": 16, "model.channel_mult": [1, 2], "model.num_blocks": 1, "model.attn_resolutions": []}
+PACKS = (1, 2, 4, 8, 16)
 CPU_PLAN = {   # setup -> (variants, warm-up steps, timed steps): about five minutes on 2 cores
     "digits": (["fp32", "fp32+cl", "fp32+cl+compile"], 20, 200), "paper": (["fp32", "fp32+cl"], 1, 2)}
 
@@ -67,15 +77,50 @@ def setup_config(setup: str, overrides: dict):
 
 
 def measure_training(setup: str, name: str, data: TrainingSet, batch: int, warmup: int, steps: int,
-                     device: torch.device) -> dict:
+                     device: torch.device, pack: int = 1) -> dict:
     precision, channels_last, compile_ = VARIANTS[name]
     cfg = setup_config(setup, {
         "data.size": len(data.images), "train.batch_size": batch, "train.precision": precision,
         "train.channels_last": channels_last, "train.compile": compile_, "train.device": device.type,
         "eval.num_samples": 8, "eval.batch_size": 8, "eval.num_steps": 2})
-    speed = measure_speed(cfg, warmup, steps, train_set=data)   # the synthetic set instead of a dataset on disk
-    return {"setup": setup, "variant": name, **{k: speed[k] for k in ("images_per_sec", "ms_per_step",
-            "first_window_s", "wall_s", "final_loss", "peak_gib")}}
+    speed = measure_speed(cfg, warmup, steps, train_set=data, pack=pack)   # the synthetic set, not a dataset on disk
+    flops = step_flops(cfg, data, batch, device)
+    achieved = flops * speed["images_per_sec"] / batch   # all of a pack's trainings together
+    return {"setup": setup, "variant": name, "pack": pack, "step_flops": flops, "flops_per_sec": achieved,
+            **{k: speed[k] for k in ("images_per_sec", "ms_per_step", "first_window_s", "wall_s", "final_loss",
+                                     "peak_gib")}}
+
+
+def step_flops(cfg, data: TrainingSet, batch: int, device: torch.device) -> int:
+    """FLOPs of one training step at `batch`: forward and backward of the loss, convolutions and matrix products
+    as torch.utils.flop_counter counts them (elementwise work, normalisation and attention's softmax are not
+    counted)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    denoiser = build_denoiser(cfg, data).to(device).train()
+    images = data.images[torch.arange(batch) % len(data.images)].to(device)
+    with FlopCounterMode(display=False) as counter, training_precision(cfg.train.precision), \
+            autocast(cfg.train.precision, device):
+        denoising_loss(denoiser, images).mean().backward()
+    return counter.get_total_flops()
+
+
+def matmul_flops_per_sec(device: torch.device, precision: str, repeats: int = 10) -> float:
+    """The machine's dense matrix-multiply FLOP/s in this precision (n x n times n x n, n = 1024 on a CPU, 8192
+    on a GPU; the best of `repeats`): the ceiling a training step's FLOP/s is measured against."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    with training_precision("tf32" if precision == "tf32" else "fp32"):
+        for _ in range(repeats + 2):
+            sync()
+            tic = time.perf_counter()
+            a @ b
+            sync()
+            best = min(best, time.perf_counter() - tic)
+    return 2 * n ** 3 / best
 
 
 def measure_evaluation(setup: str, data: TrainingSet, args, device: torch.device) -> dict:
@@ -113,13 +158,37 @@ def run_setup(setup: str, variants: list, batch: int, warmup: int, steps: int, s
     for variant in variants:
         rows.append(measure_training(setup, variant, data, batch, warmup, steps, device))
     base = next((r for r in rows if r["variant"] == "fp32"), rows[0])
+    peaks = {}
     for r in rows:
+        precision = VARIANTS[r["variant"]][0]
+        if precision not in peaks:
+            peaks[precision] = matmul_flops_per_sec(device, precision)
+        r["matmul_flops_per_sec"] = peaks[precision]
+        r["flops_fraction"] = r["flops_per_sec"] / peaks[precision]
         r["ratio_vs_" + base["variant"]] = r["images_per_sec"] / base["images_per_sec"]
         print(f"train_step {setup} {r['variant']}/{base['variant']} images/s {r['ratio_vs_' + base['variant']]:.2f}x"
               f"  [{r['images_per_sec']:.1f} images/s, {r['ms_per_step']:.1f} ms/step at batch {batch}, first window "
               f"{r['first_window_s']:.1f} s, {steps} timed steps, peak {r['peak_gib']:.2f} GiB, loss "
               f"{r['final_loss']:.3f}]", flush=True)
+        print(f"train_step {setup} {r['variant']} FLOP/s / {precision} matmul FLOP/s {r['flops_fraction']:.3f}"
+              f"  [{r['step_flops'] / 1e9:.2f} GFLOP per step, {r['flops_per_sec'] / 1e9:.1f} GFLOP/s of "
+              f"{peaks[precision] / 1e9:.1f}]", flush=True)
     return rows
+
+
+def run_packed(setup: str, batch: int, warmup: int, steps: int, size: int, device, packs=PACKS) -> list:
+    """Images/s of K packed trainings (all K together) against one training alone, fp32, the same data."""
+    data = synthetic_set(size, SETUPS[setup][1])
+    alone = measure_training(setup, "fp32", data, batch, warmup, steps, device)
+    rows = []
+    for k in packs:
+        r = measure_training(setup, "fp32", data, batch, warmup, max(steps // k, 8), device, pack=k)
+        r["ratio_vs_alone"] = r["images_per_sec"] / alone["images_per_sec"]
+        rows.append(r)
+        print(f"train_step {setup} packed K={k}/alone images/s {r['ratio_vs_alone']:.2f}x  [{r['images_per_sec']:.1f} "
+              f"images/s of {k} trainings, {r['ms_per_step']:.1f} ms per pack step; alone {alone['images_per_sec']:.1f} "
+              f"images/s]", flush=True)
+    return [{**alone, "variant": "alone"}, *rows]
 
 
 def main(argv=None) -> dict:
@@ -136,6 +205,7 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-batch", type=int, default=1000, help="eval.batch_size")
     p.add_argument("--nn-samples", type=int, default=10000, help="samples in the timed nearest-neighbour search")
     p.add_argument("--smoke", action="store_true", help="toy sizes on CPU (compile through Dynamo's eager backend)")
+    p.add_argument("--packed", action="store_true", help="K packed trainings against one (digits unless --setup)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     unknown = [v for v in (args.variants or "").split(",") if v and v not in VARIANTS]
@@ -156,6 +226,13 @@ def main(argv=None) -> dict:
     print(machine, flush=True)
     figures = {"machine": machine, "device": str(device), "batch": args.batch, "size": args.size,
                "training": [], "evaluation": None}
+    if args.packed:
+        setup = "smoke" if args.smoke else (args.setup or "digits")
+        warmup, steps = (2, 4) if args.smoke else (args.warmup or 5, args.steps or 64)
+        figures["packed"] = run_packed(setup, args.batch, warmup, steps, args.size, device,
+                                       (1, 2) if args.smoke else PACKS)
+        write_json(args.json, figures)
+        return figures
     for setup, (variants, warmup, steps) in plan.items():
         figures["training"] += run_setup(setup, variants, args.batch, args.warmup or warmup, args.steps or steps,
                                          args.size, device)

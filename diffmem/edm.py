@@ -97,17 +97,26 @@ class VEPrecond(Precond):
 PRECONDITIONERS = {"vp": VPPrecond, "ve": VEPrecond, "edm": EDMPrecond}
 
 
-def denoising_loss(denoiser, images, class_labels=None, generator=None, shard=(0, 1)):
-    """EDM eq. 8 per image: lambda(sigma) ||D(y + n; sigma) - y||^2, summed over pixels (EDM's loss.sum()).
+def draw_noise(denoiser, shape, device, generator=None, shard=(0, 1)):
+    """sigma ~ the preconditioning's training distribution and n ~ N(0, sigma^2 I) of EDM eq. 8 for a batch of
+    `shape`, drawn from `generator` in this order (sigma, then n).
 
-    shard=(rank, world): `images` are rows rank, rank + world, ... of a global batch of world x len(images)
-    (one DDP worker's share). sigma and noise are drawn for the whole global batch and this shard's rows are
-    kept, so with the same generator state on every rank each image gets the noise that one process training
-    on the global batch draws for it (world = 1 is that process)."""
+    shard=(rank, world): the batch is rows rank, rank + world, ... of a global batch of world x shape[0] (one DDP
+    worker's share). sigma and n are drawn for the whole global batch and this shard's rows are kept, so with the
+    same generator state on every rank each image gets the noise that one process training on the global batch
+    draws for it (world = 1 is that process)."""
     rank, world = shard
-    n = images.shape[0] * world
-    sigma = denoiser.sample_sigma(n, images.device, generator)[rank::world].reshape(-1, 1, 1, 1)
-    noise = torch.randn((n, *images.shape[1:]), device=images.device, generator=generator)[rank::world] * sigma
+    n = shape[0] * world
+    sigma = denoiser.sample_sigma(n, device, generator)[rank::world].reshape(-1, 1, 1, 1)
+    noise = torch.randn((n, *shape[1:]), device=device, generator=generator)[rank::world] * sigma
+    return sigma, noise
+
+
+def denoising_loss(denoiser, images, class_labels=None, generator=None, shard=(0, 1), drawn=None):
+    """EDM eq. 8 per image: lambda(sigma) ||D(y + n; sigma) - y||^2, summed over pixels (EDM's loss.sum()).
+    sigma and n are draw_noise's from `generator` and `shard`, or `drawn` = (sigma, n) drawn beforehand
+    (diffmem/packed.py draws each training's own)."""
+    sigma, noise = drawn if drawn is not None else draw_noise(denoiser, images.shape, images.device, generator, shard)
     denoised = denoiser(images + noise, sigma, class_labels)
     return (denoiser.loss_weight(sigma) * (denoised - images) ** 2).flatten(1).sum(1)
 

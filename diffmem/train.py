@@ -44,6 +44,7 @@ from diffmem.networks import SongUNet
 from diffmem.pictures import nn_grid_picture, nn_ratio_markdown
 from diffmem.precision import autocast, training_precision
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8   # EDM and the paper: Adam with these, L2 weight decay
 CHECKPOINT = "checkpoint/checkpoint.pt"   # in its own folder: the sweep hands that folder to Tune
 COMPILE_OPTIONS: dict = {}   # keyword arguments of torch.compile under train.compile, e.g. {"mode": "max-autotune"}
 
@@ -129,6 +130,56 @@ def schedule(cfg: Config, size: int) -> Schedule:
                     ema_rampup=t.ema_rampup, ema_final=t.ema_beta)
 
 
+@dataclass
+class Prepared:
+    """A training before its first step: its data on the device, schedule, networks, optimizer and random streams."""
+    data: TrainingSet
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    plan: Schedule
+    denoiser: torch.nn.Module
+    ema: torch.nn.Module
+    opt: torch.optim.Adam
+    noise_rng: torch.Generator
+    order: torch.Tensor
+    state: dict
+
+
+def prepare(cfg: Config, train_set: TrainingSet | None, device: torch.device, rank: int = 0,
+            layout=torch.contiguous_format) -> Prepared:
+    """Seed, data, network initialisation and random streams of a training, in this order, so that a training is
+    the same wherever it runs (alone, as a DDP rank, or packed with others: diffmem/packed.py)."""
+    t = cfg.train
+    torch.manual_seed(t.seed + rank)
+    data = train_set if train_set is not None else training_set(cfg.data)
+    images = data.images.to(device).contiguous(memory_format=layout)   # on the device once, for the whole run
+    labels = None if data.labels is None else data.labels.to(device)
+    n = len(images)
+    denoiser = build_denoiser(cfg, data).to(device, memory_format=layout).train()
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=t.weight_decay)
+    noise_rng = torch.Generator(device=device).manual_seed(t.seed)   # the same stream on every rank
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
+    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+    return Prepared(data, images, labels, schedule(cfg, n), denoiser, ema, opt, noise_rng, order, state)
+
+
+def load_checkpoint(path: Path, run: Prepared, world: int, rank: int, device: torch.device) -> dict:
+    """Load a checkpoint into a prepared training; returns its state (step, images seen, best, history, times)."""
+    ckpt = torch.load(path, map_location=device, weights_only=True)   # tensors, numbers, lists: no code
+    run.denoiser.net.load_state_dict(ckpt["model"])
+    run.ema.load_state_dict(ckpt["ema"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    if ckpt["world"] == world:   # the same workers continue their own random streams
+        run.noise_rng.set_state(ckpt["noise_rng"][rank].to(run.noise_rng.get_state().device))
+        torch.set_rng_state(ckpt["torch_rng"][rank])
+        cuda_rng = ckpt.get("cuda_rng", [None] * world)[rank]
+        if cuda_rng is not None and device.type == "cuda":   # dropout draws from the GPU's generator
+            torch.cuda.set_rng_state(cuda_rng, device)
+    run.state = ckpt["state"]
+    return run.state
+
+
 def train(cfg: Config, run_dir: str | Path | None = None,
           report: Callable[[dict, Path | None], None] | None = None, writer=None, log=print,
           train_set: TrainingSet | None = None) -> TrainResult:
@@ -150,48 +201,26 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     device = resolve_device(t.device)
     # Under torch.distributed (DDP, one process per worker) each worker takes its slice of the global batch
     # (rows rank, rank + world, ...) and, from a noise generator seeded alike on every rank, the noise levels and
-    # noise that one process draws for those rows (denoising_loss's shard); DDP averages gradients, so the
+    # noise that one process draws for those rows (diffmem.edm.draw_noise's shard); DDP averages gradients, so the
     # update is the single-process one (paper: 512 = 8 x 64) up to float rounding (tests/test_fast_path.py).
     # Only dropout masks (the default generator, seed + rank) are each rank's own.
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by the {world} workers")
-    torch.manual_seed(t.seed + rank)
-    data = train_set if train_set is not None else training_set(cfg.data)
     layout = torch.channels_last if t.channels_last else torch.contiguous_format
-    images = data.images.to(device).contiguous(memory_format=layout)   # on the device once, for the whole run
-    labels = None if data.labels is None else data.labels.to(device)
-    n, batch = len(images), t.batch_size
-    plan = schedule(cfg, n)
-    total = plan.total
-
-    denoiser = build_denoiser(cfg, data).to(device, memory_format=layout).train()
-    net = denoiser.net
+    run = prepare(cfg, train_set, device, rank, layout)
+    data, images, labels, plan, state = run.data, run.images, run.labels, run.plan, run.state
+    denoiser, ema, opt, noise_rng, order, net = run.denoiser, run.ema, run.opt, run.noise_rng, run.order, run.denoiser.net
+    n, batch, total = plan.size, t.batch_size, plan.total
     if distributed:   # every rank starts from rank 0's weights, the EMA included (DDP would sync only the net)
-        for tensor in [*denoiser.parameters(), *denoiser.buffers()]:
+        for tensor in [*denoiser.parameters(), *denoiser.buffers(), *ema.parameters(), *ema.buffers()]:
             torch.distributed.broadcast(tensor.data, src=0)
-    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
-    noise_rng = torch.Generator(device=device).manual_seed(t.seed)   # the same stream on every rank
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
-    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0,
-             "eval_seconds": 0.0}
 
     run_dir = Path(run_dir) if run_dir is not None else None
     ckpt_path = run_dir / CHECKPOINT if run_dir is not None else None
     if ckpt_path is not None and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)   # tensors, numbers, lists: no code
-        net.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt["world"] == world:   # the same workers continue their own random streams
-            noise_rng.set_state(ckpt["noise_rng"][rank].to(noise_rng.get_state().device))
-            torch.set_rng_state(ckpt["torch_rng"][rank])
-            cuda_rng = ckpt.get("cuda_rng", [None] * world)[rank]
-            if cuda_rng is not None and device.type == "cuda":   # dropout draws from the GPU's generator
-                torch.cuda.set_rng_state(cuda_rng, device)
-        state = ckpt["state"]
+        state = load_checkpoint(ckpt_path, run, world, rank, device)
         log(f"resumed from {ckpt_path} at {state['images_seen']} images")
     if distributed:
         denoiser.net = torch.nn.parallel.DistributedDataParallel(net)
@@ -258,22 +287,7 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
             result = evaluate_denoiser(ema, data, e, device=device, rank=rank, world=world)
             state["eval_seconds"] = state.get("eval_seconds", 0.0) + time.perf_counter() - eval_tic
             if rank == 0:
-                samples = len(result.nn_ratio)   # fewer than eval.num_samples when the adaptive test stopped early
-                interval = ratio_interval(result.copies, samples)   # 95 %, over the samples
-                # The best ratio comes with the interval of the snapshot that gave it, that snapshot's own. The
-                # maximum over snapshots is biased upwards (the luckiest of several draws), which no single
-                # snapshot's interval accounts for.
-                if result.ratio >= state["best"]:
-                    state["best"], state["best_interval"], state["best_samples"] = result.ratio, interval, samples
-                best_low, best_high = state.get("best_interval", (math.nan, math.nan))   # nan: an older checkpoint
-                metrics = {"images_seen": state["images_seen"], "planned_images": total, "epoch": state["images_seen"] / n,
-                           "step": state["step"], "loss": last_loss.item(), "lr": lr, "mem_ratio": result.ratio,
-                           "mem_ratio_low": interval[0], "mem_ratio_high": interval[1], "num_samples": samples,
-                           "best_mem_ratio": state["best"], "best_mem_ratio_low": best_low,
-                           "best_mem_ratio_high": best_high, "best_num_samples": state.get("best_samples", 0),
-                           "eval_stopped_early": int(result.stopped_early),
-                           "images_per_sec": state["images_seen"] / max(state["train_seconds"], 1e-9),
-                           "step_seconds": state["train_seconds"], "eval_seconds": state["eval_seconds"]}
+                metrics = snapshot_metrics(state, result, plan, last_loss.item(), lr)
             if distributed:
                 shared = [metrics]
                 torch.distributed.broadcast_object_list(shared, src=0)
@@ -294,13 +308,35 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
                        state["history"], state["train_seconds"])
 
 
-def measure_speed(cfg: Config, warmup: int, steps: int, train_set: TrainingSet | None = None) -> dict:
+def snapshot_metrics(state: dict, result, plan: Schedule, loss: float, lr: float) -> dict:
+    """The metrics of one evaluated snapshot; updates the training's best ratio in `state` (the paper's rule: the
+    highest ratio over snapshots)."""
+    samples = len(result.nn_ratio)   # fewer than eval.num_samples when the adaptive test stopped early
+    interval = ratio_interval(result.copies, samples)   # 95 %, over the samples
+    # The best ratio comes with the interval of the snapshot that gave it, that snapshot's own. The maximum over
+    # snapshots is biased upwards (the luckiest of several draws), which no single snapshot's interval accounts for.
+    if result.ratio >= state["best"]:
+        state["best"], state["best_interval"], state["best_samples"] = result.ratio, interval, samples
+    best_low, best_high = state.get("best_interval", (math.nan, math.nan))   # nan: an older checkpoint
+    seen = state["images_seen"]
+    return {"images_seen": seen, "planned_images": plan.total, "epoch": seen / plan.size, "step": state["step"],
+            "loss": loss, "lr": lr, "mem_ratio": result.ratio, "mem_ratio_low": interval[0],
+            "mem_ratio_high": interval[1], "num_samples": samples, "best_mem_ratio": state["best"],
+            "best_mem_ratio_low": best_low, "best_mem_ratio_high": best_high,
+            "best_num_samples": state.get("best_samples", 0), "eval_stopped_early": int(result.stopped_early),
+            "images_per_sec": seen / max(state["train_seconds"], 1e-9), "step_seconds": state["train_seconds"],
+            "eval_seconds": state["eval_seconds"]}
+
+
+def measure_speed(cfg: Config, warmup: int, steps: int, train_set: TrainingSet | None = None, pack: int = 1) -> dict:
     """Time cfg's training through train() itself: `warmup` steps (compilation, cuDNN's algorithm search, the
     allocator), then `steps` timed steps, with an evaluation (cfg.eval as given) every `warmup` steps and at
     the end. cfg's duration, lr warm-up, logging and early stop are replaced for the purpose; the data is
-    cfg.data's subset, or `train_set`. Returns images_per_sec and ms_per_step of the timed steps, the
-    seconds of one evaluation after the first (eval_seconds), the first window's seconds, the wall time, the
-    last loss and, on a GPU, the peak memory. Used by bench/train_step.py and sweeps/emm_search.py --estimate."""
+    cfg.data's subset, or `train_set`. pack > 1: that many trainings (seeds seed, seed + 1, ...) packed in one
+    process (diffmem/packed.py). Returns images_per_sec of the timed steps (all trainings together),
+    ms_per_step, the seconds of one evaluation after the first (eval_seconds, per training), the first window's
+    seconds, the wall time, the last loss and, on a GPU, the peak memory. Used by bench/train_step.py and
+    sweeps/emm_search.py --estimate."""
     cfg = copy.deepcopy(cfg)
     batch = cfg.train.batch_size
     warm, total = warmup * batch, (warmup + steps) * batch
@@ -309,15 +345,27 @@ def measure_speed(cfg: Config, warmup: int, steps: int, train_set: TrainingSet |
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    marks = []
+    marks = [[] for _ in range(pack)]
     start = time.perf_counter()
-    train(cfg, report=lambda metrics, saved: marks.append(metrics), log=lambda *_: None, train_set=train_set)
+    if pack == 1:
+        train(cfg, report=lambda metrics, saved: marks[0].append(metrics), log=lambda *_: None, train_set=train_set)
+    else:
+        from diffmem.packed import Member, train_packed   # packed builds on this module
+        members = []
+        for k in range(pack):
+            member_cfg = copy.deepcopy(cfg)
+            member_cfg.train.seed = cfg.train.seed + k
+            members.append(Member(member_cfg, report=lambda metrics, saved, k=k: marks[k].append(metrics),
+                                  log=lambda *_: None, train_set=train_set))
+        for result in train_packed(members):
+            if isinstance(result, BaseException):
+                raise result
     wall = time.perf_counter() - start
-    first, last = marks[0], marks[-1]
+    first, last = marks[0][0], marks[0][-1]
     steady = (last["images_seen"] - first["images_seen"]) / max(last["step_seconds"] - first["step_seconds"], 1e-9)
-    return {"images_per_sec": steady, "ms_per_step": 1000 * batch / steady, "first_window_s": first["step_seconds"],
-            "eval_seconds": (last["eval_seconds"] - first["eval_seconds"]) / max(len(marks) - 1, 1),
-            "wall_s": wall, "final_loss": last["loss"],
+    return {"images_per_sec": pack * steady, "ms_per_step": 1000 * batch / steady, "first_window_s": first["step_seconds"],
+            "eval_seconds": (last["eval_seconds"] - first["eval_seconds"]) / max(len(marks[0]) - 1, 1),
+            "wall_s": wall, "final_loss": last["loss"], "pack": pack,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
 
 

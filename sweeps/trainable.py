@@ -61,13 +61,23 @@ def _restore_into(checkpoint, run_dir: Path) -> None:
 
 def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bool) -> None:
     torch.set_num_threads(max(1, int(settings.get("threads_per_worker", 1))))
-    cfg = trial_config(settings, config)
-    if writer is not None:   # an HParams session per training (sweeps/tblog.py)
+    begin_training(config, writer)
+    result = train(trial_config(settings, config), run_dir, report=report, writer=writer, log=lambda *_: None)
+    end_training(settings, config, result, writer, record)
+
+
+def begin_training(config: dict, writer) -> None:
+    """Before a trial's training: its HParams session (sweeps/tblog.py)."""
+    if writer is not None:
         start_session(writer, config)
-    result = train(cfg, run_dir, report=report, writer=writer, log=lambda *_: None)
+
+
+def end_training(settings: dict, config: dict, result, writer, record: bool) -> None:
+    """After a trial's training: the end of its HParams session, and its record in the ledger the moment it
+    finishes, before Tune hears of it."""
     if writer is not None:
         end_session(writer, result.best_mem_ratio, settings["epsilon"], result.images_seen)
-    if record and settings.get("ledger"):   # the moment it finishes, before Tune hears of it
+    if record and settings.get("ledger"):
         key, resolved, context = trial_key(settings, config)   # the data fingerprint of the arrays it trained on
         Ledger(settings["ledger"]).put(key, resolved, context, result.history[-1], result.train_seconds)
 
@@ -114,7 +124,8 @@ def _report_known(settings: dict, config: dict) -> bool:
 
 
 def emm_trial(config: dict, settings: dict) -> None:
-    """One training in this process. Checkpoints go to Tune, so a failed or restored trial resumes."""
+    """One training in this process, or with --pack-size K > 1 in a pack server's (sweeps/packing.py).
+    Checkpoints go to Tune, so a failed or restored trial resumes."""
     from torch.utils.tensorboard import SummaryWriter
     if _report_known(settings, config):
         return
@@ -126,6 +137,10 @@ def emm_trial(config: dict, settings: dict) -> None:
             checkpoint = tune.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
             tune.report(metrics, checkpoint=checkpoint)
 
+        if settings.get("pack_size", 1) > 1:   # trained in a pack by a pack server (sweeps/packing.py)
+            from sweeps.packing import train_in_pack
+            train_in_pack(settings, config, run_dir, report)
+            return
         with SummaryWriter(str(trial_logdir(settings, config))) as writer:
             _run(settings, config, run_dir, report, writer, record=True)
     finally:

@@ -312,7 +312,7 @@ def test_ddp_ranks_agree_evaluate_as_one_process_and_resume_from_the_checkpoint_
 def test_two_ddp_workers_follow_the_one_process_loss_curve(tmp_path):
     """2 workers x 8 images per step train as 1 process x 16 with the same seed: each rank takes rows rank::2 of the
     global batch and the noise level and noise that the one process draws for those rows (a noise generator seeded
-    alike on every rank, diffmem.edm.denoising_loss's shard), DDP averages the gradients and the logged loss is the
+    alike on every rank, diffmem.edm.draw_noise's shard), DDP averages the gradients and the logged loss is the
     global batch's. Dropout 0: its masks are each rank's own draw (the default generator, seed + rank)."""
     same = {"model.dropout": 0.0, "train.duration": "0.32kimg", "eval.every": "0.16kimg", "eval.num_samples": 8}
     ranks = _ddp_run(tmp_path, "ddp", [tmp_path / "rank0", tmp_path / "rank1"], overrides=same)
@@ -346,8 +346,13 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "train_step smoke bf16+cl+compile/fp32 images/s" in run.stdout and "machine: " in run.stdout
     assert "one evaluation of 10k samples" in run.stdout
+    assert "train_step smoke fp32 FLOP/s / fp32 matmul FLOP/s" in run.stdout
+    assert "train_step smoke packed K=2/alone images/s" in run.stdout
     figures = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["variant"] for r in figures["training"]] == ["fp32", "bf16+cl+compile"]
+    assert 0 < figures["training"][0]["flops_fraction"] < 1
+    packed = json.loads((tmp_path / "gpu_check_packed.json").read_text())["packed"]
+    assert [r["pack"] for r in packed] == [1, 1, 2]
     assert all(r["images_per_sec"] > 0 and math.isfinite(r["final_loss"]) for r in figures["training"])
     assert figures["evaluation"]["evaluation_s_per_10k"] > 0
 

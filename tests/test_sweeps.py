@@ -282,11 +282,23 @@ def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
     out = tmp_path / "worker-killed"
     proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    def running_with_checkpoint():
+        """Trial processes whose trial has a checkpoint: Tune runs each in a working folder named as its trial."""
+        saved = {p.parent.name for p in (out / "tune").glob("*/checkpoint_000000")}
+        found = []
+        for pid in descendants(proc.pid):
+            try:
+                if b"ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
+                        Path(os.readlink(f"/proc/{pid}/cwd")).name in saved:
+                    found.append(pid)
+            except OSError:   # it ended meanwhile
+                pass
+        return found
+
     deadline = time.time() + 180
-    while time.time() < deadline and not list((out / "tune").glob("*/checkpoint_000000")):
-        time.sleep(0.5)
-    trials = [p for p in descendants(proc.pid) if b"ImplicitFunc" in Path(f"/proc/{p}/cmdline").read_bytes()]
-    assert trials, "no running training to kill"
+    while time.time() < deadline and not (trials := running_with_checkpoint()):
+        time.sleep(0.2)
+    assert trials, "no running training with a checkpoint to kill"
     for pid in trials:
         os.kill(pid, signal.SIGKILL)                        # the worker dies mid-training, like an OOM kill
     assert proc.wait(timeout=600) == 0
