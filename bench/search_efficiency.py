@@ -23,6 +23,9 @@ paper's Step IV, "gradually increase |D|"); it is printed on its own line.
 
 Wall time is counted in rounds: sequential batches of at most `workers` trainings that start together.
 
+Neighbours' ranges: the searcher as it is (a bracket starts from what its resolved neighbours found,
+sweeps/bisection.py) against the same searcher with every bracket starting from the whole size range.
+
 Ledger reuse: a study of three sweeps (class_labels, random_labels, random_labels again) with one shared
 results ledger against none; a training of the same curve and |D| is then free.
 """
@@ -152,9 +155,19 @@ def run_incremental(curves, workers: int) -> dict:
     return {"trainings": trainings, "images": images, "rounds": rounds}
 
 
-def run_search(curves, workers: int, early_stop: bool, t0: float, tau: float) -> dict:
-    state = EMMSearchState([{"label": label} for label, _ in curves], ALLOWED_SIZES, SIZE_RANGE,
-                           epsilon=EPSILON, tolerance=TOLERANCE)
+class WholeRangeSearch(EMMSearchState):
+    """The searcher with every bracket starting from the whole size range (no neighbours' ranges, no waiting)."""
+
+    def neighbours_range(self, bracket_index):
+        return None
+
+    def waiting(self, bracket_index):
+        return False
+
+
+def run_search(curves, workers: int, early_stop: bool, t0: float, tau: float, search=EMMSearchState) -> dict:
+    state = search([{"label": label} for label, _ in curves], ALLOWED_SIZES, SIZE_RANGE,
+                   epsilon=EPSILON, tolerance=TOLERANCE)
     rounds = len(simulate(state, lambda g, n, seed: curves[g][1](n), workers,   # synchronous rounds of `workers`
                           lambda g, n, ratio: training_images(n, ratio, early_stop, t0, tau)))
     rows = state.summary()
@@ -203,6 +216,7 @@ def main(argv=None) -> list[dict]:
             walk = run_incremental(curves, workers)
             with_stop = run_search(curves, workers, True, t0, tau)
             without_stop = run_search(curves, workers, False, t0, tau)
+            whole = run_search(curves, workers, True, t0, tau, WholeRangeSearch)
             fig = {"family": family, "workers": workers, "grid_points": len(curves),
                    "grid": grid, "incremental_grid": walk,
                    "search_early_stop": with_stop, "search_no_early_stop": without_stop,
@@ -210,6 +224,9 @@ def main(argv=None) -> list[dict]:
                    "images_ratio_early_stop": with_stop["images"] / grid["images"],
                    "images_ratio_no_early_stop": without_stop["images"] / grid["images"],
                    "rounds_ratio": without_stop["rounds"] / grid["rounds"],
+                   "vs_whole_range": {"trainings": with_stop["trainings"] / whole["trainings"],
+                                      "images": with_stop["images"] / whole["images"],
+                                      "rounds": with_stop["rounds"] / whole["rounds"]},
                    "vs_incremental": {"trainings": without_stop["trainings"] / walk["trainings"],
                                       "images_early_stop": with_stop["images"] / walk["images"],
                                       "rounds": without_stop["rounds"] / walk["rounds"]}}
@@ -221,6 +238,11 @@ def main(argv=None) -> list[dict]:
                   f"stopping, {fig['images_ratio_no_early_stop']:.3f}x without, rounds({workers} workers) "
                   f"{fig['rounds_ratio']:.2f}x grid ({without_stop['rounds']} vs {grid['rounds']}); "
                   f"EMM {without_stop['emm']} (grid {grid['emm']})")
+            vs = fig["vs_whole_range"]
+            print(f"search_efficiency {family} ({points}) workers={workers} neighbours' ranges vs whole range: "
+                  f"trainings {vs['trainings']:.2f}x ({with_stop['trainings']} vs {whole['trainings']}), images "
+                  f"{vs['images']:.2f}x, rounds {vs['rounds']:.2f}x ({with_stop['rounds']} vs {whole['rounds']}); "
+                  f"EMM {with_stop['emm']} (whole range {whole['emm']})")
             vs = fig["vs_incremental"]
             print(f"search_efficiency {family} ({points}) workers={workers} vs incremental grid: "
                   f"trainings {vs['trainings']:.2f}x ({without_stop['trainings']} vs {walk['trainings']}), "

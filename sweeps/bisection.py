@@ -17,6 +17,15 @@ bracket over the allowed sizes that is narrowed by bisection in log |D|:
   memorizes) or "<min" (the smallest allowed size does not).
 - With several free workers per grid point, a bracket is split into k+1 equal parts in log |D| (k-section)
   instead of two; extra workers go to the widest gaps.
+- What the neighbours found (`start_range`): a factor's values are ordered, and neighbouring values usually have
+  neighbouring EMMs. A bracket that has not started takes as its initial range the brackets of its relatives
+  that are resolved (the grid points before and after it with the same seed, and its own grid point's lower
+  seeds), widened by one expansion step on each side, when that is narrower than the size range; it is fixed
+  at the bracket's first training. While no relative is resolved but one is under way, the bracket waits,
+  unless a worker would otherwise idle (so on a grid of G points the odd ones start from what the even ones
+  found), and only while the others' brackets take at most two probes each. The initial ends are assumptions like any initial range: they are tested before the bracket
+  concludes, and expansion goes on past them, so the guarantees above hold whatever the neighbours say (a
+  misleading neighbour costs trainings, never a wrong answer on a monotone curve).
 - A failed training frees its size for re-proposal; after `max_failures` failures at the same size the
   grid point is `unresolved` and stops.
 
@@ -43,7 +52,8 @@ with one seed: one bracket among the others, widest first. The grid point's answ
 
 Why K searches rather than K seeds at the final bracket ends only: each seed gets its own EMM, so the spread is
 measured instead of assuming that the seeds agree on where to look; the ledger answers each seed's trainings
-on its own (seed 0 is the training of a one-seed sweep, so raising K later trains only the new seeds); and
+on its own (seed 0 is the training of a one-seed sweep, so raising K later trains the new seeds and at most the
+few sizes of seed 0 that planning several seeds at once asks for); and
 the K searches give K times more trainings to plan at once, which keeps free workers busy.
 
 `EMMSearchState` holds the brackets (bracket index = grid index * K + seed, the grid index itself for one
@@ -174,6 +184,7 @@ class SizeBracket:
         self.pending: dict[int, int] = {}     # size -> number of trainings running at that size
         self.failures: dict[int, int] = {}    # size -> failed trainings at that size
         self.error: str | None = None         # set once the grid point is unresolved
+        self.start_range: tuple[int, int] | None = None   # initial (lo, hi) indices from relatives; None: settings'
 
     # ---- what is known ----
     def known_ends(self) -> tuple[int | None, int | None]:
@@ -213,20 +224,28 @@ class SizeBracket:
     def done(self) -> bool:
         return self.status in DONE_STATUSES
 
+    @property
+    def started(self) -> bool:
+        return bool(self.observations or self.pending or self.failures)
+
+    def initial_range(self) -> tuple[int, int]:
+        return self.start_range or (self.settings.lo_index, self.settings.hi_index)
+
     def edges(self) -> tuple[int, str, int, str]:
         """(lo, lo_kind, hi, hi_kind): the interval still searched, with virtual ends where unknown."""
         s = self.settings
         low, high = self.known_ends()
+        lo_index, hi_index = self.initial_range()
         if low is not None:
             lo, lo_kind = low, KNOWN
-        elif high is None or high > s.lo_index:
-            lo, lo_kind = s.lo_index, INITIAL
+        elif high is None or high > lo_index:
+            lo, lo_kind = lo_index, INITIAL
         else:                                   # everything tried so far failed: look lower
             lo, lo_kind = s.expand_down(high), EXPANSION
         if high is not None:
             hi, hi_kind = high, KNOWN
-        elif low is None or low < s.hi_index:
-            hi, hi_kind = s.hi_index, INITIAL
+        elif low is None or low < hi_index:
+            hi, hi_kind = hi_index, INITIAL
         else:                                   # everything tried so far memorized: look higher
             hi, hi_kind = s.expand_up(low), EXPANSION
         return lo, lo_kind, hi, hi_kind
@@ -303,10 +322,12 @@ class SizeBracket:
                 "error": self.error}
 
     def to_dict(self) -> dict:
+        sizes = self.settings.allowed_sizes
         return {"observations": [list(o) for o in self.observations],
                 "pending": sorted([s, n] for s, n in self.pending.items()),
                 "failures": sorted([s, n] for s, n in self.failures.items()),
-                "error": self.error}
+                "error": self.error,
+                "start_range": [sizes[i] for i in self.start_range] if self.start_range else None}
 
     @classmethod
     def from_dict(cls, d: dict, settings: SearchSettings) -> "SizeBracket":
@@ -316,6 +337,8 @@ class SizeBracket:
         bracket.pending = {int(s): int(n) for s, n in d["pending"]}
         bracket.failures = {int(s): int(n) for s, n in d["failures"]}
         bracket.error = d["error"]
+        start = d.get("start_range")   # saved before neighbours' ranges: the settings' range
+        bracket.start_range = tuple(settings.index_of(int(x)) for x in start) if start else None
         return bracket
 
 
@@ -405,17 +428,63 @@ class EMMSearchState:
     def pending_count(self) -> int:
         return sum(sum(b.pending.values()) for b in self.brackets)
 
+    def relatives(self, bracket_index: int) -> list[int]:
+        """The brackets whose answers say most about this one's: the same seed of the grid points before and after
+        it, and the lower seeds of its own grid point (not the higher ones: seed 0 follows only seed 0, as in a
+        one-seed sweep, whose trainings the ledger then answers)."""
+        g, seed = self.replicate(bracket_index)
+        near = [self.bracket_index(n, seed) for n in (g - 1, g + 1) if 0 <= n < len(self.grid_points)]
+        return near + [self.bracket_index(g, s) for s in range(seed)]
+
+    def neighbours_range(self, bracket_index: int) -> tuple[int, int] | None:
+        """The initial range the resolved relatives suggest (module docstring), or None (none resolved, or not
+        narrower than the size range)."""
+        s = self.settings
+        known = [self.brackets[r].known_ends() for r in self.relatives(bracket_index)
+                 if self.brackets[r].status == RESOLVED]
+        if not known:
+            return None
+        low, high, last = min(low for low, _ in known), max(high for _, high in known), len(s.allowed_sizes) - 1
+        lo = s.expand_down(low) if low > 0 else 0
+        hi = s.expand_up(high) if high < last else last
+        if s.log_width(lo, hi) >= s.log_width(s.lo_index, s.hi_index):
+            return None
+        return lo, hi
+
+    def waiting(self, bracket_index: int) -> bool:
+        """Not started, no relative resolved yet, and one under way: its answer is worth waiting for."""
+        relatives = [self.brackets[r] for r in self.relatives(bracket_index)]
+        return (not self.brackets[bracket_index].started and not any(r.status == RESOLVED for r in relatives)
+                and any(r.started and r.status == OPEN for r in relatives))
+
     # ---- planning ----
     def propose(self, free_slots: int) -> list[tuple[int, int]]:
-        """Up to `free_slots` new (bracket index, size) probes. Pure: call start() for the ones launched.
+        """Up to `free_slots` new (bracket index, size) probes; call start() for the ones launched (nothing else
+        changes but the initial range of brackets not started yet, which follows their relatives).
         A bracket is one grid point's search for one seed (replicate()); with one seed, the grid point.
 
-        1. every open bracket with nothing running gets one probe, widest bracket first;
+        1. every open bracket with nothing running gets one probe, widest bracket first; a bracket waiting for
+           its relatives (waiting()) only if slots are left after 3;
         2. bracket ends still to test get a probe (expansion ends, or initial ends once the inside is used);
         3. further slots split the widest gaps (log ratio) again: a gap with n probes is cut into n + 1
            equal parts in log |D| (k-section), so idle workers shorten the search.
         """
-        options = {i: b.probe_options() for i, b in enumerate(self.brackets)}
+        for i, b in enumerate(self.brackets):   # not started: start from what the relatives found so far
+            if not b.started:
+                b.start_range = self.neighbours_range(i)
+        waiting = {i for i in range(len(self.brackets)) if self.waiting(i)}
+        proposals = self._plan(free_slots, waiting, patient=True)
+        # Waiting is worth it while the others' probes still cut their brackets finely: at most 2 probes each (a
+        # trisection still learns 0.79 of a bisection's bits per training; more workers on one bracket learn less
+        # than a bracket starting from the full range). Otherwise, or if a worker would idle, nobody waits.
+        if len(proposals) < free_slots or len(proposals) > 2 * len({i for i, _ in proposals}):
+            proposals = self._plan(free_slots, set(), patient=False)
+        return proposals
+
+    def _plan(self, free_slots: int, waiting: set[int], patient: bool) -> list[tuple[int, int]]:
+        """propose()'s rules 1-3 without the brackets in `waiting`; patient: neither a bracket not started whose
+        relative starts in this plan (it would wait for it next time)."""
+        options = {i: b.probe_options() for i, b in enumerate(self.brackets) if i not in waiting}
         options = {i: o for i, o in options.items() if o.ends or o.gaps}
         rank = {i: r for r, i in enumerate(sorted(options, key=lambda i: (-self.brackets[i].width(), i)))}
         ends_left = {i: list(o.ends) for i, o in options.items()}
@@ -436,13 +505,21 @@ class EMMSearchState:
             units.append((key[0], "gap", key[1]))
 
         slots = max(0, int(free_slots))
+        starting, skipped = set(), set()
         for i in sorted(options, key=rank.get):                         # 1. one each, widest first
+            if patient and not self.brackets[i].started and not self.neighbours_range(i) and \
+                    starting & set(self.relatives(i)):
+                skipped.add(i)
+                continue
             if slots and not self.brackets[i].pending:
+                if not self.brackets[i].started:
+                    starting.add(i)
                 if ends_left[i]:
                     units.append((i, "end", ends_left[i].pop(0)))
                 else:
                     add_gap_probe(best_gap({i}))
                 slots -= 1
+        options = {i: o for i, o in options.items() if i not in skipped}
         for i in sorted(options, key=rank.get):                         # 2. ends to test
             while slots and ends_left[i]:
                 units.append((i, "end", ends_left[i].pop(0)))
@@ -484,7 +561,7 @@ class EMMSearchState:
 
     # ---- updates (bracket indices as propose() gives them; sizes are training-set sizes, not indices) ----
     def start(self, bracket_index: int, size: int) -> None:
-        self.brackets[bracket_index].start(size)
+        self.brackets[bracket_index].start(size)   # its start_range, if any, is fixed from now on
 
     def observe(self, bracket_index: int, size: int, best_ratio: float, images: float = 0.0, samples: int = 0) -> None:
         self.brackets[bracket_index].observe(size, best_ratio, images, samples)

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "train.seed + s; the EMM is their median, with their spread")
     p.add_argument("--ledger", help="results ledger shared across sweeps (default OUTPUT/ledger.sqlite)")
     p.add_argument("--no-reuse", action="store_true", help="train again even what the ledger already holds")
+    p.add_argument("--pack-size", type=int, metavar="K",
+                   help="trainings packed per worker as one batched computation (diffmem/packed.py; default: the "
+                        "config's sweep.pack_size, else 1)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a failed training from its checkpoint before its grid point is unresolved")
     return p
@@ -114,13 +117,14 @@ def build_spec(args) -> dict:
     """Everything that defines the sweep, resolved and validated; saved as OUTPUT/sweep.json."""
     raw = read_with_preset(args.config, args.preset)
     sweep = dict(raw.get("sweep") or {})
-    unknown = set(sweep) - {"size_range", "size_step", "factors", "max_values"}
+    unknown = set(sweep) - {"size_range", "size_step", "factors", "max_values", "pack_size"}
     if unknown:
         raise ConfigError(f"unknown key 'sweep.{sorted(unknown)[0]}'; sweep takes size_range, size_step, "
-                          f"factors, max_values")
+                          f"factors, max_values, pack_size")
     where = f"in {args.config}" + (f" with --preset {args.preset}" if args.preset else "")
     step = _sweep_int(sweep, "size_step", where)
     max_values = _sweep_int(sweep, "max_values", where)
+    pack_size = args.pack_size if args.pack_size is not None else _sweep_int(sweep, "pack_size", where)
     # The numbers of the command line, before anything is loaded.
     if not 0 < args.epsilon < 1:
         raise ConfigError(f"--epsilon {args.epsilon} must be in (0, 1): memorized iff best ratio >= 1 - epsilon "
@@ -135,6 +139,14 @@ def build_spec(args) -> dict:
         raise ConfigError("--workers-per-trial must be >= 1, --gpus-per-trial >= 0 and --max-failures >= 0")
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds} must be >= 1 (training seeds per grid point, default 1)")
+    if pack_size < 1:
+        raise ConfigError(f"--pack-size {pack_size} must be >= 1 (trainings packed per worker; 1: one at a time)")
+    if pack_size > 1 and (args.gpus_per_trial > 1 or args.workers_per_trial > 1):
+        raise ConfigError(f"--pack-size {pack_size} packs trainings of one worker each; drop --workers-per-trial/"
+                          f"--gpus-per-trial above 1 (DDP), or pack one training per worker (--pack-size 1)")
+    if pack_size > 1 and args.address:
+        raise ConfigError(f"--pack-size {pack_size} runs on a local sweep for now (its pack servers start with the "
+                          f"local Ray); on a cluster, leave it out")
     if args.seeds > 1 and args.factor == "data_size":
         raise ConfigError("--seeds applies to the EMM search; data_size trains each size once (run it again with "
                           "another --seed for another seed)")
@@ -213,7 +225,13 @@ def build_spec(args) -> dict:
             "allowed_sizes": list(range(step, max_size + 1, step)),
             "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
             "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
-            "max_concurrent": args.max_concurrent, "seeds": args.seeds}
+            "max_concurrent": args.max_concurrent, "seeds": args.seeds, "pack_size": pack_size}
+
+
+def pack_size(spec: dict) -> int:
+    """Trainings packed per worker (--pack-size, sweep.pack_size; sweeps/packing.py); a sweep.json written before
+    packing had one."""
+    return spec.get("pack_size", 1)
 
 
 def sweep_seeds(spec: dict) -> int:
@@ -222,13 +240,15 @@ def sweep_seeds(spec: dict) -> int:
 
 
 def _sweep_int(sweep: dict, key: str, where: str) -> int | None:
-    """sweep.size_step (default 1) or sweep.max_values (default none) of the config: an integer >= 1."""
-    value = sweep.get(key, 1 if key == "size_step" else None)
+    """sweep.size_step or sweep.pack_size (default 1), or sweep.max_values (default none) of the config: an
+    integer >= 1."""
+    value = sweep.get(key, None if key == "max_values" else 1)
     if value is None and key == "max_values":
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        what = "the |D| grid's spacing, e.g. the number of classes" if key == "size_step" else \
-            "how many of the factor's values to sweep"
+        what = {"size_step": "the |D| grid's spacing, e.g. the number of classes",
+                "max_values": "how many of the factor's values to sweep",
+                "pack_size": "trainings packed per worker"}[key]
         raise ConfigError(f"sweep.{key}={value!r} {where} must be an integer >= 1 ({what})")
     return value
 
@@ -326,7 +346,7 @@ RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config"
                 "size_range": "--size-range", "max_concurrent": "--max-concurrent",
                 "workers_per_trial": "--workers-per-trial", "gpus_per_trial": "--gpus-per-trial",
                 "max_failures": "--max-failures", "ledger": "--ledger", "no_reuse": "--no-reuse",
-                "output": "--output", "seeds": "--seeds"}
+                "output": "--output", "seeds": "--seeds", "pack_size": "--pack-size"}
 
 
 def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
@@ -338,7 +358,8 @@ def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
            "max_concurrent": spec["max_concurrent"] or "what the machine holds",
            "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
            "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
-           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec)}
+           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec),
+           "pack_size": pack_size(spec)}
     flags = [dest for dest in RESUME_FIXED if dest in given]
     if flags:
         said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
@@ -461,7 +482,7 @@ def local_slots(spec: dict) -> int:
 
 
 def trials_at_once(spec: dict, capacity: int) -> int:
-    """--max-concurrent, at most what the cluster holds, at least one."""
+    """--max-concurrent, at most what the cluster holds (slots x pack size), at least one."""
     return max(1, min(spec["max_concurrent"] or capacity, capacity))
 
 
@@ -496,7 +517,8 @@ def start_ray(args, spec: dict) -> int:
         loopback_only()
         from sweeps.reaper import start_reaper
         start_reaper()   # first: a driver killed while Ray starts must not leave Ray's agents running
-        context = ray.init(num_cpus=os.cpu_count() or 1, resources={"trial_slot": local_slots(spec)},
+        resources = {"trial_slot": local_slots(spec), "pack_member": local_slots(spec) * pack_size(spec)}
+        context = ray.init(num_cpus=os.cpu_count() or 1, resources=resources,
                            include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1",
                            log_to_driver=False)
         if not args.no_dashboard:
@@ -513,7 +535,12 @@ def start_ray(args, spec: dict) -> int:
         if capacity < 1:
             raise ConfigError(f"the cluster cannot hold one trial of {workers} workers (resources {resources}); "
                               f"start nodes with --resources='{{\"trial_slot\": N}}' and enough CPUs/GPUs")
-    return trials_at_once(spec, capacity)
+    return trials_at_once(spec, capacity * pack_size(spec))
+
+
+def pack_servers(spec: dict, trainings: int) -> int:
+    """Pack servers for `trainings` at once: one per slot, each training up to pack_size (sweeps/packing.py)."""
+    return -(-trainings // pack_size(spec))
 
 
 STOPPED, STOPPED_BY_SIGTERM = 130, 143   # exit statuses of a sweep stopped before its end (128 + signal number)
@@ -540,7 +567,8 @@ def estimate(spec: dict, args) -> str:
     if args.address:
         slots = max(1, spec["max_concurrent"] or 1)
     else:
-        slots = trials_at_once(spec, local_slots(spec))
+        slots = trials_at_once(spec, local_slots(spec) * pack_size(spec))
+    pack = min(pack_size(spec), slots)   # trainings sharing one worker's steps
     lo, hi = spec["size_range"]
     points = spec["grid_points"]
 
@@ -564,11 +592,12 @@ def estimate(spec: dict, args) -> str:
                 key["train"][name] = None   # no bearing on the time of a step
             key = json.dumps(key, sort_keys=True, default=str)
             if key not in speeds:
-                measured = measure_speed(cfg, ESTIMATE_STEPS, ESTIMATE_STEPS)
-                speeds[key] = {   # one training = `workers` times one worker (linear scaling)
-                    "images_per_sec": workers * measured["images_per_sec"],
-                    # sampling and the nearest-neighbour search grow linearly with the samples; DDP spreads them
-                    "eval_seconds": measured["eval_seconds"] * real.eval.num_samples / samples / workers,
+                measured = measure_speed(cfg, ESTIMATE_STEPS, ESTIMATE_STEPS, pack=pack)
+                speeds[key] = {   # one training = `workers` times one worker (linear scaling), or 1/pack of a pack's
+                    "images_per_sec": workers * measured["images_per_sec"] / pack,
+                    # sampling and the nearest-neighbour search grow linearly with the samples; DDP spreads them;
+                    # a pack waits for its members' evaluations one after another
+                    "eval_seconds": pack * measured["eval_seconds"] * real.eval.num_samples / samples / workers,
                     "batch": cfg.train.batch_size, "samples": samples, "num_samples": real.eval.num_samples}
             speed_of.append(speeds[key])
     finally:
@@ -609,7 +638,7 @@ def estimate(spec: dict, args) -> str:
         figures.append({"trainings": sum(len(b) for b in rounds),
                         "images": sum(i for batch in costs for i, _ in batch),
                         "wall": sum(max(s for _, s in batch) for batch in costs),
-                        "device_hours": workers * sum(s for batch in costs for _, s in batch) / 3600})
+                        "device_hours": workers * sum(s for batch in costs for _, s in batch) / pack / 3600})
 
     def typical(key):
         return median_high([f[key] for f in figures]), max(f[key] for f in figures)
@@ -624,7 +653,7 @@ def estimate(spec: dict, args) -> str:
         what = f"{len(points)} grid point{'s' * (len(points) > 1)}"
         count = f"{trainings[0]} trainings (median) / {trainings[1]} (worst)"
     lines = [f"estimate: {spec['factor']}, {what}, {slots} training"
-             f"{'s' * (slots > 1)} at once: {count}, <= {_count(images[1])} training images, measured "
+             f"{'s' * (slots > 1)} at once" + (f" in packs of {pack}" if pack > 1 else "") + f": {count}, <= {_count(images[1])} training images, measured "
              f"{_span(rates, _count)} images/s on {device} (+ evaluation {_span(evals, _seconds)} per snapshot): "
              f"~{_duration(wall[0])} wall, "
              f"{_hours(hours[0])} {unit}"
@@ -706,12 +735,14 @@ def _reuse_actors(spec: dict) -> bool:
     return not spec["ddp"] and not spec["gpus_per_worker"]
 
 
-def trial_settings(spec: dict, output: Path) -> dict:
-    """What every trial of the sweep gets (sweeps.trainable); "no_reuse": never answer from the ledger."""
+def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
+    """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once; "no_reuse": never answer
+    from the ledger."""
     return {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
             "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
             "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
-            "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"]}
+            "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
+            "pack_servers": pack_servers(spec, trainings)}
 
 
 def started(output: Path) -> bool:
@@ -727,10 +758,13 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from sweeps.searcher import EMMSearcher, resume_in, search_algorithm
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
 
-    settings = trial_settings(spec, output)
+    settings = trial_settings(spec, output, max_concurrent)
     if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (notes §2b)
         trainable = tune.with_resources(tune.with_parameters(emm_trial_ddp, settings=settings),
                                         {"cpu": 0, "trial_slot": 1})
+    elif pack_size(spec) > 1:   # a light client of a pack server, which holds the CPU (sweeps/packing.py)
+        trainable = tune.with_resources(tune.with_parameters(emm_trial, settings=settings),
+                                        {"cpu": 0, "pack_member": 1})
     else:
         trainable = tune.with_resources(tune.with_parameters(emm_trial, settings=settings), {"cpu": 1})
     experiment = output.resolve() / TUNE_NAME
@@ -844,10 +878,14 @@ def main(argv=None) -> int:
     try:
         max_concurrent = start_ray(args, spec)
         signal.signal(signal.SIGTERM, on_sigterm)   # again: ray.init installs its own (a native abort with a dump)
+        if pack_size(spec) > 1:
+            from sweeps.packing import start_servers
+            start_servers(pack_servers(spec, max_concurrent), threads=1, gpus=spec["gpus_per_worker"])
         seeds = sweep_seeds(spec)
         print(f"sweep {spec['factor']} over {[p['label'] for p in spec['grid_points']]}"
               + (f", {seeds} seeds each" if seeds > 1 else "") + f": "
-              f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once; "
+              f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
+              + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
               f"output {output}")
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
         restore = bool(args.resume) and started(output)

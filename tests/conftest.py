@@ -32,3 +32,22 @@ def smoke_sweep(tmp_path_factory):
     stdout, _ = proc.communicate(timeout=max(1, deadline - time.time()))
     assert proc.returncode == 0, stdout[-3000:]
     return out, stdout, while_running
+
+
+def resumed_trainings(out: Path) -> int:
+    """Trainings of the sweep in `out` whose TensorBoard run has two event files, the second's first evaluation
+    later than the first's: a retry that began from a checkpoint, not from step 0."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def first_evaluation(run):
+        events = EventAccumulator(str(run)).Reload()
+        if "memorization/mem_ratio" in events.Tags()["scalars"]:
+            return events.Scalars("memorization/mem_ratio")[0].step
+        return None
+    resumed = 0
+    for logdir in (out / "tensorboard").glob("*/D=*"):
+        runs = sorted(logdir.glob("events.*"), key=lambda p: p.stat().st_mtime)
+        steps = [first_evaluation(r) for r in runs]
+        if len(steps) == 2 and None not in steps and steps[1] > steps[0]:
+            resumed += 1
+    return resumed

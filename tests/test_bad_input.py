@@ -202,6 +202,11 @@ CASES = {
     "--max-concurrent 0": (["--max-concurrent", "0"], r"--max-concurrent 0 must be >= 1"),
     "--max-concurrent -2": (["--max-concurrent", "-2"], r"--max-concurrent -2 must be >= 1"),
     "--seeds 0": (["--seeds", "0"], r"--seeds 0 must be >= 1 \(training seeds per grid point, default 1\)"),
+    "--pack-size 0": (["--pack-size", "0"], r"--pack-size 0 must be >= 1 \(trainings packed per worker"),
+    "--pack-size with DDP": (["--pack-size", "2", "--workers-per-trial", "2"], r"--pack-size 2 packs trainings of "
+                             r"one worker each; drop --workers-per-trial/--gpus-per-trial above 1"),
+    "sweep.pack_size: two": (_sweep_yaml("  pack_size: two"), r"sweep.pack_size='two' in \S+ must be an integer "
+                             r">= 1 \(trainings packed per worker\)"),
     "--seeds -3": (["--seeds", "-3"], r"--seeds -3 must be >= 1"),
     "--seeds past the largest seed": (["--seed", str(2 ** 63 - 2), "--seeds", "3"], r"--seeds 3 from "
                                       r"train.seed=9223372036854775806 goes past the largest seed 2\*\*63 - 1"),

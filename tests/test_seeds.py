@@ -108,13 +108,16 @@ def test_a_state_saved_before_seeds_restores_with_one_seed():
         EMMSearchState(POINTS, SIZES, (10, 200), seeds=0)
 
 
-def test_k_seeds_cost_k_times_the_trainings_of_one():
-    """What --estimate relies on: with one worker the seeds' searches are the one-seed search K times over."""
+def test_k_seeds_cost_at_most_k_times_the_trainings_of_one():
+    """Seeds 1..K-1 start from what seed 0 found (bisection.py, start_range), so they cost less than seed 0 did;
+    --estimate simulates the search itself, so it counts that."""
     def flat(grid_index, size, seed):
         return 0.95 if size <= 70 else 0.3
     one, three = EMMSearchState(POINTS, SIZES, (10, 200)), EMMSearchState(POINTS, SIZES, (10, 200), seeds=3)
-    assert len(simulate(three, flat, 1)) == 3 * len(simulate(one, flat, 1))
-    assert sum(r["trials"] for r in three.summary()) == 3 * sum(r["trials"] for r in one.summary())
+    simulate(one, flat, 1), simulate(three, flat, 1)
+    once, thrice = (sum(r["trials"] for r in state.summary()) for state in (one, three))
+    assert once < thrice < 3 * once
+    assert [r["emm"] for r in three.summary()] == [r["emm"] for r in one.summary()] == [70, 70]
 
 
 # ---------------------------------------------------------------------------------- the searcher and the ledger
@@ -162,7 +165,7 @@ def test_the_ledger_key_differs_by_seed_and_seed_0_is_a_one_seed_sweeps_training
     assert [resolved["train"]["seed"] for _, resolved, _ in keys] == [base["train"]["seed"] + s for s in range(3)]
 
 
-def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_only_the_new_seeds(tmp_path):
+def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_mostly_the_new_seeds(tmp_path):
     import sweeps.trainable as trainable
     from sweeps.emm_search import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
@@ -179,14 +182,19 @@ def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_on
             ledger[trainable.trial_key(settings, config)[0]] = {"best_mem_ratio": curve_of(config), "best_num_samples": 256}
         return searcher, {(c["grid_index"], c["seed_index"]) for c in launched}
 
-    _, trained = sweep(1)
+    one, trained = sweep(1)
     assert trained == {(0, 0), (1, 0)}
     searcher, trained = sweep(3)
-    assert trained == {(g, s) for g in (0, 1) for s in (1, 2)}  # seed 0 answered by the one-seed sweep
-    assert {searcher.state.replicate(b)[1] for b, _ in searcher.reused} == {0}
+    # seed 0 is answered by the one-seed sweep's trainings wherever it asks for the same sizes; planning three
+    # seeds at once (and when its neighbours' answers arrive, bisection.py start_range) may ask for a few others
+    reused = [(searcher.state.replicate(b), size) for b, size in searcher.reused]
+    assert {seed for (_, seed), _ in reused} == {0} and len(reused) >= 2
+    assert {s for _, s in trained} == {0, 1, 2}
+    assert [row["replicates"][0]["emm"] for row in searcher.state.summary()] == \
+        [row["emm"] for row in one.state.summary()]
     assert [row["emm"] for row in searcher.state.summary()] == [50, 110]
     _, trained = sweep(4)
-    assert trained == {(0, 3), (1, 3)}             # raising K trains only the new seed
+    assert {s for _, s in trained} <= {0, 3} and (0, 3) in trained and (1, 3) in trained   # mostly the new seed
 
 
 def test_a_restarted_trial_is_adopted_into_its_own_seeds_bracket():

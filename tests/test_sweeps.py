@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import resumed_trainings
 from diffmem.config import ConfigError, load_config
 from sweeps.factors import FACTORS, get_factor, grid_points, skip_mask
 
@@ -276,8 +277,6 @@ def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
     import os
     import signal
 
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from sweeps.reaper import descendants
     out = tmp_path / "worker-killed"
     proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--output", str(out)],
@@ -305,19 +304,7 @@ def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
     columns = ["value", "emm", "low", "high", "censored"]
     pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns],
                                   pd.read_csv(smoke_sweep[0] / "emm.csv")[columns])
-
-    def first_evaluation(run):
-        events = EventAccumulator(str(run)).Reload()
-        if "memorization/mem_ratio" in events.Tags()["scalars"]:
-            return events.Scalars("memorization/mem_ratio")[0].step
-        return None
-    resumed = 0
-    for logdir in (out / "tensorboard").glob("*/D=*"):
-        runs = sorted(logdir.glob("events.*"), key=lambda p: p.stat().st_mtime)
-        steps = [first_evaluation(r) for r in runs]
-        if len(steps) == 2 and None not in steps and steps[1] > steps[0]:
-            resumed += 1                                    # the second run began after the checkpoint
-    assert resumed >= 1
+    assert resumed_trainings(out) >= 1   # a retry began from its checkpoint
 
 
 @pytest.mark.slow
