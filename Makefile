@@ -28,6 +28,7 @@ bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ign
 	$(PY) bench/nn.py --json bench/results/nn.json
 	$(PY) bench/optimum.py --json bench/results/optimum.json
 	$(PY) bench/train_step.py --json bench/results/train_step.json
+	$(PY) bench/train_step.py --packed --json bench/results/train_step_packed.json
 	$(PY) bench/sweep.py --preset smoke --json bench/results/sweep.json
 
 clean:

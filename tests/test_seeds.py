@@ -307,8 +307,8 @@ def test_a_two_seed_sweep_trains_only_the_new_seed_over_a_one_seed_sweeps_ledger
     shutil.copy(first / "ledger.sqlite", tmp_path / "ledger.sqlite")   # the fixture's ledger stays as it was
     out = tmp_path / "two"
     search = str(Path(__file__).resolve().parent.parent / "sweeps" / "emm_search.py")
-    run = subprocess.run([sys.executable, search, "--preset", "smoke", "--no-dashboard", "--seeds", "2", "--output",
-                          str(out), "--ledger", str(tmp_path / "ledger.sqlite")],
+    run = subprocess.run([sys.executable, search, "--preset", "smoke", "--no-dashboard", "--seeds", "2", "--values",
+                          "none", "--output", str(out), "--ledger", str(tmp_path / "ledger.sqlite")],
                          capture_output=True, text=True, cwd=tmp_path, timeout=1200)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert re.search(r"random_labels=\w+\|D\|=\d+\|seed=1 +best ratio", run.stdout), run.stdout[-2000:]
