@@ -36,7 +36,7 @@ from diffmem.data import TrainingSet
 from diffmem.edm import denoising_loss, draw_noise
 from diffmem.evaluate import evaluate_denoiser
 from diffmem.precision import autocast, training_precision
-from diffmem.train import (ADAM_BETAS, ADAM_EPS, CHECKPOINT, TrainingDiverged, TrainResult, _gather_rng,
+from diffmem.train import (ADAM_BETAS, ADAM_EPS, CHECKPOINT, TrainingDiverged, TrainResult, _gather_rng, check_loss,
                            _log_evaluation, _save_checkpoint, load_checkpoint, prepare, resolve_device,
                            snapshot_metrics)
 
@@ -107,10 +107,7 @@ class _Run:
                            s["history"], s["train_seconds"])
 
     def check_finite(self):
-        if not torch.isfinite(self.loss_sum):
-            raise TrainingDiverged(f"loss became {self.loss_sum.item()} within the {self.loss_count} steps up to step "
-                                   f"{self.state['step']} ({self.state['images_seen']} images seen); lower train.lr "
-                                   f"(now {self.cfg.train.lr:g}) or check the data")
+        check_loss(self.loss_sum, self.loss_count, self.state, self.cfg.train.lr)
 
 
 def prepare_member(member: Member) -> _Run:

@@ -236,10 +236,7 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     tic, loss_sum, loss_count = time.perf_counter(), torch.zeros((), device=device), 0
 
     def check_finite():   # read on the host only here, so the steps in between never wait for the GPU
-        if not torch.isfinite(loss_sum):
-            raise TrainingDiverged(f"loss became {loss_sum.item()} within the {loss_count} steps up to step "
-                                   f"{state['step']} ({state['images_seen']} images seen); lower train.lr "
-                                   f"(now {t.lr:g}) or check the data")
+        check_loss(loss_sum, loss_count, state, t.lr)
 
     while state["images_seen"] < total and not stopped():
         seen = state["images_seen"]
@@ -306,6 +303,14 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     state["train_seconds"] += time.perf_counter() - tic
     return TrainResult(state["best"], state["images_seen"], state["step"], stopped() and state["images_seen"] < total,
                        state["history"], state["train_seconds"])
+
+
+def check_loss(loss_sum: torch.Tensor, loss_count: int, state: dict, lr: float) -> None:
+    """Raise TrainingDiverged if the loss summed over the last loss_count steps is NaN or infinite."""
+    if not torch.isfinite(loss_sum):
+        raise TrainingDiverged(f"loss became {loss_sum.item()} within the {loss_count} steps up to step "
+                               f"{state['step']} ({state['images_seen']} images seen); lower train.lr "
+                               f"(now {lr:g}) or check the data")
 
 
 def snapshot_metrics(state: dict, result, plan: Schedule, loss: float, lr: float) -> dict:
