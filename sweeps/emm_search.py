@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -548,7 +549,22 @@ ESTIMATE_POSITIONS = 8    # EMM positions, log-spaced over the size range, the s
 ESTIMATE_STEPS = 10       # training steps timed per model, after as many untimed ones
 
 
-def estimate(spec: dict, args) -> str:
+@dataclass(frozen=True)
+class Estimate:
+    """What --estimate prints (text) and its figures, each (median, worst) over the simulated EMM positions."""
+    text: str
+    trainings: tuple[int, int]
+    wall_seconds: tuple[float, float]
+    device_hours: tuple[float, float]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+_SPEEDS: dict = {}   # measured step and evaluation speeds by model, kept across estimates (a study prices many)
+
+
+def estimate(spec: dict, args) -> Estimate:
     """What the sweep is expected to cost, before anything starts: trainings from the searcher itself
     (sweeps.bisection.simulate) run to its end with the crossing at ESTIMATE_POSITIONS places in the size
     range, training images from each training's planned duration, seconds from training steps and one
@@ -577,7 +593,7 @@ def estimate(spec: dict, args) -> str:
 
     # Speed: each distinct model (what a grid point changes that matters for speed), at the largest |D|, at one
     # worker's share of the batch, one thread per worker on CPU as in the sweep's trials.
-    speeds, speed_of = {}, []
+    speeds, speed_of = _SPEEDS, []
     threads = torch.get_num_threads()
     try:
         if device == "cpu":
@@ -590,7 +606,7 @@ def estimate(spec: dict, args) -> str:
             key = cfg.to_dict()
             for name in ("lr", "weight_decay", "ema_schedule", "ema_halflife", "ema_beta", "ema_rampup", "seed", "duration"):
                 key["train"][name] = None   # no bearing on the time of a step
-            key = json.dumps(key, sort_keys=True, default=str)
+            key = json.dumps([key, pack, workers], sort_keys=True, default=str)
             if key not in speeds:
                 measured = measure_speed(cfg, ESTIMATE_STEPS, ESTIMATE_STEPS, pack=pack)
                 speeds[key] = {   # one training = `workers` times one worker (linear scaling), or 1/pack of a pack's
@@ -693,7 +709,7 @@ def estimate(spec: dict, args) -> str:
     if args.address and not spec["max_concurrent"]:
         lines.append("  --address: one training at a time assumed; pass --max-concurrent N (trainings the cluster "
                      "runs at once, e.g. its nodes)")
-    return "\n".join(lines)
+    return Estimate("\n".join(lines), trainings, wall, hours)
 
 
 def _span(values: list, fmt) -> str:

@@ -48,8 +48,22 @@ def _mix_rate(value, base: Config) -> dict:
 
 def _resolution(value, base: Config) -> dict:
     # Fig. 2(a): attention stays at the second level (32 -> 16, 16 -> 8, 8 -> 4).
+    if base.data.resolution is None and value == load_dataset(base.data).images.shape[-1]:
+        return {}   # the dataset's own resolution is the base config: the same training (one ledger key)
     attn = [value // 2] if base.model.attn_resolutions else []
     return {"data.resolution": value, "model.attn_resolutions": attn}
+
+
+def _num_classes(value, base: Config) -> dict:
+    # Fig. 2(b): the first C classes, |D|/C each; all of the dataset's classes is the base config (one ledger key).
+    if base.data.num_classes is None and value == len(set(load_dataset(base.data).labels.tolist())):
+        return {}
+    return {"data.num_classes": value}
+
+
+def _skip_connections(value, base: Config) -> dict:
+    mask = skip_mask(value, base)
+    return {"model.skip_connections": None if all(mask) else mask}   # all on is the base model (None): one key
 
 
 def skip_mask(value, base: Config) -> list[int]:
@@ -84,13 +98,12 @@ FACTORS = {f.name: f for f in [
            lambda v, b: {"model.embedding": v}),
     Factor("skip_connections", "which encoder-decoder skips are kept (Fig. 4)",
            ("all",) + tuple(f"single:{k}" for k in range(1, 10)) + ("level:32", "level:16", "level:8"),
-           lambda v, b: {"model.skip_connections": skip_mask(v, b)}),
+           _skip_connections),
     Factor("class_labels", "unconditional vs true class labels (Fig. 5)", ("none", "true"),
            lambda v, b: {"data.labels": v}),
     Factor("random_labels", "conditioning on C uninformative random classes (Fig. 5)",
            ("none", 1, 2, 5, 10, 20, 50, 100, 500, 1000, "unique"), _random_labels),
-    Factor("num_classes", "inter-class diversity: the first C classes (Fig. 2b)", (1, 2, 5, 10),
-           lambda v, b: {"data.num_classes": v}),
+    Factor("num_classes", "inter-class diversity: the first C classes (Fig. 2b)", (1, 2, 5, 10), _num_classes),
     Factor("mix_rate", "intra-class diversity: share alpha of data.mix_path images in class data.mix_class "
            "(Fig. 2c; 0 is that class alone)", (0.0, 0.2, 0.5, 0.8, 1.0), _mix_rate),
     Factor("resolution", "data dimension (Fig. 2a)", (32, 16, 8), _resolution),
