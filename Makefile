@@ -31,5 +31,6 @@ bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ign
 	$(PY) bench/train_step.py --packed --json bench/results/train_step_packed.json
 	$(PY) bench/sweep.py --preset smoke --json bench/results/sweep.json
 
-clean:
-	rm -rf $(VENV) results
+clean:   # what setup and the tests made; never results/, runs/ or bench/results/ (what was measured)
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -not -path './$(VENV)/*' -prune -exec rm -rf {} +

@@ -12,19 +12,40 @@ from pathlib import Path
 
 import yaml
 
-DEFAULT_CONFIG = "experiments/digits.yaml"
+CHECKOUT = Path(__file__).resolve().parent.parent   # the checkout diffmem is installed from (pip install -e .)
+DEFAULT_CONFIG = str(CHECKOUT / "experiments" / "digits.yaml")   # the embedded default, wherever the shell is
+
+
+def default_folder(kind: str, name: str, stamp: bool = True) -> Path:
+    """Where a command writes without --output: <checkout>/<kind>/<name>-<time> (kind: runs, results), so the
+    output does not depend on the shell's folder; stamp=False for a folder the same command continues."""
+    return CHECKOUT / kind / (f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if stamp else name)
+
+
+def version() -> str:
+    """diffmem's version, from the installed package's metadata (pyproject.toml is its one home)."""
+    from importlib.metadata import PackageNotFoundError, version as installed
+    try:
+        return f"diffmem {installed('diffmem')}"
+    except PackageNotFoundError:
+        return "diffmem (not installed: pip install -e . in the checkout)"
 
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with its own errors (a bad or missing flag) as one line naming the flag and --help, exit 2,
-    instead of the usage block."""
+    instead of the usage block; every command has --version."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)   # docstring examples as written
+        super().__init__(*args, **kwargs)
+        self.add_argument("--version", action="version", version=version())
 
     def error(self, message):
         self.exit(2, f"error: {message}; see {self.prog} --help\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_CONFIG, help=f"YAML config (default {DEFAULT_CONFIG})")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config (default experiments/digits.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set model.channels=64 (repeatable)")
 
@@ -43,7 +64,8 @@ def run_cli(prog: str, description: str, run, argv=None, dry_run=None) -> int:
 
     parser = ArgumentParser(prog=f"python -m {prog}", description=description)
     add_config_arguments(parser)
-    parser.add_argument("--output", help="run folder (default runs/<name>-<time>); an existing one is resumed")
+    parser.add_argument("--output", help="run folder (default runs/<name>-<time> in the checkout); an existing one "
+                        "is resumed")
     if dry_run is not None:
         parser.add_argument("--dry-run", action="store_true",
                             help="print the resolved config and the schedule the training would follow, then exit")
@@ -61,7 +83,7 @@ def run_cli(prog: str, description: str, run, argv=None, dry_run=None) -> int:
     if dry:
         print(dry_run(cfg, data))
         return 0
-    run_dir = Path(args.output or f"runs/{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir = Path(args.output) if args.output else default_folder("runs", prog.split(".")[-1])
     config_file = run_dir / "config.yaml"
     resolved = yaml.safe_dump(cfg.to_dict(), sort_keys=True)
     if config_file.exists() and config_file.read_text() != resolved:

@@ -1,7 +1,7 @@
 """The memorization criterion (paper §1): a generated image x is a copy when
 ||x - NN1|| / ||x - NN2|| < 1/3, with NN1, NN2 its nearest and second-nearest training images in flattened
 pixel space. The memorization ratio is the share of generated images that are copies.
-`ratio_interval` is its 95 % interval over the samples (Wilson; why, in its docstring).
+Its 95 % interval over the samples is diffmem.sequential.ratio_interval (statistics without torch).
 
 Exact nearest neighbours by matrix multiplication, ||a - b||^2 = ||a||^2 - 2 a.b + ||b||^2, in chunks over
 both sets so memory is bounded by the chunk sizes, never by (#generated x #train). bench/nn.py measures it
@@ -9,8 +9,6 @@ against a bare GEMM of the same shape, torch.cdist and faiss.
 """
 from __future__ import annotations
 
-import math
-from statistics import NormalDist
 
 import torch
 
@@ -108,23 +106,3 @@ def memorization_ratio(generated: torch.Tensor, train: torch.Tensor, threshold: 
     return (nearest_neighbour_ratio(generated, train, **chunks) < threshold).float().mean().item()
 
 
-def ratio_interval(copies: int, samples: int, level: float = 0.95) -> tuple[float, float]:
-    """Two-sided `level` interval for the memorization ratio copies / samples (a binomial proportion over the
-    evaluation's samples): the Wilson score interval.
-
-    Why Wilson: the ratios measured here sit near 0 (large |D|) and near 1 (small |D|: 256/256 on the digits),
-    where the Wald interval p +- z sqrt(p(1 - p)/n) collapses to a point. Wilson's interval stays inside
-    [0, 1], is never empty, has close to nominal coverage on average over p (Brown, Cai & DasGupta 2001) and
-    a closed form: the normal quantile comes from the standard library, no scipy. Clopper-Pearson would
-    guarantee >= nominal coverage at every p, at the price of wider (conservative) intervals and the beta
-    quantile. What the interval covers: the sampling of seeds at fixed weights, not the training's seed."""
-    if not 0 < level < 1:
-        raise ValueError(f"interval level must be in (0, 1), got {level}")
-    if samples < 1 or not 0 <= copies <= samples:
-        raise ValueError(f"need 0 <= copies <= samples and samples >= 1, got {copies} copies of {samples}")
-    z = NormalDist().inv_cdf((1 + level) / 2)
-    p, zz = copies / samples, z * z / samples
-    centre = (p + zz / 2) / (1 + zz)
-    half = z / (1 + zz) * math.sqrt(p * (1 - p) / samples + zz / (4 * samples))
-    # exact ends at 0 and 1 (the formula gives them up to rounding)
-    return (0.0 if copies == 0 else max(0.0, centre - half)), (1.0 if copies == samples else min(1.0, centre + half))

@@ -200,7 +200,7 @@ def main(argv=None) -> int:
     from diffmem.cli import run_cli
     from diffmem.data import save_grid, training_set
     from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
-    from diffmem.memorization import ratio_interval
+    from diffmem.sequential import ratio_interval
     from diffmem.pictures import nn_grid_picture
 
     def run(cfg, run_dir, writer):

@@ -20,10 +20,13 @@ when p >= q. So for every true ratio p, an early decision that contradicts the t
 How often the early decision differs from what all N samples would have said is measured, worst case over p,
 in bench/eval_adaptive.py. Doubling looks keep K ~ log2(N / B): a Bonferroni split over every batch would
 make each look's boundary needlessly strict.
+
+ratio_interval: the 95 % interval of a memorization ratio over its samples (Wilson; why, in its docstring).
 """
 from __future__ import annotations
 
 import math
+from statistics import NormalDist
 from dataclasses import dataclass
 
 
@@ -91,3 +94,25 @@ class SequentialTest:
         if copies <= self.below[look]:
             return False
         return None
+
+
+def ratio_interval(copies: int, samples: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided `level` interval for the memorization ratio copies / samples (a binomial proportion over the
+    evaluation's samples): the Wilson score interval.
+
+    Why Wilson: the ratios measured here sit near 0 (large |D|) and near 1 (small |D|: 256/256 on the digits),
+    where the Wald interval p +- z sqrt(p(1 - p)/n) collapses to a point. Wilson's interval stays inside
+    [0, 1], is never empty, has close to nominal coverage on average over p (Brown, Cai & DasGupta 2001) and
+    a closed form: the normal quantile comes from the standard library, no scipy. Clopper-Pearson would
+    guarantee >= nominal coverage at every p, at the price of wider (conservative) intervals and the beta
+    quantile. What the interval covers: the sampling of seeds at fixed weights, not the training's seed."""
+    if not 0 < level < 1:
+        raise ValueError(f"interval level must be in (0, 1), got {level}")
+    if samples < 1 or not 0 <= copies <= samples:
+        raise ValueError(f"need 0 <= copies <= samples and samples >= 1, got {copies} copies of {samples}")
+    z = NormalDist().inv_cdf((1 + level) / 2)
+    p, zz = copies / samples, z * z / samples
+    centre = (p + zz / 2) / (1 + zz)
+    half = z / (1 + zz) * math.sqrt(p * (1 - p) / samples + zz / (4 * samples))
+    # exact ends at 0 and 1 (the formula gives them up to rounding)
+    return (0.0 if copies == 0 else max(0.0, centre - half)), (1.0 if copies == samples else min(1.0, centre + half))

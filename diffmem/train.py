@@ -39,7 +39,7 @@ from diffmem.data import TrainingSet, save_grid, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
 from diffmem.ema import ema_beta, halflife_images, rampup_end
 from diffmem.evaluate import evaluate_denoiser, nn_grid_rows, sequential_test
-from diffmem.memorization import ratio_interval
+from diffmem.sequential import ratio_interval
 from diffmem.networks import SongUNet
 from diffmem.pictures import nn_grid_picture, nn_ratio_markdown
 from diffmem.precision import autocast, training_precision

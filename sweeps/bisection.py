@@ -66,7 +66,10 @@ from __future__ import annotations
 
 import bisect
 import copy
+import glob
+import json
 import math
+import os
 from dataclasses import dataclass
 
 FORMAT_VERSION = 1
@@ -624,3 +627,28 @@ def simulate(state: EMMSearchState, ratio, slots: int, images=lambda grid_index,
             state.observe(b, n, r, images=images(g, n, r))
         rounds.append([(state.replicate(b)[0], n) for b, n in batch])
     return rounds
+
+
+# What sweeps.searcher.EMMSearcher saves in Tune's searcher snapshots, readable here without Ray (--status).
+SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
+SEARCHER_STATE_FILES = "searcher-state-*.pkl"   # Ray's Searcher.CKPT_FILE_TMPL (tests/test_searcher.py pins it)
+
+
+def load_experiment_searcher(experiment_dir: str) -> dict:
+    """What EMMSearcher saved in the newest snapshot of a Tune experiment dir (searcher-state-<time>.pkl, which
+    holds our JSON): "state", "reused" (the [bracket index, size] the ledger answered without a trial;
+    EMMSearchState.replicate gives the bracket's grid index and seed), ..."""
+    paths = glob.glob(os.path.join(experiment_dir, SEARCHER_STATE_FILES))
+    if not paths:
+        raise FileNotFoundError(f"no searcher state in {experiment_dir}")
+    with open(max(paths)) as f:         # the timestamped names sort in time order (as Ray picks them)
+        saved = json.load(f)
+    if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
+        raise ValueError(f"{max(paths)} was not written by EMMSearcher")
+    return saved
+
+
+def load_experiment_state(experiment_dir: str) -> EMMSearchState:
+    """The search state of the newest snapshot in a Tune experiment dir. Use it after
+    `Tuner.restore(...).fit()`, where the restored searcher object is not reachable through Ray's public API."""
+    return EMMSearchState.from_dict(load_experiment_searcher(experiment_dir)["state"])

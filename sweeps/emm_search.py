@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import signal
@@ -25,14 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:      # `python sweeps/emm_search.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from diffmem.cli import ArgumentParser  # noqa: E402
+from diffmem.cli import DEFAULT_CONFIG, ArgumentParser, default_folder  # noqa: E402
 from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machine, from_dict,  # noqa: E402
                             parse_override, parse_value, read_yaml, validate_with_data)
-from diffmem.data import load_dataset  # noqa: E402
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 
-DEFAULT_CONFIG = ROOT / "experiments" / "digits.yaml"
 PRESETS = ROOT / "experiments" / "presets"
 SPEC_FILE = "sweep.json"
 SPEC_FORMAT = "diffmem.emm_search"   # sweep.json's "format": how a folder written by this tool is recognized
@@ -55,7 +54,7 @@ def given_flags(argv=None) -> set[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="emm_search.py", description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(prog="emm_search.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--factor", default="random_labels", help="factor to sweep (default random_labels)")
     p.add_argument("--values", nargs="+", help="the factor's values (default: the config's, else the paper's)")
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--estimate", action="store_true",
                    help="print the trainings and the GPU-hours (core-hours on CPU) the sweep is expected to take "
                         "(the search simulated, training steps timed on this machine) and exit")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default experiments/digits.yaml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML (default experiments/digits.yaml)")
     p.add_argument("--preset", help="settings laid over the config, e.g. 'smoke' (experiments/presets/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.channels=32 (repeatable)")
@@ -116,6 +115,7 @@ def read_with_preset(config: str, preset: str | None) -> dict:
 
 def build_spec(args) -> dict:
     """Everything that defines the sweep, resolved and validated; saved as OUTPUT/sweep.json."""
+    from diffmem.data import load_dataset   # torch: not imported by --status and --help
     raw = read_with_preset(args.config, args.preset)
     sweep = dict(raw.get("sweep") or {})
     unknown = set(sweep) - {"size_range", "size_step", "factors", "max_values", "pack_size"}
@@ -503,8 +503,29 @@ def loopback_only() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+class _Drop(logging.Filter):
+    def __init__(self, starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def quiet_ray_start() -> None:
+    """A local Ray's start says two things the sweep says once itself, in its own line (start_ray): the dashboard
+    address and that token authentication is on (Ray logs that warning on every start, then the address)."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _Drop("Token authentication is enabled"))
+    logging.getLogger("ray._private.worker").addFilter(_Drop("Started a local Ray instance"))
+
+
 def start_ray(args, spec: dict) -> int:
     """Connect to a cluster or start a local one; returns how many trainings can run at once."""
+    # Tune's new console output prints its banner whatever the verbosity: "Number of trials 9223372036854775807"
+    # (our searcher's unbounded num_samples) and a TensorBoard command into /tmp/ray. Its legacy reporter prints
+    # nothing at verbose=0; the sweep's own lines (ProgressPrinter) say what happens.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     import ray
     workers = spec["workers"]
     if args.address:
@@ -516,6 +537,7 @@ def start_ray(args, spec: dict) -> int:
                               f"with `ray start --head`, or leave --address out for a local one") from None
     else:
         loopback_only()
+        quiet_ray_start()
         from sweeps.reaper import start_reaper
         start_reaper()   # first: a driver killed while Ray starts must not leave Ray's agents running
         resources = {"trial_slot": local_slots(spec), "pack_member": local_slots(spec) * pack_size(spec)}
@@ -815,7 +837,7 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
     its training), else the sweep was stopped (Ctrl-C, SIGTERM) and --resume continues it."""
     import pandas as pd
     from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
-    from sweeps.searcher import load_experiment_state
+    from sweeps.bisection import load_experiment_state
     frame = result_grid.get_dataframe()
     if spec["factor"] == "data_size":
         trials = trials_table(frame, [{"label": "data_size", "value": None}], spec["epsilon"])
@@ -858,7 +880,7 @@ def main(argv=None) -> int:
             check_ledger_writable(spec["ledger"])
         else:
             spec = build_spec(args)
-            output = Path(args.output or f"results/{spec['factor']}-{time.strftime('%Y%m%d-%H%M%S')}")
+            output = Path(args.output) if args.output else default_folder("results", spec["factor"])
             check_new_output(output)
             spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").expanduser().resolve())
             spec["no_reuse"] = args.no_reuse
@@ -881,6 +903,17 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
+    from sweeps.progress import Tee
+    with open(output / "sweep.log", "a") as log:   # the console, kept beside the results (appended on --resume)
+        sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
+        try:
+            return run(args, spec, output)
+        finally:
+            sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
+
+
+def run(args, spec: dict, output: Path) -> int:
+    """Start Ray, run the sweep's Tune experiment (new or restored) and write its results."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     start = time.time()
@@ -903,6 +936,7 @@ def main(argv=None) -> int:
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
               + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
               f"output {output}")
+        print(f"TensorBoard: tensorboard --logdir {output.resolve() / 'tensorboard'}", flush=True)
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
         restore = bool(args.resume) and started(output)
         tuner = make_tuner(spec, output, max_concurrent, restore=restore)

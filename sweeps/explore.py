@@ -25,8 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:      # `python sweeps/explore.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from ray import tune  # noqa: E402
-
 from diffmem.config import ConfigError, apply_overrides, from_dict, parse_override  # noqa: E402
 
 STUDY_NAME = "explore"
@@ -37,9 +35,8 @@ METRIC = "best_mem_ratio"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from diffmem.cli import ArgumentParser   # argparse's errors as one line
-    from sweeps.emm_search import DEFAULT_CONFIG
-    p = ArgumentParser(prog="explore.py", description=__doc__.split("\n\n")[0],
+    from diffmem.cli import DEFAULT_CONFIG, ArgumentParser   # argparse's errors as one line
+    p = ArgumentParser(prog="explore.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--factors", nargs="+", default=list(DEFAULT_FACTORS),
                    help=f"factors to draw together (default {' '.join(DEFAULT_FACTORS)}); 'labels' is none / true "
@@ -47,7 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, default=40, help="training-set size |D| of every trial (default 40)")
     p.add_argument("--n-trials", type=int, default=12, help="trainings to run (default 12, ~10 min on 2 cores)")
     p.add_argument("--label-classes", type=int, default=10, help="C of the random-C labels choice (default 10)")
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="experiment YAML (default experiments/digits.yaml)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML (default experiments/digits.yaml)")
     p.add_argument("--preset", help="settings laid over the config, e.g. 'smoke' (experiments/presets/)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
@@ -198,10 +195,11 @@ def summary_text(study, spec: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from diffmem.cli import default_folder
     args = parse_args(argv)
     try:
         spec = build_spec(args)
-        output = Path(args.output or f"results/explore-{time.strftime('%Y%m%d-%H%M%S')}")
+        output = Path(args.output) if args.output else default_folder("results", "explore")
         if (output / SPEC_FILE).is_file():   # continue its study: it must be the same question
             old = json.loads((output / SPEC_FILE).read_text())
             keys = ("space", "size", "base", "epsilon", "label_classes")
@@ -217,12 +215,13 @@ def main(argv=None) -> int:
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import optuna
     import ray
+    from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     from sweeps.emm_search import start_ray
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
-    from sweeps.progress import SweepTensorBoard
+    from sweeps.progress import ExplorePrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     output = output.resolve()
@@ -254,7 +253,7 @@ def main(argv=None) -> int:
                                         max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output),
-                                      verbose=0, callbacks=[ExplorePrinter(spec["epsilon"]),
+                                      verbose=0, callbacks=[ExplorePrinter(spec["epsilon"], METRIC, trial_label),
                                                             SweepTensorBoard(output, points, [spec["size"]] * 2,
                                                                              "explore: several factors at once")],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
@@ -267,23 +266,6 @@ def main(argv=None) -> int:
     print(f"\n{text}\n\n{time.time() - started:.0f} s wall time; study {output / STUDY_FILE} "
           f"(optuna.load_study(study_name={STUDY_NAME!r}, storage={storage_url!r}))")
     return 0
-
-
-class ExplorePrinter(tune.Callback):
-    """One console line per finished training."""
-
-    def __init__(self, epsilon: float):
-        self.epsilon, self.started = epsilon, time.time()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        best = (trial.last_result or {}).get(METRIC)
-        if best is not None:
-            verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
-            print(f"[{time.time() - self.started:6.0f} s] {trial_label(trial.config)}: best ratio {best:.3f}, "
-                  f"{verdict}", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{trial_label(trial.config)} failed; its error is in {trial.local_path}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 from diffmem.config import Config, ConfigError
-from diffmem.data import load_dataset
 
 
 @dataclass(frozen=True)
@@ -20,6 +19,11 @@ class Factor:
     description: str
     paper_values: tuple
     overrides: Callable[[object, Config], dict]    # (value, base config) -> {dotted key: value}
+
+
+def _dataset(base: Config):
+    from diffmem.data import load_dataset   # torch, imported only when a value needs the data: --help, --status fast
+    return load_dataset(base.data)
 
 
 def _random_labels(value, base: Config) -> dict:
@@ -48,16 +52,25 @@ def _mix_rate(value, base: Config) -> dict:
 
 def _resolution(value, base: Config) -> dict:
     # Fig. 2(a): attention stays at the second level (32 -> 16, 16 -> 8, 8 -> 4).
-    if base.data.resolution is None and value == load_dataset(base.data).images.shape[-1]:
-        return {}   # the dataset's own resolution is the base config: the same training (one ledger key)
+    if base.data.resolution is None:   # the dataset's own resolution is the base config (one ledger key)
+        try:
+            if value == _dataset(base).images.shape[-1]:
+                return {}
+        except ConfigError:   # a config checked without its data: the sweep itself needs it
+            pass
     attn = [value // 2] if base.model.attn_resolutions else []
     return {"data.resolution": value, "model.attn_resolutions": attn}
 
 
 def _num_classes(value, base: Config) -> dict:
-    # Fig. 2(b): the first C classes, |D|/C each; all of the dataset's classes is the base config (one ledger key).
-    if base.data.num_classes is None and value == len(set(load_dataset(base.data).labels.tolist())):
-        return {}
+    # Fig. 2(b): the first C classes, |D|/C each; all of the dataset's classes is the base config (one ledger key),
+    # when the data is here to count them (a config is checked without its data: the sweep itself needs it)
+    if base.data.num_classes is None:
+        try:
+            if value == len(set(_dataset(base).labels.tolist())):
+                return {}
+        except ConfigError:
+            pass
     return {"data.num_classes": value}
 
 
@@ -77,7 +90,7 @@ def skip_mask(value, base: Config) -> list[int]:
         return [1] * n
     if text.startswith("single:") and text[7:].isdigit() and 1 <= int(text[7:]) <= n:
         return [int(i == int(text[7:]) - 1) for i in range(n)]
-    resolution = base.data.resolution or load_dataset(base.data).images.shape[-1]
+    resolution = base.data.resolution or _dataset(base).images.shape[-1]
     resolutions = [resolution >> i for i in range(levels)]
     if text.startswith("level:") and text[6:].isdigit() and int(text[6:]) in resolutions:
         level = resolutions.index(int(text[6:]))

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-
-import pandas as pd
+from types import SimpleNamespace
 
 from sweeps.results import _atomic, _overlap, format_emm, interval_text
 
@@ -102,6 +101,7 @@ def verdict(direction: str, rows: list[dict]) -> str:
 
 def read_rows(emm_csv: Path) -> list[dict]:
     """emm.csv as dicts, with empty cells as None."""
+    import pandas as pd   # not at the top: study.py --help starts in under a second
     frame = pd.read_csv(emm_csv, keep_default_na=True, dtype={"value": str})
     rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
     for r in rows:
@@ -112,7 +112,7 @@ def read_rows(emm_csv: Path) -> list[dict]:
 
 
 def emm_cell(row: dict) -> str:
-    return f"{format_emm(pd.Series(row))} {interval_text(pd.Series(row))}"
+    return f"{format_emm(SimpleNamespace(**row))} {interval_text(SimpleNamespace(**row))}"
 
 
 def factor_result(entry: dict, emm_csv: Path) -> dict:
@@ -162,8 +162,8 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
             continue
         lines += ["| value | EMM | per seed | interval | trainings | from ledger |", "|---|---|---|---|---|---|"]
         for row in r["rows"]:
-            lines.append(f"| {row['value']} | {format_emm(pd.Series(row))} | {row['seed_emms']} | "
-                         f"{interval_text(pd.Series(row))} | {row['trials']} | {row['reused']} |")
+            lines.append(f"| {row['value']} | {format_emm(SimpleNamespace(**row))} | {row['seed_emms']} | "
+                         f"{interval_text(SimpleNamespace(**row))} | {row['trials']} | {row['reused']} |")
         lines += ["", f"Verdict: **{r['verdict']}**" + ("" if r["rho"] is None else f" (rho {r['rho']:+.2f})"), ""]
     for n in study.get("not_run", []):
         lines += [f"### {n['factor']} (not measured here)", "", f"Paper ({n['finding']['where']}): "
@@ -202,7 +202,7 @@ def plot_findings(path: Path, results: list[dict]) -> None:
             high = high if high is not None else centre * 2
             ax.errorbar([i], [centre], yerr=[[max(centre - low, 0)], [max(high - centre, 0)]], fmt="o", capsize=3,
                         color="C3" if row["censored"] else "C0")
-            ax.plot([i + 0.1] * len(seed_emms(pd.Series(row))), seed_emms(pd.Series(row)), "_", color="gray", ms=7)
+            ax.plot([i + 0.1] * len(seed_emms(SimpleNamespace(**row))), seed_emms(SimpleNamespace(**row)), "_", color="gray", ms=7)
         ax.set_xticks(range(len(r["rows"])), [str(row["value"]) for row in r["rows"]], fontsize=7)
         ax.set_yscale("log")
         ax.set_title(f"{r['factor']}: paper {_direction_text(r['finding'])}\n{r['verdict']}", fontsize=7)

@@ -25,14 +25,37 @@ def trial_dirname(trial) -> str:
     return f"{label}_D={trial.config.get('size')}{f'_{tag}' if tag else ''}_{trial.trial_id}"
 
 
-class ProgressPrinter(tune.Callback):
-    """One console line per finished training: what it measured and what that decides."""
+PROGRESS_EVERY_S = 60   # a line on the running trainings when nothing else was printed for this long
 
-    def __init__(self, epsilon: float):
-        self.epsilon, self.started = epsilon, time.time()
+
+class ProgressPrinter(tune.Callback):
+    """One console line per finished training: what it measured and what that decides; between them, every
+    PROGRESS_EVERY_S, one line on the trainings running (images seen of planned, best ratio so far). Plain
+    lines, no colour or carriage returns: they read the same in a log file (OUTPUT/sweep.log)."""
+
+    def __init__(self, epsilon: float, every: float = PROGRESS_EVERY_S):
+        self.epsilon, self.every, self.started = epsilon, every, time.time()
+        self.last_line, self.finished = self.started, 0
 
     def _line(self, text: str) -> None:
-        print(f"[{time.time() - self.started:6.0f} s] {text}", flush=True)
+        self.last_line = time.time()
+        print(f"[{self.last_line - self.started:6.0f} s] {text}", flush=True)
+
+    def on_step(self, iteration, trials, **info):
+        if time.time() - self.last_line < self.every:
+            return
+        running = [t for t in trials if t.status == "RUNNING"]
+        if not running:
+            return
+        parts = []
+        for t in running:
+            r = t.last_result or {}
+            seen, planned, best = r.get("images_seen"), r.get("planned_images"), r.get("best_mem_ratio")
+            part = f"{seen:,} of {planned:,} images" if seen is not None and planned else "starting"
+            if best is not None:
+                part += f", best ratio so far {ratio_text(best, r.get('best_mem_ratio_low'), r.get('best_mem_ratio_high'))}"
+            parts.append(f"{trial_name(t)} ({part})")
+        self._line(f"{self.finished} trainings finished; running: {'; '.join(parts)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
@@ -41,12 +64,30 @@ class ProgressPrinter(tune.Callback):
             return
         verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
         early = ", stopped early" if r.get("images_seen", 0) < r.get("planned_images", 0) else ""
+        self.finished += 1
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
         ratio = ratio_text(best, r.get("best_mem_ratio_low"), r.get("best_mem_ratio_high"))
         self._line(f"{trial_name(trial):30s} best ratio {ratio}: {verdict}{early} ({running} still running)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"{trial_name(trial)} failed; its error is in {trial.local_path}")
+
+
+class ExplorePrinter(tune.Callback):
+    """explore.py's console: one line per finished training."""
+
+    def __init__(self, epsilon: float, metric: str, label):
+        self.epsilon, self.metric, self.label, self.started = epsilon, metric, label, time.time()
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        best = (trial.last_result or {}).get(self.metric)
+        if best is not None:
+            verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
+            print(f"[{time.time() - self.started:6.0f} s] {self.label(trial.config)}: best ratio {best:.3f}, "
+                  f"{verdict}", flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"{self.label(trial.config)} failed; its error is in {trial.local_path}", flush=True)
 
 
 class SweepTensorBoard(TBXLoggerCallback):
@@ -106,3 +147,24 @@ class SweepTensorBoard(TBXLoggerCallback):
 
     def __getstate__(self):   # pickled with the Tuner (tuner.pkl): no open writer
         return {**self.__dict__, "_live": None}
+
+
+class Tee:
+    """A console stream that also writes to a log file (OUTPUT/sweep.log): what the user saw, kept."""
+
+    def __init__(self, stream, log):
+        self.stream, self.log = stream, log
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        if not self.log.closed:   # Ray's log handler keeps this stream after the sweep has ended
+            self.log.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+        if not self.log.closed:
+            self.log.flush()
+
+    def __getattr__(self, name):   # isatty, fileno, encoding: the console's
+        return getattr(self.stream, name)

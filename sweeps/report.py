@@ -206,7 +206,7 @@ def render(outputs: list[Path]) -> str:
 
 def main(argv=None) -> int:
     from diffmem.cli import ArgumentParser   # argparse's errors as one line
-    p = ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="report.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("outputs", nargs="+", metavar="OUTPUT", help="output folders of sweeps (emm_search --output)")
     p.add_argument("--html", help="where to write the page (default OUTPUT/report.html for one sweep, "
                                   "report.html here for several)")

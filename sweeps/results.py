@@ -2,6 +2,8 @@
 the TensorBoard summary run (tensorboard/summary: EMM per grid point, memorization ratio against |D|).
 
 Every file is written to a temporary name and renamed, so a crash never leaves a half-written table.
+pandas is imported by the functions that build tables: --status uses the small helpers here and starts in
+under a second.
 """
 from __future__ import annotations
 
@@ -9,7 +11,6 @@ import math
 import os
 from pathlib import Path
 
-import pandas as pd
 
 # emm, low, high, censored: the seeds' median (sweeps.bisection.seed_median); seeds, seed_emms, interval_low,
 # interval_high: their spread; distinguishable_from_previous: the intervals of this and the previous grid point
@@ -33,7 +34,7 @@ def interval_of(ratio, num_samples) -> tuple[float, float]:
     samples; (nan, nan) when either is unknown. A training's best ratio is copies / best_num_samples (all
     eval.num_samples, or fewer where the adaptive evaluation stopped early), so a ratio the searcher or the
     ledger holds with its samples gives back exactly the interval the training reported."""
-    from diffmem.memorization import ratio_interval
+    from diffmem.sequential import ratio_interval
     if ratio is None or ratio != ratio or not num_samples:
         return math.nan, math.nan
     return ratio_interval(round(ratio * num_samples), int(num_samples))
@@ -47,6 +48,7 @@ def ratio_text(ratio, low=None, high=None, digits: int = 3) -> str:
 
 def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -> pd.DataFrame:
     """One row per training, from Tune's ResultGrid dataframe (last reported result of each trial)."""
+    import pandas as pd
     rows = []
     values = {p["label"]: p["value"] for p in grid_points}
     for _, r in frame.iterrows():
@@ -86,6 +88,7 @@ def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float)
     answered by the results ledger (status 'reused': trained before, by this or another sweep), either by the
     searcher without a trial (its interval from the ratio and the samples the searcher keeps with it) or by a
     restored trial that found its record (Tune's row, marked from_ledger)."""
+    import pandas as pd
     ran = trials_table(frame, summary, epsilon)
     rows = []
     for point in summary:
@@ -106,6 +109,7 @@ def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float)
 def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.DataFrame:
     """One row per grid point: EMM (the largest |D| found to memorize; with several seeds their median) with its
     bracket, its spread over seeds and what it cost."""
+    import pandas as pd
     rows = []
     for i, point in enumerate(summary):
         mine = trials[trials.grid_label == point["label"]]
@@ -244,6 +248,7 @@ def seed_emms(row) -> list[int]:
 
 
 def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsilon: float) -> None:
+    import pandas as pd
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

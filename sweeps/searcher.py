@@ -23,19 +23,16 @@ ray/tune/execution/tune_controller.py):
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import logging
 import math
-import os
 
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator, Searcher
 
-from sweeps.bisection import EMMSearchState
+from sweeps.bisection import SAVE_FORMAT, SAVE_VERSION, EMMSearchState
 
 logger = logging.getLogger(__name__)
 
-SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
 
 _resumed_in: str | None = None   # where the sweep folder being resumed is now (resume_in)
 
@@ -67,26 +64,6 @@ class SweepSearchGenerator(SearchGenerator):
             for storage in {id(s): s for s in (self._experiment.storage, self._experiment.spec.get("storage"))
                             if s is not None}.values():
                 storage.storage_fs_path = _resumed_in
-
-
-def load_experiment_searcher(experiment_dir: str) -> dict:
-    """What EMMSearcher saved in the newest snapshot of a Tune experiment dir (searcher-state-<time>.pkl, which
-    holds our JSON): "state", "reused" (the [bracket index, size] the ledger answered without a trial;
-    EMMSearchState.replicate gives the bracket's grid index and seed), ..."""
-    paths = glob.glob(os.path.join(experiment_dir, Searcher.CKPT_FILE_TMPL.format("*")))
-    if not paths:
-        raise FileNotFoundError(f"no searcher state in {experiment_dir}")
-    with open(max(paths)) as f:         # the timestamped names sort in time order (as Ray picks them)
-        saved = json.load(f)
-    if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
-        raise ValueError(f"{max(paths)} was not written by EMMSearcher")
-    return saved
-
-
-def load_experiment_state(experiment_dir: str) -> EMMSearchState:
-    """The search state of the newest snapshot in a Tune experiment dir. Use it after
-    `Tuner.restore(...).fit()`, where the restored searcher object is not reachable through Ray's public API."""
-    return EMMSearchState.from_dict(load_experiment_searcher(experiment_dir)["state"])
 
 
 class EMMSearcher(Searcher):

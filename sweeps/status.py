@@ -1,7 +1,7 @@
 """`emm_search.py --status DIR`: where a sweep stands, read from its output folder only.
 
 Sources: sweep.json (grid points, epsilon, tolerance), the Tune experiment's newest searcher snapshot
-(tune/searcher-state-*.pkl, through sweeps.searcher.load_experiment_state), Tune's experiment snapshot
+(tune/searcher-state-*.pkl, through sweeps.bisection.load_experiment_state), Tune's experiment snapshot
 (tune/experiment_state-*.json: which trials run), each trial folder's result.json (its last report), and
 the results ledger for training times when no trial folder has them. Works on a running sweep (as fresh as
 Tune's last snapshot, every few seconds), an interrupted one, and a finished one. Every best ratio is shown with
@@ -199,7 +199,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     state, searcher_reused = None, []
     if spec["factor"] != "data_size":
         from sweeps.bisection import EMMSearchState
-        from sweeps.searcher import load_experiment_searcher
+        from sweeps.bisection import load_experiment_searcher
         try:
             saved = load_experiment_searcher(str(output / TUNE_DIR))
             state = EMMSearchState.from_dict(saved["state"])

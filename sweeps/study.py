@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:      # `python sweeps/study.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
-from diffmem.cli import ArgumentParser  # noqa: E402
+from diffmem.cli import ArgumentParser, default_folder  # noqa: E402
 from diffmem.config import ConfigError, read_yaml  # noqa: E402
 from sweeps.factors import get_factor  # noqa: E402
 from sweeps.findings import DIRECTIONS, factor_result, write_page  # noqa: E402
@@ -194,9 +194,9 @@ def estimate_study(study: dict, args) -> str:
 
 
 def main(argv=None) -> int:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="study.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("study", help="study file, e.g. experiments/studies/digits.yaml")
-    p.add_argument("--output", help="study folder (default results/study-<study file name>); the same folder continues")
+    p.add_argument("--output", help="study folder (default results/study-<study file name> in the checkout); the same folder continues")
     p.add_argument("--estimate", action="store_true", help="print what the study would cost and exit")
     p.add_argument("--max-concurrent", type=int, help="trainings at once in each sweep (default: what the machine holds)")
     args = p.parse_args(argv)
@@ -205,7 +205,8 @@ def main(argv=None) -> int:
         if args.estimate:
             print(estimate_study(study, args))
             return 0
-        output = Path(args.output or f"results/study-{Path(args.study).stem}").resolve()
+        output = (Path(args.output) if args.output else
+                  default_folder("results", f"study-{Path(args.study).stem}", stamp=False)).resolve()
         state = read_state(output, study)
         output.mkdir(parents=True, exist_ok=True)
         write_state(output, state)

@@ -8,6 +8,8 @@ only grow, so the trial's answer ("memorized") is then final.
 """
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -110,6 +112,35 @@ class KnownResults:
         return self._ledger.get(trial_key(self.settings, config)[0])
 
 
+def run_dir_of_this_process(kind: str) -> Path:
+    """A temporary folder for one training's files (its checkpoint before Tune takes it), named after this process:
+    diffmem-<kind>-<pid>-*. A process killed with SIGKILL cannot remove it; the next training on the machine does
+    (remove_orphaned_run_dirs)."""
+    remove_orphaned_run_dirs()
+    return Path(tempfile.mkdtemp(prefix=f"diffmem-{kind}-{os.getpid()}-"))
+
+
+def remove_orphaned_run_dirs(root: str | None = None) -> list[Path]:
+    """Remove the run folders (run_dir_of_this_process) whose process is gone; returns them."""
+    gone = []
+    for path in Path(root or tempfile.gettempdir()).glob("diffmem-*-*-*"):
+        match = re.fullmatch(r"diffmem-[a-z0-9]+-(\d+)-.+", path.name)
+        if match and path.is_dir() and not _alive(int(match.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            gone.append(path)
+    return gone
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's process
+        return True
+    return True
+
+
 def _report_known(settings: dict, config: dict) -> bool:
     """A trial the ledger already holds (it finished before a killed driver's last snapshot): report the
     record, marked from_ledger, instead of training again. Never with --no-reuse (settings["no_reuse"])."""
@@ -129,7 +160,7 @@ def emm_trial(config: dict, settings: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
     if _report_known(settings, config):
         return
-    run_dir = Path(tempfile.mkdtemp(prefix="diffmem-trial-"))
+    run_dir = run_dir_of_this_process("trial")
     try:
         _restore_into(tune.get_checkpoint(), run_dir)
 
@@ -153,7 +184,7 @@ def _ddp_worker(loop_config: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
     settings, config = loop_config["settings"], loop_config["config"]
     rank = ray.train.get_context().get_world_rank()
-    run_dir = Path(tempfile.mkdtemp(prefix=f"diffmem-rank{rank}-"))
+    run_dir = run_dir_of_this_process(f"rank{rank}")
     try:
         _restore_into(ray.train.get_checkpoint(), run_dir)
 

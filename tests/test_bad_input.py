@@ -439,6 +439,10 @@ def test_a_local_sweeps_ray_listens_on_loopback_only(tmp_path):
     run = subprocess.run([sys.executable, "-c", LISTENERS, str(ROOT)], capture_output=True, text=True, cwd=tmp_path,
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
+    # Ray's own start lines are replaced by the sweep's one line with the address and the token note (issue 15.4)
+    console = run.stdout + run.stderr
+    assert console.count("Ray dashboard: http://127.0.0.1:") == 1 and "token auth" in console, console[-3000:]
+    assert "View the dashboard at" not in console and "Token authentication is enabled" not in console
     rows = json.loads(run.stdout.strip().splitlines()[-1])
     names = {name for name, _, _ in rows}
     # the processes were found: GCS, raylet, the dashboard's agents, the workers

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from diffmem.memorization import ratio_interval
+from diffmem.sequential import ratio_interval
 
 Z95 = 1.959963984540054   # the 0.975 quantile of the standard normal
 

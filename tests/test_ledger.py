@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from ray.tune.search import Searcher
 
 from diffmem.config import ConfigError, load_config
-from diffmem.memorization import ratio_interval
+from diffmem.sequential import ratio_interval
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.searcher import EMMSearcher
 

@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sweeps.bisection import AT_LEAST_MAX, BELOW_MIN, RESOLVED, UNRESOLVED, EMMSearchState
-from sweeps.searcher import EMMSearcher, load_experiment_state
+from sweeps.bisection import load_experiment_state
+from sweeps.searcher import EMMSearcher
 
 SIZES = list(range(10, 5001, 10))        # class-balanced CIFAR-10 subsets: multiples of 10
 
@@ -436,3 +437,11 @@ def test_a_trial_stopped_mid_training_is_not_an_answer_until_it_resumes():
     other = searcher.suggest("b")
     searcher.on_trial_complete("b", {"best_mem_ratio": 0.95, "done": False})
     assert searcher.state.summary()[other["grid_index"]]["observations"][-1][1] == 0.95
+
+
+def test_the_snapshot_name_read_without_ray_is_rays():
+    """sweeps.bisection reads the searcher's snapshots without importing Ray (--status): the name must be Ray's."""
+    from ray.tune.search import Searcher
+
+    from sweeps.bisection import SEARCHER_STATE_FILES
+    assert SEARCHER_STATE_FILES == Searcher.CKPT_FILE_TMPL.format("*")

@@ -136,6 +136,11 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     assert emm_of["unique"] >= emm_of["none"]
     assert "| none |" in stdout and "| unique |" in stdout
     assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
+    # the console says nothing false (issue 15.4): no trial count of 2**63 - 1, TensorBoard pointed at the sweep's own
+    assert "Number of trials" not in stdout and "driver_artifacts" not in stdout, stdout[:3000]
+    assert f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}" in stdout
+    log = (out / "sweep.log").read_text()     # the console transcript, kept (issue 15.2)
+    assert "sweep random_labels over" in log and "best ratio" in log and "| unique |" in log
 
 
 @pytest.mark.slow
@@ -333,3 +338,18 @@ def test_two_worker_ddp_trial_reports_like_the_in_process_one(tmp_path):
     assert keys <= set(results["single"]) and keys <= set(results["ddp"])
     assert results["single"]["planned_images"] == results["ddp"]["planned_images"] == 4000
     assert 0 <= results["ddp"]["best_mem_ratio"] <= 1
+
+
+def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp_path):
+    """Issue 15.8: a trial killed with SIGKILL leaves its diffmem-<kind>-<pid>-* folder; the next one removes it."""
+    import os
+
+    from sweeps.trainable import remove_orphaned_run_dirs
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"diffmem-trial-{int(dead.stdout)}-x1_y"
+    mine = tmp_path / f"diffmem-packed-{os.getpid()}-a2_b"
+    other = tmp_path / "diffmem-notes"
+    for folder in (orphan, mine, other):
+        (folder / "checkpoint").mkdir(parents=True)
+    assert remove_orphaned_run_dirs(str(tmp_path)) == [orphan]
+    assert not orphan.exists() and mine.exists() and other.exists()

@@ -45,7 +45,7 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     assert s1["step"] == s2["step"] and whole.best_mem_ratio == resumed.best_mem_ratio
     ends = ("best_mem_ratio_low", "best_mem_ratio_high")   # the best snapshot's interval survives the resume
     assert [whole.history[-1][k] for k in ends] == [resumed.history[-1][k] for k in ends]
-    from diffmem.memorization import ratio_interval
+    from diffmem.sequential import ratio_interval
     for h in whole.history:   # every evaluation: its ratio over its samples, with the 95 % interval of that ratio
         assert h["num_samples"] == 16 and (h["mem_ratio_low"], h["mem_ratio_high"]) == \
             ratio_interval(round(h["mem_ratio"] * 16), 16)

@@ -233,6 +233,40 @@ def test_status_flag_of_emm_search(tmp_path):
     assert run.returncode == 0 and "finished" in run.stdout.splitlines()[0]
 
 
+@pytest.mark.parametrize("script, args", [("emm_search.py", ["--status", "SWEEP"]), ("emm_search.py", ["--help"]),
+                                          ("explore.py", ["--help"]), ("study.py", ["--help"])])
+def test_status_and_help_start_without_torch_ray_or_pandas(tmp_path, script, args):
+    """A status or a help is under a second: none of the heavy imports (torch ~3 s, Ray ~2 s, pandas ~1 s)."""
+    out = make_sweep(tmp_path / "sweep", finished=True)
+    argv = [str(ROOT / "sweeps" / script)] + [str(out) if a == "SWEEP" else a for a in args]
+    probe = (f"import sys, runpy; sys.argv = {argv!r}\n"
+             f"try:\n    runpy.run_path(sys.argv[0], run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
+             f"print('loaded', sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules), 'exit', code)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path)
+    assert run.stdout.strip().splitlines()[-1] == "loaded [] exit 0", run.stdout[-2000:] + run.stderr[-2000:]
+
+
+def test_a_progress_line_names_the_running_trainings_between_finished_ones(capsys):
+    """Issue 15.2: no long silence; one plain line (no colour, no carriage return) when nothing was said for a while."""
+    from types import SimpleNamespace
+
+    from sweeps.progress import ProgressPrinter
+    running = SimpleNamespace(status="RUNNING", config={"grid_label": "width=16", "size": 40},
+                              last_result={"images_seen": 8000, "planned_images": 16000, "best_mem_ratio": 0.5})
+    fresh = SimpleNamespace(status="RUNNING", config={"grid_label": "width=8", "size": 20, "seed_index": 1, "seeds": 2},
+                            last_result={})
+    done = SimpleNamespace(status="TERMINATED", config={"grid_label": "width=8", "size": 30}, last_result={})
+    quiet = ProgressPrinter(0.1, every=3600)
+    quiet.on_step(0, [running, fresh, done])
+    assert capsys.readouterr().out == ""                       # said something less than an hour ago
+    printer = ProgressPrinter(0.1, every=0)
+    printer.on_step(0, [running, fresh, done])
+    line = capsys.readouterr().out
+    assert line.count("\n") == 1 and "\r" not in line and "\x1b" not in line
+    assert line.endswith("0 trainings finished; running: width=16|D|=40 (8,000 of 16,000 images, best ratio so far "
+                         "0.500); width=8|D|=20|seed=1 (starting)\n"), line
+
+
 # ---------------------------------------------------------------- report, fast (Chromium when installed)
 
 def _chromium(*args, user_dir: Path, timeout=120):
