@@ -460,12 +460,17 @@ def grid_array(rows: list[torch.Tensor], pad: int = 1) -> np.ndarray:
 
 
 def save_grid(path, rows: list[torch.Tensor]) -> None:
-    """Write grid_array(rows) as a PNG (temporary name, then rename: never a half-written file)."""
+    """Write grid_array(rows) as a PNG."""
+    save_png(path, grid_array(rows))
+
+
+def save_png(path, picture: np.ndarray) -> None:
+    """An (H, W, C) uint8 picture as a PNG: temporary name, then rename (never a half-written file)."""
     import os
     from PIL import Image
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(grid_array(rows)).save(tmp, format="PNG")
+    Image.fromarray(picture).save(tmp, format="PNG")
     os.replace(tmp, path)
 
 

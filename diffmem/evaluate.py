@@ -40,6 +40,7 @@ class Evaluation:
     samples: torch.Tensor         # (samples used, C, H, W) in [-1, 1]
     memorized: bool | None = None   # the decision against eval.memorized_at (None: no question asked)
     stopped_early: bool = False   # the adaptive evaluation decided before using all eval.num_samples seeds
+    threshold: float = 1 / 3      # eval.threshold: a sample is a copy when its NN ratio is below it
 
     @property
     def copies(self) -> int:
@@ -150,7 +151,7 @@ def evaluate_denoiser(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=
     memorized = decision if test is not None else (
         None if cfg.memorized_at is None else copies / len(used) >= cfg.memorized_at)
     return Evaluation(copies / len(used), used, torch.cat(indices), torch.cat(parts), memorized,
-                      stopped_early=len(used) < cfg.num_samples)
+                      stopped_early=len(used) < cfg.num_samples, threshold=cfg.threshold)
 
 
 def nn_grid_rows(result: Evaluation, train_set: TrainingSet, n: int = 16) -> list[torch.Tensor]:

@@ -198,8 +198,8 @@ class EmpiricalOptimalDenoiser:
 def main(argv=None) -> int:
     """Sample the optimum of a config's training subset and print its memorization ratio."""
     from diffmem.cli import run_cli
-    from diffmem.data import save_grid, training_set
-    from diffmem.evaluate import evaluate_denoiser, nn_grid_rows
+    from diffmem.data import save_png, training_set
+    from diffmem.evaluate import evaluate_denoiser
     from diffmem.sequential import ratio_interval
     from diffmem.pictures import nn_grid_picture
 
@@ -207,10 +207,9 @@ def main(argv=None) -> int:
         train_set = training_set(cfg.data)
         optimum = EmpiricalOptimalDenoiser(train_set.images, train_set.labels)   # conditional if cfg has labels
         result = evaluate_denoiser(optimum, train_set, cfg.eval)
-        rows = nn_grid_rows(result, train_set)
-        save_grid(run_dir / "samples.png", rows)
-        writer.add_image("samples/generated_nn1_nn2", nn_grid_picture(result, train_set), cfg.data.size,
-                         dataformats="HWC")
+        picture = nn_grid_picture(result, train_set)   # distance ratios under the columns, copies framed
+        save_png(run_dir / "samples.png", picture)
+        writer.add_image("samples/generated_nn1_nn2", picture, cfg.data.size, dataformats="HWC")
         samples = len(result.nn_ratio)
         low, high = ratio_interval(round(result.ratio * samples), samples)
         for name, value in (("mem_ratio", result.ratio), ("mem_ratio_low", low), ("mem_ratio_high", high)):

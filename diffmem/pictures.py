@@ -1,5 +1,6 @@
 """Pictures of an evaluation that say what they show: samples, their nearest and second-nearest training
-images, and each sample's distance ratio ||x - NN1|| / ||x - NN2|| written under its column."""
+images, and each sample's distance ratio ||x - NN1|| / ||x - NN2|| written under its column; a copy (ratio below
+eval.threshold) is framed in red, its ratio written in red."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,6 +10,7 @@ from diffmem.evaluate import Evaluation, nn_grid_rows
 
 ROW_LABELS = ("sample", "NN1", "NN2")
 RATIO_LABEL = "d1/d2"
+COPY = (220, 0, 0)   # the frame and ratio of a copy
 
 
 def _font(size: int):
@@ -45,8 +47,13 @@ def nn_grid_picture(result: Evaluation, train_set: TrainingSet, n: int = 16) -> 
         text = f"{ratio:.3f}"
         if probe.textlength(text, font=font) > column:
             text = f"{ratio:.2f}"
-        x = margin + (1 + j * (w + 1)) * scale + column / 2
-        draw.text((x, grid.shape[0] + caption / 2), text, fill="black", font=font, anchor="mm")
+        left = margin + (1 + j * (w + 1)) * scale
+        copy = ratio < result.threshold
+        if copy:   # the column's sample and its neighbours, in the 1-pixel padding around them
+            draw.rectangle((left - scale, 0, left + column + scale - 1, grid.shape[0] - 1), outline=COPY,
+                           width=max(1, scale))
+        draw.text((left + column / 2, grid.shape[0] + caption / 2), text, fill=COPY if copy else "black", font=font,
+                  anchor="mm")
     return np.asarray(picture)
 
 

@@ -35,10 +35,10 @@ from typing import Callable
 import torch
 
 from diffmem.config import Config, ConfigError, duration_images
-from diffmem.data import TrainingSet, save_grid, training_set
+from diffmem.data import TrainingSet, save_png, training_set
 from diffmem.edm import PRECONDITIONERS, denoising_loss
 from diffmem.ema import ema_beta, halflife_images, rampup_end
-from diffmem.evaluate import evaluate_denoiser, nn_grid_rows, sequential_test
+from diffmem.evaluate import evaluate_denoiser, sequential_test
 from diffmem.sequential import ratio_interval
 from diffmem.networks import SongUNet
 from diffmem.pictures import nn_grid_picture, nn_ratio_markdown
@@ -264,9 +264,11 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
                 torch.distributed.all_reduce(loss_sum)
                 loss_sum = loss_sum / world
             check_finite()
+            mean_loss = loss_sum.item() / loss_count
             if writer is not None:
-                writer.add_scalar("train/loss", loss_sum.item() / loss_count, state["images_seen"])
+                writer.add_scalar("train/loss", mean_loss, state["images_seen"])
                 writer.add_scalar("train/lr", lr, state["images_seen"])
+            log(f"{state['images_seen']:>10d} img  loss {mean_loss:.4f}  lr {lr:.3g}")   # no silence until evaluating
             loss_sum, loss_count = torch.zeros((), device=device), 0
 
         if plan.evaluates(seen, state["images_seen"]):
@@ -407,11 +409,13 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
                 writer.add_scalar(f"memorization/{name}", metrics[name], step)
         writer.add_scalar("memorization/num_samples", metrics["num_samples"], step)   # adaptive: the samples used
         writer.add_scalar("train/images_per_sec", metrics["images_per_sec"], step)
-        # the picture carries each sample's distance ratio under its column; the text tab has them as a table
-        writer.add_image("samples/generated_nn1_nn2", nn_grid_picture(result, data), step, dataformats="HWC")
-        writer.add_text("samples/nn_ratio", nn_ratio_markdown(result), step)
+    # the picture carries each sample's distance ratio under its column, copies framed; TensorBoard and samples.png
+    picture = nn_grid_picture(result, data) if writer is not None or run_dir is not None else None
+    if writer is not None:
+        writer.add_image("samples/generated_nn1_nn2", picture, step, dataformats="HWC")
+        writer.add_text("samples/nn_ratio", nn_ratio_markdown(result), step)   # the same ratios as a table
     if run_dir is not None:
-        save_grid(run_dir / "samples.png", nn_grid_rows(result, data))
+        save_png(run_dir / "samples.png", picture)
     log(f"{step:>10d} img  epoch {metrics['epoch']:8.1f}  loss {metrics['loss']:.4f}  "
         f"mem_ratio {metrics['mem_ratio']:.4f} [{metrics['mem_ratio_low']:.4f}, {metrics['mem_ratio_high']:.4f}]  "
         f"best {metrics['best_mem_ratio']:.4f} [{metrics['best_mem_ratio_low']:.4f}, "

@@ -629,7 +629,9 @@ def estimate(spec: dict, args) -> Estimate:
             for name in ("lr", "weight_decay", "ema_schedule", "ema_halflife", "ema_beta", "ema_rampup", "seed", "duration"):
                 key["train"][name] = None   # no bearing on the time of a step
             key = json.dumps([key, pack, workers], sort_keys=True, default=str)
-            if key not in speeds:
+            if key not in speeds:   # seconds each: say so on stderr, the estimate itself goes to stdout
+                print(f"estimate: timing {point['label']}'s model ({2 * ESTIMATE_STEPS} training steps, one "
+                      f"evaluation)", file=sys.stderr, flush=True)
                 measured = measure_speed(cfg, ESTIMATE_STEPS, ESTIMATE_STEPS, pack=pack)
                 speeds[key] = {   # one training = `workers` times one worker (linear scaling), or 1/pack of a pack's
                     "images_per_sec": workers * measured["images_per_sec"] / pack,

@@ -164,6 +164,29 @@ def importances(study) -> dict[str, dict[str, float]]:
     return out
 
 
+def plot_importances(study, path: Path) -> bool:
+    """Optuna's own matplotlib plot of the fANOVA importances, as importances.png; False when too few trials
+    make them unavailable (summary_text says so)."""
+    import warnings
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import optuna
+    import matplotlib.pyplot as plt
+    try:
+        with warnings.catch_warnings():   # Optuna marks its matplotlib plots experimental
+            warnings.simplefilter("ignore")
+            ax = optuna.visualization.matplotlib.plot_param_importances(
+                study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    except Exception as e:   # too few or constant trials
+        print(f"importances.png: not drawn ({type(e).__name__}: {e})", file=sys.stderr)
+        return False
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
+    plt.close(ax.figure)
+    return True
+
+
 def summary_text(study, spec: dict) -> str:
     import optuna
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
@@ -263,6 +286,7 @@ def main(argv=None) -> int:
     study = optuna.load_study(study_name=STUDY_NAME, storage=storage_url)
     text = summary_text(study, spec)
     (output / "importances.txt").write_text(text + "\n")
+    plot_importances(study, output / "importances.png")
     print(f"\n{text}\n\n{time.time() - started:.0f} s wall time; study {output / STUDY_FILE} "
           f"(optuna.load_study(study_name={STUDY_NAME!r}, storage={storage_url!r}))")
     return 0

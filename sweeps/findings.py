@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from sweeps.results import _atomic, _overlap, format_emm, interval_text
+from sweeps.results import _atomic, _overlap, format_emm, interval_text, plain_log_axis
 
 DIRECTIONS = ("rises", "falls", "non-monotone", "none", "unknown")
 AGREES, DIFFERS, INCONCLUSIVE = "agrees", "differs", "inconclusive at this spread"
@@ -149,7 +149,7 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
         table.append(f"| {n['factor']} | - | not measured here: {n['reason']} | {_direction_text(n['finding'])} | "
                      f"{n['finding']['where']} | - | paper scale: `{n['config']}` |")
     summary = "\n".join(table)
-    lines = ["# The paper's findings at the embedded default's scale", "", *header, "", "## Summary", "", summary, "",
+    lines = ["# The paper's findings, measured (sweeps/study.py)", "", *header, "", "## Summary", "", summary, "",
              "## The verdict rule", "", VERDICT_RULE, ""]
     lines += ["## Per factor", ""]
     for r in results:
@@ -205,6 +205,7 @@ def plot_findings(path: Path, results: list[dict]) -> None:
             ax.plot([i + 0.1] * len(seed_emms(SimpleNamespace(**row))), seed_emms(SimpleNamespace(**row)), "_", color="gray", ms=7)
         ax.set_xticks(range(len(r["rows"])), [str(row["value"]) for row in r["rows"]], fontsize=7)
         ax.set_yscale("log")
+        plain_log_axis(ax.yaxis)
         ax.set_title(f"{r['factor']}: paper {_direction_text(r['finding'])}\n{r['verdict']}", fontsize=7)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("EMM (|D|)", fontsize=8)

@@ -214,6 +214,15 @@ def _int(x) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else str(int(x))
 
 
+def plain_log_axis(axis) -> None:
+    """A log-scale axis of sizes labelled as plain numbers (30, 60, 200), not 3 x 10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(plain)
+    axis.set_minor_locator(LogLocator(base=10, subs=(2, 3, 5)))   # 20, 30, 50, 200, ...: readable, not crowded
+    axis.set_minor_formatter(plain)
+
+
 def plot_emm(path: Path, factor: str, emm: pd.DataFrame) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -232,6 +241,7 @@ def plot_emm(path: Path, factor: str, emm: pd.DataFrame) -> None:
     seeds = int(emm.seeds.max()) if len(emm) else 1
     ax.set_xticks(x, [str(v) for v in emm.value])
     ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
     ax.set_xlabel(factor)
     ax.set_ylabel("EMM (|D|), bracket as error bar" if seeds == 1 else
                   f"EMM (|D|): median of {seeds} seeds,\ninterval as error bar, seeds as dashes", fontsize=8)
@@ -247,7 +257,7 @@ def seed_emms(row) -> list[int]:
     return [int(t.lstrip(">=")) for t in str(row.seed_emms).split() if t.lstrip(">=").isdigit()]
 
 
-def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsilon: float) -> None:
+def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsilon: float, factor: str = "") -> None:
     import pandas as pd
     import matplotlib
     matplotlib.use("Agg")
@@ -265,9 +275,10 @@ def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsil
                         fmt="none", ecolor=f"C{i % 10}", capsize=2, lw=0.8)   # each ratio's 95 % interval
     ax.axhline((1 - epsilon) * 100, ls="--", color="gray", lw=1)
     ax.set_xscale("log")
+    plain_log_axis(ax.xaxis)
     ax.set_xlabel("training-set size |D|")
     ax.set_ylabel("memorization ratio (%), 95 % interval")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, title=factor or None, title_fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     _atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
@@ -283,7 +294,7 @@ def write_results(output: Path, factor: str, emm: pd.DataFrame, trials: pd.DataF
     table = (f"{note}\n\n" if note else "") + markdown_table(emm, epsilon)
     _atomic(output / "emm.md", lambda p: p.write_text(f"# {factor}\n\n{table}"))
     plot_emm(output / "emm.png", factor, emm)
-    plot_curves(output / "curves.png", trials, grid_points, epsilon)
+    plot_curves(output / "curves.png", trials, grid_points, epsilon, factor)
     from sweeps.tblog import write_sweep_summary
     write_sweep_summary(output, factor, emm, trials, grid_points, epsilon, table)   # tensorboard/summary
     return table

@@ -2,6 +2,7 @@
 
     python sweeps/study.py experiments/studies/digits.yaml              # output results/study-digits
     python sweeps/study.py experiments/studies/digits.yaml --estimate   # what the whole study would cost
+    python sweeps/study.py experiments/studies/digits.yaml --page       # the findings page of what is finished
 
 Each factor is exactly an emm_search.py sweep (run as one, in its own process) into OUTPUT/<factor>/, all of them
 with --ledger OUTPUT/ledger.sqlite: a training that recurs across factors (the basic setup, at each size and seed
@@ -64,10 +65,8 @@ def read_study(path: Path) -> dict:
         raise ConfigError(f"study file {path} not found; give a YAML file such as experiments/studies/digits.yaml")
     study = read_yaml(str(path)) or {}
     _keys(study, STUDY_KEYS, {"config", "factors"}, str(path))
-    config = (path.parent / study["config"]).resolve()
-    if not config.is_file():
+    if not config_path(path, study).is_file():
         raise ConfigError(f"config {study['config']} named in {path} not found (paths are relative to the study file)")
-    study["config"] = str(config)
     if not isinstance(study["factors"], list) or not study["factors"]:
         raise ConfigError(f"factors in {path} must be a list of at least one factor")
     seen = set()
@@ -88,10 +87,15 @@ def read_study(path: Path) -> dict:
     return study
 
 
+def config_path(study_file: Path, study: dict) -> Path:
+    """The study's config, named relative to the study file (so a moved checkout continues its study)."""
+    return (study_file.parent / study["config"]).resolve()
+
+
 def sweep_argv(study: dict, entry: dict, folder: Path, ledger: Path, args) -> list[str]:
     """emm_search.py's command line for one factor of the study."""
     argv = ["--factor", entry["factor"], "--values", *(json.dumps(v) for v in entry["values"]),
-            "--config", study["config"], "--seeds", str(study.get("seeds", 1)),
+            "--config", str(config_path(Path(args.study), study)), "--seeds", str(study.get("seeds", 1)),
             "--output", str(folder), "--ledger", str(ledger)]
     if study.get("preset"):
         argv += ["--preset", study["preset"]]
@@ -198,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("study", help="study file, e.g. experiments/studies/digits.yaml")
     p.add_argument("--output", help="study folder (default results/study-<study file name> in the checkout); the same folder continues")
     p.add_argument("--estimate", action="store_true", help="print what the study would cost and exit")
+    p.add_argument("--page", action="store_true", help="rewrite findings.md and findings.png from the factors "
+                   "finished so far, train nothing")
     p.add_argument("--max-concurrent", type=int, help="trainings at once in each sweep (default: what the machine holds)")
     args = p.parse_args(argv)
     try:
@@ -208,6 +214,11 @@ def main(argv=None) -> int:
         output = (Path(args.output) if args.output else
                   default_folder("results", f"study-{Path(args.study).stem}", stamp=False)).resolve()
         state = read_state(output, study)
+        if args.page:
+            if not (output / STATE_FILE).is_file():
+                raise ConfigError(f"{output} holds no study yet; run it first (without --page)")
+            print(write_findings(output, args, state))
+            return 0
         output.mkdir(parents=True, exist_ok=True)
         write_state(output, state)
     except ConfigError as e:

@@ -142,6 +142,9 @@ def test_a_smoke_study_shares_its_ledger_resumes_after_ctrl_c_and_writes_the_pag
     trials = sum(len(pd.read_csv(out / f / "trials.csv").query("status != 'reused'"))
                  for f in ("class_labels", "time_embedding"))
     assert _trainings(out / "ledger.sqlite") == trials     # every training recorded once, none run twice
+    page = subprocess.run([*command, "--page"], capture_output=True, text=True, timeout=300)   # trains nothing
+    assert page.returncode == 0 and "| time_embedding | positional, fourier |" in page.stdout, page.stderr[-2000:]
+    assert _trainings(out / "ledger.sqlite") == trials
 
 
 @pytest.mark.parametrize("factor, value", [("width", 16), ("depth", 1), ("time_embedding", "positional"),

@@ -100,6 +100,7 @@ def test_estimate_prints_the_cost_and_starts_nothing(tmp_path):
     assert 2 <= median <= worst <= 2 * 8    # at least one training per grid point, at most every allowed size
     assert "an upper bound: early stopping" in run.stdout and "1 thread per worker" in run.stdout
     assert "Ray" not in run.stdout + run.stderr
+    assert "estimate: timing random_labels=none's model" in run.stderr   # not silent while it measures (15.2)
     assert list(tmp_path.iterdir()) == []   # nothing written
 
     # bad input: the CLI's one line, exit 2, before anything is timed

@@ -88,6 +88,9 @@ def test_cli_trains_and_writes_tensorboard_and_grid(tmp_path):
                      run.stdout), run.stdout
     assert "samples/generated_nn1_nn2" in tags["images"]
     assert [e.step for e in events.Scalars("memorization/mem_ratio")] == [1024, 2016, 3008]
+    # a line at every train.log_every, as the loss curve is written: no silence before the first evaluation
+    logged = [int(m) for m in re.findall(r"^\s*(\d+) img  loss \S+  lr \S+$", run.stdout, re.M)]
+    assert logged == [e.step for e in events.Scalars("train/loss")] and logged, run.stdout
 
 
 def test_cli_optimum_prints_its_ratio(tmp_path):

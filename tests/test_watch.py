@@ -189,6 +189,13 @@ def test_sample_grid_carries_the_distance_ratio():
     picture = _fake_picture([0.05, 0.5, 0.9])
     assert picture.dtype == np.uint8 and picture.ndim == 3 and picture.shape[2] == 3
     assert (picture[-8:] < 128).any()         # the ratio row under the grid has text in it
+
+    def red(pic):
+        return int(((pic[..., 0] > 180) & (pic[..., 1] < 60) & (pic[..., 2] < 60)).sum())
+    # a copy (ratio below 1/3) is framed in red around its whole column, its ratio in red; no copy, no red
+    framed, plain = _fake_picture([0.05, 0.5]), _fake_picture([0.5, 0.9])
+    assert red(plain) == 0 and red(framed) > 4 * framed.shape[0]
+    assert red(framed[:, -framed.shape[1] // 4:]) == 0   # only the first of the two columns: the last has none
     text = nn_ratio_markdown(Evaluation(1 / 3, torch.tensor([0.05, 0.5, 0.9]), torch.zeros(3, 2, dtype=torch.long),
                                         torch.zeros(3, 1, 8, 8)))
     assert "| d1/d2 | 0.050 | 0.500 | 0.900 |" in text and "0.3333" in text
@@ -486,6 +493,7 @@ def test_explore_runs_three_tiny_trials_and_the_study_reopens(tmp_path):
     for name in ("width", "depth", "labels", "weight_decay", "ema"):
         assert re.search(rf"^{name}\s+\d\.\d{{3}}", run.stdout, re.M), run.stdout
     assert (out / "importances.txt").read_text().strip() in run.stdout
+    assert (out / "importances.png").stat().st_size > 5_000      # Optuna's matplotlib plot of the same importances
     # each trial is an emm_search training: its TensorBoard run has the HParams session
     runs = list((out / "tensorboard").glob("*/D=20"))
     assert len(runs) == len({json.dumps(t.params, sort_keys=True) for t in complete})
