@@ -54,8 +54,7 @@ def given_flags(argv=None) -> set[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="emm_search.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="emm_search.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--factor", default="random_labels", help="factor to sweep (default random_labels)")
     p.add_argument("--values", nargs="+", help="the factor's values (default: the config's, else the paper's)")
     p.add_argument("--list-factors", action="store_true", help="print every factor with its values and exit")

@@ -36,8 +36,7 @@ METRIC = "best_mem_ratio"
 
 def parse_args(argv=None) -> argparse.Namespace:
     from diffmem.cli import DEFAULT_CONFIG, ArgumentParser   # argparse's errors as one line
-    p = ArgumentParser(prog="explore.py", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="explore.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("--factors", nargs="+", default=list(DEFAULT_FACTORS),
                    help=f"factors to draw together (default {' '.join(DEFAULT_FACTORS)}); 'labels' is none / true "
                         f"/ random-C / unique, the others are emm_search factors with the config's values")

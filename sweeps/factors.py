@@ -26,6 +26,15 @@ def _dataset(base: Config):
     return load_dataset(base.data)
 
 
+def _dataset_if_here(base: Config):
+    """The base config's dataset, or None where it is not on this machine (a config is checked without its
+    data; the sweep itself needs it and says so)."""
+    try:
+        return _dataset(base)
+    except ConfigError:
+        return None
+
+
 def _random_labels(value, base: Config) -> dict:
     # Fig. 5: labels drawn uniformly from C classes per image; 'unique' is C = |D|; 'none' is unconditional.
     if value in ("none", "unique"):
@@ -52,25 +61,18 @@ def _mix_rate(value, base: Config) -> dict:
 
 def _resolution(value, base: Config) -> dict:
     # Fig. 2(a): attention stays at the second level (32 -> 16, 16 -> 8, 8 -> 4).
-    if base.data.resolution is None:   # the dataset's own resolution is the base config (one ledger key)
-        try:
-            if value == _dataset(base).images.shape[-1]:
-                return {}
-        except ConfigError:   # a config checked without its data: the sweep itself needs it
-            pass
+    data = _dataset_if_here(base) if base.data.resolution is None else None
+    if data is not None and value == data.images.shape[-1]:
+        return {}   # the dataset's own resolution is the base config (one ledger key)
     attn = [value // 2] if base.model.attn_resolutions else []
     return {"data.resolution": value, "model.attn_resolutions": attn}
 
 
 def _num_classes(value, base: Config) -> dict:
-    # Fig. 2(b): the first C classes, |D|/C each; all of the dataset's classes is the base config (one ledger key),
-    # when the data is here to count them (a config is checked without its data: the sweep itself needs it)
-    if base.data.num_classes is None:
-        try:
-            if value == len(set(_dataset(base).labels.tolist())):
-                return {}
-        except ConfigError:
-            pass
+    # Fig. 2(b): the first C classes, |D|/C each; all of the dataset's classes is the base config (one ledger key)
+    data = _dataset_if_here(base) if base.data.num_classes is None else None
+    if data is not None and value == len(set(data.labels.tolist())):
+        return {}
     return {"data.num_classes": value}
 
 

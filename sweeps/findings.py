@@ -34,12 +34,8 @@ Measured trend: Spearman's rank correlation rho between the value's position and
 counts at its bound: '>= hi' as hi, '< lo' as half of lo)."""
 
 
-def _interval(row: dict) -> dict:
-    return {"interval_low": row["interval_low"], "interval_high": row["interval_high"]}
-
-
 def _apart(a: dict, b: dict) -> bool:
-    return not _overlap(_interval(a), _interval(b))
+    return not _overlap(a, b)
 
 
 def _above(a: dict, b: dict) -> bool:
@@ -115,10 +111,11 @@ def emm_cell(row: dict) -> str:
     return f"{format_emm(SimpleNamespace(**row))} {interval_text(SimpleNamespace(**row))}"
 
 
-def factor_result(entry: dict, emm_csv: Path) -> dict:
-    """One factor of the study with its measured rows, trend and verdict (rows None: not run yet)."""
+def factor_result(entry: dict, emm_csv: Path | None) -> dict:
+    """One factor of the study with its measured rows, trend and verdict (emm_csv None or absent: not run yet,
+    rows None)."""
     finding = entry["finding"]
-    if not emm_csv.is_file():
+    if emm_csv is None or not emm_csv.is_file():
         return {**entry, "rows": None, "rho": None, "verdict": "not run yet"}
     rows = read_rows(emm_csv)
     trend = [point_emm(r) for r in rows]

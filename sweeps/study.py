@@ -31,6 +31,7 @@ from diffmem.cli import ArgumentParser, default_folder  # noqa: E402
 from diffmem.config import ConfigError, read_yaml  # noqa: E402
 from sweeps.factors import get_factor  # noqa: E402
 from sweeps.findings import DIRECTIONS, factor_result, write_page  # noqa: E402
+from sweeps.results import _atomic  # noqa: E402
 
 STATE_FILE = "study.json"
 STATE_FORMAT, STATE_VERSION = "diffmem.study", 1
@@ -135,9 +136,7 @@ def read_state(output: Path, study: dict) -> dict:
 
 
 def write_state(output: Path, state: dict) -> None:
-    tmp = output / f".{STATE_FILE}.tmp"
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, output / STATE_FILE)
+    _atomic(output / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1, default=str)))
 
 
 def run_sweep(argv: list[str]) -> int:
@@ -161,40 +160,37 @@ def run_sweep(argv: list[str]) -> int:
 
 
 def header(args, state: dict) -> list[str]:
-    import torch
+    from importlib.metadata import version   # torch's, without importing it (seconds) to write a page
     done = len([f for f in state["factors"].values() if f.get("done")])
     seeds, hours = state["study"].get("seeds", 1), state["seconds"] / 3600
     wall = f"{hours:.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
     return [f"Command: `python sweeps/study.py {args.study}` ({done} of {len(state['study']['factors'])} factors "
             f"finished).",
             f"Wall time: {wall} (the sweeps', summed over runs of the command). Machine: {platform.machine()}, "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}; {seeds} training "
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {version('torch')}; {seeds} training "
             f"seed{'s' * (seeds > 1)} per value; written {time.strftime('%Y-%m-%d')}."]
 
 
 def write_findings(output: Path, args, state: dict) -> str:
-    results = [factor_result(entry, output / entry["factor"] / "emm.csv") if state["factors"].get(
-        entry["factor"], {}).get("done") else {**entry, "rows": None, "rho": None, "verdict": "not run yet"}
-        for entry in state["study"]["factors"]]
+    results = [factor_result(entry, output / entry["factor"] / "emm.csv"
+                             if state["factors"].get(entry["factor"], {}).get("done") else None)
+               for entry in state["study"]["factors"]]
     return write_page(output, state["study"], results, header(args, state))
 
 
 def estimate_study(study: dict, args) -> str:
     """Every factor's emm_search --estimate, and their sum; the shared ledger can only lower it."""
     from sweeps import emm_search
-    lines, total = [], [0, 0, 0.0, 0.0]
+    figures = []
     for entry in study["factors"]:
         sweep_args = emm_search.parse_args(sweep_argv(study, entry, Path("unused"), Path("unused"), args))
-        figures = emm_search.estimate(emm_search.build_spec(sweep_args), sweep_args)
-        lines.append(figures.text.splitlines()[0])
-        total[0] += figures.trainings[0]
-        total[1] += figures.trainings[1]
-        total[2] += figures.wall_seconds[0]
-        total[3] += figures.wall_seconds[1]
-    lines.append(f"study: {total[0]} trainings (median) / {total[1]} (worst), ~{total[2] / 3600:.1f} h wall "
-                 f"(worst ~{total[3] / 3600:.1f} h), the factors one after another; the shared ledger answers what "
-                 f"recurs (the basic setup in most factors), so the study costs less")
-    return "\n".join(lines)
+        figures.append(emm_search.estimate(emm_search.build_spec(sweep_args), sweep_args))
+    (median, worst), (wall, worst_wall) = ([sum(pair) for pair in zip(*(getattr(f, key) for f in figures))]
+                                           for key in ("trainings", "wall_seconds"))
+    return "\n".join([f.text.splitlines()[0] for f in figures] + [
+        f"study: {median} trainings (median) / {worst} (worst), ~{emm_search._duration(wall)} wall (worst "
+        f"~{emm_search._duration(worst_wall)}), the factors one after another; the shared ledger answers what recurs "
+        f"(the basic setup in most factors), so the study costs less"])
 
 
 def main(argv=None) -> int:
@@ -235,8 +231,9 @@ def main(argv=None) -> int:
         print(f"study: {'resuming' if resume else 'starting'} {name} ({folder})", flush=True)
         start = time.time()
         rc = run_sweep(["--resume", str(folder)] if resume else sweep_argv(study, entry, folder, ledger, args))
-        mine["seconds"] += time.time() - start
-        state["seconds"] += time.time() - start
+        spent = time.time() - start
+        mine["seconds"] += spent
+        state["seconds"] += spent
         mine["done"] = rc == 0
         write_state(output, state)
         write_findings(output, args, state)
