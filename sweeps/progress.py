@@ -34,8 +34,16 @@ class ProgressPrinter(tune.Callback):
     lines, no colour or carriage returns: they read the same in a log file (OUTPUT/sweep.log)."""
 
     def __init__(self, epsilon: float, every: float = PROGRESS_EVERY_S):
-        self.epsilon, self.every, self.started = epsilon, every, time.time()
-        self.last_line, self.finished = self.started, 0
+        self.epsilon, self.every = epsilon, every
+        self.started = self.last_line = time.time()
+
+    def __setstate__(self, state: dict) -> None:
+        # Tune pickles the callbacks into tune/tuner.pkl and --resume takes them from there, written by the
+        # diffmem that started the sweep (perhaps an older one): keep only what the sweep set, and let the
+        # console's clock start with this run
+        self.epsilon = state["epsilon"]
+        self.every = state.get("every", PROGRESS_EVERY_S)
+        self.started = self.last_line = time.time()
 
     def _line(self, text: str) -> None:
         self.last_line = time.time()
@@ -55,7 +63,8 @@ class ProgressPrinter(tune.Callback):
             if best is not None:
                 part += f", best ratio so far {ratio_text(best, r.get('best_mem_ratio_low'), r.get('best_mem_ratio_high'))}"
             parts.append(f"{trial_name(t)} ({part})")
-        self._line(f"{self.finished} trainings finished; running: {'; '.join(parts)}")
+        finished = sum(t.status == "TERMINATED" for t in trials)   # before a --resume too
+        self._line(f"{finished} trainings finished; running: {'; '.join(parts)}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         r = trial.last_result or {}
@@ -64,7 +73,6 @@ class ProgressPrinter(tune.Callback):
             return
         verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
         early = ", stopped early" if r.get("images_seen", 0) < r.get("planned_images", 0) else ""
-        self.finished += 1
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
         ratio = ratio_text(best, r.get("best_mem_ratio_low"), r.get("best_mem_ratio_high"))
         self._line(f"{trial_name(trial):30s} best ratio {ratio}: {verdict}{early} ({running} still running)")

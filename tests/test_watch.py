@@ -270,8 +270,27 @@ def test_a_progress_line_names_the_running_trainings_between_finished_ones(capsy
     printer.on_step(0, [running, fresh, done])
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and "\r" not in line and "\x1b" not in line
-    assert line.endswith("0 trainings finished; running: width=16|D|=40 (8,000 of 16,000 images, best ratio so far "
+    assert line.endswith("1 trainings finished; running: width=16|D|=40 (8,000 of 16,000 images, best ratio so far "
                          "0.500); width=8|D|=20|seed=1 (starting)\n"), line
+
+
+def test_a_progress_printer_pickled_by_an_older_diffmem_resumes(capsys):
+    """--resume takes the callbacks from tune/tuner.pkl: a printer pickled before the progress line existed
+    (its state only epsilon and the first run's start) must print, and count from this run's start."""
+    import pickle
+    from types import SimpleNamespace
+
+    from sweeps.progress import PROGRESS_EVERY_S, ProgressPrinter
+    old = ProgressPrinter.__new__(ProgressPrinter)
+    old.__dict__.update(epsilon=0.1, started=0.0)              # the whole state of session 6's first printer
+    printer = pickle.loads(pickle.dumps(old))
+    assert printer.every == PROGRESS_EVERY_S
+    done = SimpleNamespace(status="TERMINATED", config={"grid_label": "skip_connections=all", "size": 40},
+                           last_result={"best_mem_ratio": 0.95, "images_seen": 100, "planned_images": 100})
+    printer.on_trial_complete(0, [done], done)
+    line = capsys.readouterr().out
+    assert line.startswith("[     0 s] skip_connections=all|D|=40") and line.rstrip().endswith(
+        "best ratio 0.950: memorized (0 still running)"), line
 
 
 # ---------------------------------------------------------------- report, fast (Chromium when installed)
