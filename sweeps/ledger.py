@@ -15,6 +15,7 @@ never taken for a new ledger.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import hashlib
 import json
@@ -43,12 +44,25 @@ SQLITE_MAGIC = b"SQLite format 3\0"
 NEW_PATH = "pass a --ledger path where no file exists (a new ledger is only ever created there)"
 
 
+SCIENCE = Path(__file__).resolve().parent.parent / "diffmem"
+
+
 @functools.lru_cache(maxsize=None)
-def code_version() -> str:
-    """Hash of the science package's sources: a change to diffmem/ makes old records inapplicable."""
+def code_version(package: Path = SCIENCE) -> str:
+    """Hash of the science package's code: a change to what diffmem/ runs makes old records inapplicable. Each
+    module is hashed as its syntax tree without docstrings, so comments, docstrings and line wrapping do not
+    retire a ledger; any change to a statement, a name or a constant does (the tree's text is the Python
+    version's own, so a ledger is shared between machines on one minor version of Python)."""
     digest = hashlib.sha256()
-    for path in sorted((Path(__file__).resolve().parent.parent / "diffmem").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for path in sorted(Path(package).glob("*.py")):
+        tree = ast.parse(path.read_bytes(), filename=str(path))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        digest.update(path.name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 

@@ -40,6 +40,34 @@ def test_key_changes_with_anything_that_determines_the_result():
     assert training_key(a, CONTEXT) == training_key(load_config("experiments/digits.yaml").to_dict(), dict(CONTEXT))
 
 
+def test_code_version_follows_what_the_code_runs_not_how_it_is_written(tmp_path):
+    """Comments, docstrings and line wrapping keep a ledger's records; a changed constant or statement retires them."""
+    import shutil
+
+    from sweeps.ledger import SCIENCE, code_version
+    package = tmp_path / "diffmem"
+    shutil.copytree(SCIENCE, package, ignore=shutil.ignore_patterns("__pycache__"))
+    original = code_version(package)
+    ema = package / "ema.py"
+    text = ema.read_text()
+
+    def version_with(new_text: str) -> str:
+        copy = tmp_path / f"v{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(package, copy)
+        (copy / "ema.py").write_text(new_text)
+        return code_version(copy)
+
+    assert '"""' in text and "def " in text
+    cosmetic = ('"""Another module docstring."""\n# a new comment\n' + text.split('"""', 2)[2]).replace(
+        "):\n", "):   # a trailing comment\n", 1)
+    assert version_with(cosmetic) == original
+    assert version_with(text + "\nRAMP = 0.05\n") != original            # a new name
+    assert "math.log(0.5)" in text
+    assert version_with(text.replace("math.log(0.5)", "math.log(0.25)")) != original   # a changed constant
+    assert version_with(text + "\nprint('hi')\n") != original            # a new statement
+    assert code_version(SCIENCE) == code_version()
+
+
 def test_incompatible_ledger_is_refused(tmp_path):
     path = tmp_path / "old.sqlite"
     Ledger(path)
