@@ -15,10 +15,12 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) sweeps/emm_search.py
 
-test: setup
+test: setup   # the linter (pyproject.toml [tool.ruff]), then every test
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 test-fast: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ignored)

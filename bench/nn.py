@@ -71,7 +71,7 @@ def faiss_search(g: torch.Tensor, t: torch.Tensor):
 
 def best_times(methods: dict, reps: int, sync) -> dict[str, list[float]]:
     times = {name: [] for name in methods}
-    for name, f in methods.items():              # warm-up: first-call costs (libraries, page faults)
+    for _name, f in methods.items():             # warm-up: first-call costs (libraries, page faults)
         f()
     for _ in range(reps):
         for name, f in methods.items():

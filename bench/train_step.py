@@ -187,8 +187,8 @@ def run_packed(setup: str, batch: int, warmup: int, steps: int, size: int, devic
     for k, r in zip(packs, rows):
         r["ratio_vs_alone"] = r["images_per_sec"] / alone["images_per_sec"]
         print(f"train_step {setup} packed K={k}/alone images/s {r['ratio_vs_alone']:.2f}x  [{r['images_per_sec']:.1f} "
-              f"images/s of {k} trainings, {r['ms_per_step']:.1f} ms per pack step; alone {alone['images_per_sec']:.1f} "
-              f"images/s]", flush=True)
+              f"images/s of {k} trainings, {r['ms_per_step']:.1f} ms per pack step; "
+              f"alone {alone['images_per_sec']:.1f} images/s]", flush=True)
     return [{**alone, "variant": "alone"}, *rows]
 
 

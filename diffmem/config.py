@@ -100,8 +100,10 @@ class TrainConfig:
     # no TF32) whatever these say: a given EMA model gets the same memorization ratio under any of them.
     precision: str = "fp32"            # fp32: IEEE float32, TF32 off (the paper's setting, paper.md §6; the default)
                                        # tf32: TF32 tensor-core matmuls/convs on Ampere+ GPUs (same as fp32 on CPU)
-                                       # bf16: autocast to bfloat16 around forward + loss; weights, grads, Adam, EMA fp32
-                                       # tf32 and bf16 change the arithmetic: a different training, a different ledger key
+                                       # bf16: autocast to bfloat16 around forward + loss; weights, grads, Adam,
+                                       # EMA fp32
+                                       # tf32 and bf16 change the arithmetic: a different training,
+                                       # a different ledger key
     channels_last: bool = True         # NHWC model and batches: the same arithmetic up to summation order;
                                        # dropout draws its masks in memory order, so a different, equally
                                        # distributed draw (tests/test_fast_path.py compares at dropout 0)
@@ -298,7 +300,8 @@ def read_yaml(path: str | Path) -> dict:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise ConfigError(f"config file {str(path)!r}{where} is not valid YAML: {getattr(e, 'problem', e)}") from None
-    if raw is None or raw == {}:   # every default is the paper's full setup (40,000 epochs of |D|): never meant by an empty file
+    # every default is the paper's full setup (40,000 epochs of |D|): never meant by an empty file
+    if raw is None or raw == {}:
         raise ConfigError(f"config file {str(path)!r} is empty, which would mean the paper's full setup (40,000 "
                           f"epochs per training); write its settings, e.g. start from experiments/digits.yaml")
     if not isinstance(raw, dict):
@@ -414,12 +417,14 @@ def validate(cfg: Config) -> None:
             value = getattr(getattr(cfg, section), f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 key = f"{section}.{f.name}"
-                raise ConfigError(f"{key}={value} must be a finite number" + (f" {FINITE[key]}" if key in FINITE else ""))
+                raise ConfigError(f"{key}={value} must be a finite number"
+                                  + (f" {FINITE[key]}" if key in FINITE else ""))
     d, m, t, e = cfg.data, cfg.model, cfg.train, cfg.eval
     for key, seed in (("data.seed", d.seed), ("train.seed", t.seed)):
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise ConfigError(f"{key}={seed} must be an integer in [0, 2**63 - 1]"
-                              + (", or null for file order and the paper's label seed 1024" if key == "data.seed" else ""))
+                              + (", or null for file order and the paper's label seed 1024"
+                                 if key == "data.seed" else ""))
     positive = {"data.size": d.size, "data.label_classes": d.label_classes, "model.channels": m.channels,
                 "model.num_blocks": m.num_blocks, "model.channel_mult_emb": m.channel_mult_emb,
                 "model.channel_mult_noise": m.channel_mult_noise,

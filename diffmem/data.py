@@ -13,7 +13,6 @@ mixes a second image set into one class.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import hashlib
@@ -141,11 +140,15 @@ def _image_folder(path: str | None, resolution: int | None = None, *, name: str 
     with contextlib.ExitStack() as stack:
         if root.is_dir():
             files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
-            read = lambda n: (root / n).read_bytes()
+
+            def read(n):
+                return (root / n).read_bytes()
         elif zipfile.is_zipfile(root):
             archive = stack.enter_context(zipfile.ZipFile(root))
             files = sorted(n for n in archive.namelist() if not n.endswith("/"))
-            read = lambda n: _zip_member(archive, n, key, path)
+
+            def read(n):
+                return _zip_member(archive, n, key, path)
         elif root.suffix.lower() == ".zip" or _starts_with(root, b"PK\x03\x04"):
             raise ConfigError(f"{key}={path!r} is a damaged .zip (its table of contents, at the end of the file, is "
                               f"missing: a truncated download or copy?); download or zip it again")

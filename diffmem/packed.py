@@ -103,7 +103,8 @@ class _Run:
 
     def result(self) -> TrainResult:
         s = self.state
-        return TrainResult(s["best"], s["images_seen"], s["step"], self.stopped() and s["images_seen"] < self.prep.plan.total,
+        return TrainResult(s["best"], s["images_seen"], s["step"],
+                           self.stopped() and s["images_seen"] < self.prep.plan.total,
                            s["history"], s["train_seconds"])
 
     def check_finite(self):
@@ -236,7 +237,7 @@ class Pack:
             for name, p in self.params.items():
                 column = (len(self.runs),) + (1,) * (p.dim() - 1)
 
-                def per_member(values):
+                def per_member(values, p=p, column=column):
                     return torch.tensor(values, dtype=p.dtype, device=p.device).reshape(column)
 
                 grad = torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5)   # EDM/paper: sanitise NaN/Inf

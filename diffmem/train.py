@@ -64,7 +64,8 @@ class TrainResult:
 
 
 def resolve_device(name: str) -> torch.device:
-    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    device = torch.device("cuda" if name == "auto" and torch.cuda.is_available()
+                          else ("cpu" if name == "auto" else name))
     if device.type == "cuda" and device.index is None:   # the worker's own GPU (Ray Train sets it per worker)
         device = torch.device("cuda", torch.cuda.current_device())
     return device
@@ -211,7 +212,8 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
     layout = torch.channels_last if t.channels_last else torch.contiguous_format
     run = prepare(cfg, train_set, device, rank, layout)
     data, images, labels, plan, state = run.data, run.images, run.labels, run.plan, run.state
-    denoiser, ema, opt, noise_rng, order, net = run.denoiser, run.ema, run.opt, run.noise_rng, run.order, run.denoiser.net
+    denoiser, ema, opt, noise_rng, order, net = (run.denoiser, run.ema, run.opt, run.noise_rng, run.order,
+                                                 run.denoiser.net)
     n, batch, total = plan.size, t.batch_size, plan.total
     if distributed:   # every rank starts from rank 0's weights, the EMA included (DDP would sync only the net)
         for tensor in [*denoiser.parameters(), *denoiser.buffers(), *ema.parameters(), *ema.buffers()]:
@@ -370,7 +372,8 @@ def measure_speed(cfg: Config, warmup: int, steps: int, train_set: TrainingSet |
     wall = time.perf_counter() - start
     first, last = marks[0][0], marks[0][-1]
     steady = (last["images_seen"] - first["images_seen"]) / max(last["step_seconds"] - first["step_seconds"], 1e-9)
-    return {"images_per_sec": pack * steady, "ms_per_step": 1000 * batch / steady, "first_window_s": first["step_seconds"],
+    return {"images_per_sec": pack * steady, "ms_per_step": 1000 * batch / steady,
+            "first_window_s": first["step_seconds"],
             "eval_seconds": (last["eval_seconds"] - first["eval_seconds"]) / max(len(marks[0]) - 1, 1),
             "wall_s": wall, "final_loss": last["loss"], "pack": pack,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")}
@@ -459,8 +462,10 @@ def describe(cfg: Config, data: TrainingSet) -> str:
         f"schedule at |D| = {n:,}, batch {batch}",
         f"  training       {images(plan.total)}",
         f"  lr warm-up     linear from 0 to {t.lr:g} over {images(plan.warmup)}, then constant",
-        f"  EMA            train.ema_schedule {t.ema_schedule}{final}, train.ema_halflife h = {plan.ema_halflife:,} images, "
-        f"ramp-up " + (f"{t.ema_rampup:g} x images seen, over the first {images(ramp_end)}" if t.ema_rampup else "none"),
+        f"  EMA            train.ema_schedule {t.ema_schedule}{final}, "
+        f"train.ema_halflife h = {plan.ema_halflife:,} images, "
+        f"ramp-up " + (f"{t.ema_rampup:g} x images seen, over the first {images(ramp_end)}"
+                       if t.ema_rampup else "none"),
         f"    beta at the first snapshot  {first:.5f} (half-life {halflife_images(first, batch):,.0f} images)",
         f"    beta after the ramp-up      {after:.5f} (half-life {halflife_images(after, batch):,.0f} images, "
         f"{halflife_images(after, batch) / batch:,.1f} steps)"
@@ -484,7 +489,8 @@ def main(argv=None) -> int:
         last = result.history[-1]
         print(f"|D|={cfg.data.size}: best memorization ratio {result.best_mem_ratio:.4f} "
               f"[{last['best_mem_ratio_low']:.4f}, {last['best_mem_ratio_high']:.4f}] (95 % Wilson interval over "
-              f"{last['best_num_samples']} samples) over {len(result.history)} evaluations, {result.images_seen} images, "
+              f"{last['best_num_samples']} samples) over {len(result.history)} evaluations, "
+              f"{result.images_seen} images, "
               f"{result.train_seconds:.1f} s"
               f"{' (stopped early)' if result.stopped_early else ''}; run folder {run_dir}")
         return 0

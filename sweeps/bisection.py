@@ -23,7 +23,8 @@ bracket over the allowed sizes that is narrowed by bisection in log |D|:
   seeds), widened by one expansion step on each side, when that is narrower than the size range; it is fixed
   at the bracket's first training. While no relative is resolved but one is under way, the bracket waits,
   unless a worker would otherwise idle (so on a grid of G points the odd ones start from what the even ones
-  found), and only while the others' brackets take at most two probes each. The initial ends are assumptions like any initial range: they are tested before the bracket
+  found), and only while the others' brackets take at most two probes each. The initial ends are
+  assumptions like any initial range: they are tested before the bracket
   concludes, and expansion goes on past them, so the guarantees above hold whatever the neighbours say (a
   misleading neighbour costs trainings, never a wrong answer on a monotone curve).
 - A failed training frees its size for re-proposal; after `max_failures` failures at the same size the

@@ -219,7 +219,8 @@ def build_spec(args) -> dict:
                           f"workers per trial")
     if not args.address and not args.estimate:   # a local cluster must hold one training
         check_local_capacity(args.gpus_per_trial, args.workers_per_trial)
-    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "factor": factor.name, "values": values, "grid_points": points,
+    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "factor": factor.name, "values": values,
+            "grid_points": points,
             "base": base, "config_file": str(args.config), "preset": args.preset, "epsilon": args.epsilon,
             "tolerance": args.tolerance, "size_range": size_range,
             "allowed_sizes": list(range(step, max_size + 1, step)),
@@ -622,10 +623,12 @@ def estimate(spec: dict, args) -> Estimate:
         for point in points:
             real = config(point, hi)
             samples = min(real.eval.batch_size, real.eval.num_samples, 64 if device == "cpu" else 512)
-            cfg = config(point, hi, {"train.device": device, "train.batch_size": max(1, real.train.batch_size // workers),
+            cfg = config(point, hi, {"train.device": device,
+                                     "train.batch_size": max(1, real.train.batch_size // workers),
                                      "eval.num_samples": samples, "eval.batch_size": samples})
             key = cfg.to_dict()
-            for name in ("lr", "weight_decay", "ema_schedule", "ema_halflife", "ema_beta", "ema_rampup", "seed", "duration"):
+            for name in ("lr", "weight_decay", "ema_schedule", "ema_halflife", "ema_beta", "ema_rampup", "seed",
+                         "duration"):
                 key["train"][name] = None   # no bearing on the time of a step
             key = json.dumps([key, pack, workers], sort_keys=True, default=str)
             if key not in speeds:   # seconds each: say so on stderr, the estimate itself goes to stdout
@@ -692,7 +695,8 @@ def estimate(spec: dict, args) -> Estimate:
         what = f"{len(points)} grid point{'s' * (len(points) > 1)}"
         count = f"{trainings[0]} trainings (median) / {trainings[1]} (worst)"
     lines = [f"estimate: {spec['factor']}, {what}, {slots} training"
-             f"{'s' * (slots > 1)} at once" + (f" in packs of {pack}" if pack > 1 else "") + f": {count}, <= {_count(images[1])} training images, measured "
+             f"{'s' * (slots > 1)} at once" + (f" in packs of {pack}" if pack > 1 else "")
+             + f": {count}, <= {_count(images[1])} training images, measured "
              f"{_span(rates, _count)} images/s on {device} (+ evaluation {_span(evals, _seconds)} per snapshot): "
              f"~{_duration(wall[0])} wall, "
              f"{_hours(hours[0])} {unit}"
@@ -769,7 +773,7 @@ def _hours(h: float) -> str:
 
 def _reuse_actors(spec: dict) -> bool:
     """A one-worker CPU trial runs in its Tune actor: reusing that process for the next trial saves its start
-    (Python, torch and the dataset: ~2 s per trial on 2 cores, shared/reference/ray-2.60-notes.md). GPU and
+    (Python, torch and the dataset: ~2 s per trial, measured on 2 cores with Ray 2.60). GPU and
     DDP trials get a fresh actor each, as Ray advises for GPU trials."""
     return not spec["ddp"] and not spec["gpus_per_worker"]
 
@@ -793,12 +797,12 @@ def started(output: Path) -> bool:
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
     from ray import tune
 
-    from sweeps.progress import ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
+    from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
     from sweeps.searcher import EMMSearcher, resume_in, search_algorithm
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
 
     settings = trial_settings(spec, output, max_concurrent)
-    if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (notes §2b)
+    if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (sweeps/trainable.py)
         trainable = tune.with_resources(tune.with_parameters(emm_trial_ddp, settings=settings),
                                         {"cpu": 0, "trial_slot": 1})
     elif pack_size(spec) > 1:   # a light client of a pack server, which holds the CPU (sweeps/packing.py)
@@ -814,7 +818,8 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         name=TUNE_NAME, storage_path=str(output.resolve()), verbose=0,
         callbacks=[ProgressPrinter(spec["epsilon"]),
                    SweepTensorBoard(spec["grid_points"], spec["size_range"],
-                                    f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec))],
+                                    f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec)),
+                   CheckpointPruner()],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
     if spec["factor"] == "data_size":   # the curve itself: every size once, no search
@@ -951,8 +956,11 @@ def run(args, spec: dict, output: Path) -> int:
         return STOPPED_BY_SIGTERM if terminated else STOPPED
     finally:
         ray.shutdown()
+        from sweeps.disk import remove_orphaned_run_dirs
+        remove_orphaned_run_dirs()   # of trainings killed during the sweep (a lost worker, a stop mid-training)
     from sweeps.results import write_results
-    note = "" if finished else f"Stopped before the end: rows marked open are not known yet; --resume {output} continues."
+    note = "" if finished else (f"Stopped before the end: rows marked open are not known yet; "
+                                f"--resume {output} continues.")
     table = write_results(output, spec["factor"], emm, trials, spec["grid_points"], spec["epsilon"], note)
     print(f"\n{spec['factor']}: {len(trials)} trainings in {time.time() - start:.0f} s wall time; "
           f"results in {output}\n")

@@ -208,7 +208,8 @@ def summary_text(study, spec: dict) -> str:
         by_value: dict = {}
         for t in trials:
             by_value.setdefault(t.params.get(name), []).append(t.value)
-        cells = [f"{v}: {sum(r) / len(r):.3f} ({len(r)})" for v, r in sorted(by_value.items(), key=lambda kv: str(kv[0]))]
+        cells = [f"{v}: {sum(r) / len(r):.3f} ({len(r)})"
+                 for v, r in sorted(by_value.items(), key=lambda kv: str(kv[0]))]
         lines.append(f"  {name:14s} " + ", ".join(cells))
     lines += ["", "trainings, highest ratio first:"]
     for t in sorted(trials, key=lambda t: -t.value):
@@ -225,8 +226,8 @@ def main(argv=None) -> int:
         if (output / SPEC_FILE).is_file():   # continue its study: it must be the same question
             old = json.loads((output / SPEC_FILE).read_text())
             keys = ("space", "size", "base", "epsilon", "label_classes")
-            if any(json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(spec[k], sort_keys=True, default=str)
-                   for k in keys):
+            if any(json.dumps(old.get(k), sort_keys=True, default=str)
+                   != json.dumps(spec[k], sort_keys=True, default=str) for k in keys):
                 raise ConfigError(f"{output} holds a study of other factors, |D| or config; choose another --output")
         output.mkdir(parents=True, exist_ok=True)
         (output / SPEC_FILE).write_text(json.dumps(spec, indent=1, default=str))
@@ -243,7 +244,7 @@ def main(argv=None) -> int:
     from sweeps.emm_search import start_ray
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
-    from sweeps.progress import ExplorePrinter, SweepTensorBoard
+    from sweeps.progress import CheckpointPruner, ExplorePrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     output = output.resolve()
@@ -276,8 +277,9 @@ def main(argv=None) -> int:
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output),
                                       verbose=0, callbacks=[ExplorePrinter(spec["epsilon"], METRIC, trial_label),
-                                                            SweepTensorBoard(output, points, [spec["size"]] * 2,
-                                                                             "explore: several factors at once")],
+                                                            SweepTensorBoard(points, [spec["size"]] * 2,
+                                                                             "explore: several factors at once"),
+                                                            CheckpointPruner()],
                                       checkpoint_config=tune.CheckpointConfig(num_to_keep=1)))
         tuner.fit()
     finally:

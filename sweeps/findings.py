@@ -26,9 +26,9 @@ study's order, first and last:
 - **non-monotone**: *agrees* if an interior value is apart from both ends on the same side (a peak or a valley);
   *differs* if the ends are apart and the median EMMs are monotone; else *inconclusive at this spread*.
 - **none** (no effect): *agrees* if no two values are apart; else *differs*.
-- A direction marked *unverified* is the reference notes' recollection, not the paper's text: its verdict is
-  shown, and says so. Where no direction is on record the verdict is *no direction on record* and the measured
-  trend stands alone.
+- A direction marked *unverified* is a recollection of the reference notes (docs/paper.md), not the paper's
+  text: its verdict is shown, and says so. Where no direction is on record the verdict is *no direction on
+  record* and the measured trend stands alone.
 - A value whose search did not close (open, unresolved) makes the factor *incomplete*.
 Measured trend: Spearman's rank correlation rho between the value's position and its median EMM (a censored EMM
 counts at its bound: '>= hi' as hi, '< lo' as half of lo)."""
@@ -88,7 +88,8 @@ def verdict(direction: str, rows: list[dict]) -> str:
         if any((_above(r, first) and _above(r, last)) or (_above(first, r) and _above(last, r)) for r in inner):
             return AGREES
         medians = [point_emm(r) for r in rows]
-        monotone = all(a <= b for a, b in zip(medians, medians[1:])) or all(a >= b for a, b in zip(medians, medians[1:]))
+        monotone = (all(a <= b for a, b in zip(medians, medians[1:]))
+                    or all(a >= b for a, b in zip(medians, medians[1:])))
         return DIFFERS if monotone and _apart(first, last) else INCONCLUSIVE
     if direction == "none":
         return DIFFERS if any(_apart(a, b) for i, a in enumerate(rows) for b in rows[i + 1:]) else AGREES
@@ -199,7 +200,8 @@ def plot_findings(path: Path, results: list[dict]) -> None:
             high = high if high is not None else centre * 2
             ax.errorbar([i], [centre], yerr=[[max(centre - low, 0)], [max(high - centre, 0)]], fmt="o", capsize=3,
                         color="C3" if row["censored"] else "C0")
-            ax.plot([i + 0.1] * len(seed_emms(SimpleNamespace(**row))), seed_emms(SimpleNamespace(**row)), "_", color="gray", ms=7)
+            ax.plot([i + 0.1] * len(seed_emms(SimpleNamespace(**row))), seed_emms(SimpleNamespace(**row)), "_",
+                    color="gray", ms=7)
         ax.set_xticks(range(len(r["rows"])), [str(row["value"]) for row in r["rows"]], fontsize=7)
         ax.set_yscale("log")
         plain_log_axis(ax.yaxis)

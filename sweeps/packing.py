@@ -113,7 +113,8 @@ class PackServer:
     def _admit(self, packs: list[Pack], key: str, settings: dict, config: dict, checkpoint: bytes | None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        from sweeps.trainable import begin_training, run_dir_of_this_process, trial_config, trial_logdir
+        from sweeps.disk import run_dir_of_this_process
+        from sweeps.trainable import begin_training, trial_config, trial_logdir
         run_dir = run_dir_of_this_process("packed")
         writer = None
         try:

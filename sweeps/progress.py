@@ -1,4 +1,5 @@
-"""What the console shows while a sweep runs, and how trials are named in Tune and on disk."""
+"""The sweep's Tune callbacks (what the console and TensorBoard show while it runs, what it keeps on disk) and
+how trials are named in Tune and on disk."""
 from __future__ import annotations
 
 import logging
@@ -61,7 +62,8 @@ class ProgressPrinter(tune.Callback):
             seen, planned, best = r.get("images_seen"), r.get("planned_images"), r.get("best_mem_ratio")
             part = f"{seen:,} of {planned:,} images" if seen is not None and planned else "starting"
             if best is not None:
-                part += f", best ratio so far {ratio_text(best, r.get('best_mem_ratio_low'), r.get('best_mem_ratio_high'))}"
+                part += (f", best ratio so far "
+                         f"{ratio_text(best, r.get('best_mem_ratio_low'), r.get('best_mem_ratio_high'))}")
             parts.append(f"{trial_name(t)} ({part})")
         finished = sum(t.status == "TERMINATED" for t in trials)   # before a --resume too
         self._line(f"{finished} trainings finished; running: {'; '.join(parts)}")
@@ -96,6 +98,20 @@ class ExplorePrinter(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         print(f"{self.label(trial.config)} failed; its error is in {trial.local_path}", flush=True)
+
+
+class CheckpointPruner(tune.Callback):
+    """A finished training's checkpoints are removed as it ends: it is in the ledger and Tune never runs a finished
+    trial again, so nothing reads them (sweeps/disk.py). A failed training keeps its own: the retry, or --resume
+    after a stop, continues from them."""
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from sweeps.disk import remove_checkpoints
+        try:   # disk hygiene: a failure here must not fail the sweep
+            remove_checkpoints(Path(trial.path))
+            remove_checkpoints(Path(trial.storage.experiment_fs_path).parent / "train" / f"train_{trial.trial_id}")
+        except Exception as e:
+            logger.warning("could not remove the checkpoints of %s: %s", trial, e)
 
 
 class SweepTensorBoard(TBXLoggerCallback):

@@ -1,7 +1,7 @@
 """Leave no Ray processes behind when the sweep's driver dies, even by kill -9.
 
 ray.shutdown() cleans up after a normal exit or Ctrl-C, but after a SIGKILL of the driver Ray 2.60 leaves
-`ray::DashboardAgent` and `ray::RuntimeEnvAgent` running (shared/reference/ray-2.60-notes.md §2a). The
+`ray::DashboardAgent` and `ray::RuntimeEnvAgent` running (seen on 2 cores, Ray 2.60). The
 driver starts this watcher in its own session: it remembers every descendant of the driver (the local
 cluster's processes) while the driver lives, and once it is gone terminates those still running. A
 process is matched by pid and start time, so a reused pid is never hit. Linux (/proc) only.
@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from sweeps.disk import remove_orphaned_run_dirs
 
 
 def _stat(pid: int) -> tuple[int, int] | None:
@@ -61,6 +63,7 @@ def watch(driver: int, poll_s: float = 0.5, grace_s: float = 5.0) -> int:
         while time.time() < deadline and any(_stat(p) is not None for p in alive):
             time.sleep(0.2)
         alive = [p for p in alive if (st := _stat(p)) is not None and st[1] == known[p]]
+    remove_orphaned_run_dirs()   # the trainings' temporary folders, which their killed processes could not remove
     return len(alive)
 
 

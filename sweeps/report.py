@@ -135,7 +135,8 @@ def sweep_section(output: Path) -> str:
     spec = read_spec(output, "report")   # a garbage, foreign or incomplete sweep.json is one line
     factor, epsilon = spec["factor"], spec["epsilon"]
     parts = [f"<h2>{html.escape(factor)}</h2>",
-             f'<div class="meta">{html.escape(str(output))} &middot; config {html.escape(Path(spec["config_file"]).name)}'
+             f'<div class="meta">{html.escape(str(output))} &middot; '
+             f'config {html.escape(Path(spec["config_file"]).name)}'
              f'{" + preset " + html.escape(spec["preset"]) if spec.get("preset") else ""} &middot; '
              f'epsilon {epsilon} &middot; tolerance {spec["tolerance"]} &middot; |D| range {spec["size_range"]}</div>']
     try:
@@ -187,8 +188,8 @@ def sweep_section(output: Path) -> str:
             png, step, ratio = grid
             more = f"; at {step:,} images, memorization ratio {ratio}" if ratio is not None else \
                 f"; at {step:,} images"
-            parts.append(f"<figure>{_img(png, caption, 'grid' if _width(png) >= 400 else 'tiny')}<figcaption>{html.escape(caption + more)}"
-                         f"</figcaption></figure>")
+            parts.append(f"<figure>{_img(png, caption, 'grid' if _width(png) >= 400 else 'tiny')}"
+                         f"<figcaption>{html.escape(caption + more)}</figcaption></figure>")
     parts.append(f"<details><summary>status</summary><pre>{html.escape(status)}</pre></details>")
     return f'<section class="sweep">{"".join(parts)}</section>'
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:   # pandas is imported where tables are built, never at module level
+    import pandas as pd
 
 
 # emm, low, high, censored: the seeds' median (sweeps.bisection.seed_median); seeds, seed_emms, interval_low,
@@ -121,7 +125,8 @@ def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.Data
                      "interval_low": point["interval_low"], "interval_high": point["interval_high"],
                      "distinguishable_from_previous": None if i == 0 else not _overlap(summary[i - 1], point),
                      "trials": point["trials"] - reused, "reused": reused,
-                     "training_images": int(point["images"]), "train_seconds": round(float(mine.train_seconds.sum()), 1),
+                     "training_images": int(point["images"]),
+                     "train_seconds": round(float(mine.train_seconds.sum()), 1),
                      "error": errors.iloc[-1] if len(errors) else (point.get("error") or "")})
     return pd.DataFrame(rows, columns=EMM_COLUMNS)
 

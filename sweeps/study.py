@@ -196,11 +196,13 @@ def estimate_study(study: dict, args) -> str:
 def main(argv=None) -> int:
     p = ArgumentParser(prog="study.py", description="\n\n".join(__doc__.split("\n\n")[:2]))
     p.add_argument("study", help="study file, e.g. experiments/studies/digits.yaml")
-    p.add_argument("--output", help="study folder (default results/study-<study file name> in the checkout); the same folder continues")
+    p.add_argument("--output", help="study folder (default results/study-<study file name> in the checkout); "
+                   "the same folder continues")
     p.add_argument("--estimate", action="store_true", help="print what the study would cost and exit")
     p.add_argument("--page", action="store_true", help="rewrite findings.md and findings.png from the factors "
                    "finished so far, train nothing")
-    p.add_argument("--max-concurrent", type=int, help="trainings at once in each sweep (default: what the machine holds)")
+    p.add_argument("--max-concurrent", type=int,
+                   help="trainings at once in each sweep (default: what the machine holds)")
     args = p.parse_args(argv)
     try:
         study = read_study(Path(args.study))

@@ -217,7 +217,7 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
                            row.get("best_mem_ratio_low"), row.get("best_mem_ratio_high"))
         legend = ["| grid index | value | EMM |", "|---|---|---|"]
         for i, row in enumerate(emm.itertuples()):
-            value = getattr(row, "emm")
+            value = row.emm
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 writer.add_scalar(f"emm/{factor}", float(value), i)
             legend.append(f"| {i} | {row.value} | {'-' if value != value or value is None else int(value)} "

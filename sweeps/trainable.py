@@ -1,17 +1,14 @@
 """Tune function trials: one EDM training of one grid point at one |D|, through diffmem's narrow door.
 
 `emm_trial` trains in the trial's own process (one worker). `emm_trial_ddp` is the Ray 2.60 Train V2
-pattern (shared/reference/ray-2.60-notes.md §2b): the Tune trial is a light driver that builds and fits a
-TorchTrainer whose workers run the same `diffmem.train.train` loop under DDP. Both report the running
+pattern (`Tuner(TorchTrainer(...))` fails under Train V2): the Tune trial is a light driver that builds and
+fits a TorchTrainer whose workers run the same `diffmem.train.train` loop under DDP. Both report the running
 maximum memorization ratio after every evaluation and stop once it reaches 1 - epsilon: the maximum can
 only grow, so the trial's answer ("memorized") is then final.
 """
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +16,7 @@ from ray import tune
 
 from diffmem.config import apply_overrides, from_dict
 from diffmem.train import CHECKPOINT, train
+from sweeps.disk import run_dir_of_this_process
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.results import interval_of
 from sweeps.tblog import end_session, start_session, training_run
@@ -112,35 +110,6 @@ class KnownResults:
         return self._ledger.get(trial_key(self.settings, config)[0])
 
 
-def run_dir_of_this_process(kind: str) -> Path:
-    """A temporary folder for one training's files (its checkpoint before Tune takes it), named after this process:
-    diffmem-<kind>-<pid>-*. A process killed with SIGKILL cannot remove it; the next training on the machine does
-    (remove_orphaned_run_dirs)."""
-    remove_orphaned_run_dirs()
-    return Path(tempfile.mkdtemp(prefix=f"diffmem-{kind}-{os.getpid()}-"))
-
-
-def remove_orphaned_run_dirs(root: str | None = None) -> list[Path]:
-    """Remove the run folders (run_dir_of_this_process) whose process is gone; returns them."""
-    gone = []
-    for path in Path(root or tempfile.gettempdir()).glob("diffmem-*-*-*"):
-        match = re.fullmatch(r"diffmem-[a-z0-9]+-(\d+)-.+", path.name)
-        if match and path.is_dir() and not _alive(int(match.group(1))):
-            shutil.rmtree(path, ignore_errors=True)
-            gone.append(path)
-    return gone
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's process
-        return True
-    return True
-
-
 def _report_known(settings: dict, config: dict) -> bool:
     """A trial the ledger already holds (it finished before a killed driver's last snapshot): report the
     record, marked from_ledger, instead of training again. Never with --no-reuse (settings["no_reuse"])."""
@@ -224,7 +193,7 @@ def emm_trial_ddp(config: dict, settings: dict) -> None:
             storage_path=str(Path(settings["output"]) / "train"),
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
-            # fail instead of waiting forever for workers that cannot be placed (notes §2b)
+            # fail instead of waiting forever for workers that cannot be placed (a Ray 2.60 Train V2 hang)
             failure_config=ray.train.FailureConfig(max_failures=settings.get("max_failures", 1),
                                                    controller_failure_limit=1)),
     )

@@ -164,7 +164,8 @@ CASES = {
     "--seed -1": (["--seed", "-1"], r"train.seed=-1 must be an integer in \[0, 2\*\*63 - 1\]"),
     "train.lr=nan": (["--set", "train.lr=nan"], r"train.lr=nan must be a finite number > 0"),
     "train.lr=inf": (["--set", "train.lr=inf"], r"train.lr=inf must be a finite number > 0"),
-    "train.weight_decay=nan": (["--set", "train.weight_decay=.nan"], r"train.weight_decay=nan must be a finite number >= 0"),
+    "train.weight_decay=nan": (["--set", "train.weight_decay=.nan"],
+                               r"train.weight_decay=nan must be a finite number >= 0"),
     "train.ema_rampup=-1": (["--set", "train.ema_rampup=-1"], r"train.ema_rampup=-1.0 must be a positive share"),
     "train.ema_rampup=nan": (["--set", "train.ema_rampup=nan"], r"train.ema_rampup=nan must be a finite number > 0"),
     "eval.sigma_max=inf": (["--set", "eval.sigma_max=inf"], r"eval.sigma_max=inf must be a finite number > "
@@ -193,7 +194,8 @@ CASES = {
     "empty config file": (_file("empty.yaml", ""), rf"config file '{P}' is empty, which would mean the paper's full "
                           r"setup \(40,000 epochs per training\)"),
     "config of comments only": (_file("c.yaml", "# nothing yet\n"), r"config file '\S+' is empty"),
-    "config is a directory": (lambda tmp: ["--config", str(tmp)], r"config file '\S+' is a directory; pass a YAML file"),
+    "config is a directory": (lambda tmp: ["--config", str(tmp)],
+                              r"config file '\S+' is a directory; pass a YAML file"),
     "config YAML syntax error": (_file("bad.yaml", "data: [1,\n"), r"config file '\S+' line \d+ is not valid YAML"),
     # -- the command line's numbers and values
     "--tolerance nan": (["--tolerance", "nan"], r"--tolerance nan must be a finite number > 0"),
@@ -245,7 +247,8 @@ CASES = {
     "--resume --factor": (_resume("--factor", "width"), RESUME + r"--factor \(the sweep's: random_labels\), or start"),
     "--resume --values": (_resume("--values", "1", "4"), RESUME + r"--values \(the sweep's: \['none', 'unique'\]\)"),
     "--resume --epsilon --config": (_resume("--epsilon", "0.2", "--config", DIGITS),
-                                    RESUME + r"--config \(the sweep's: \S+digits.yaml\), --epsilon \(the sweep's: 0.1\)"),
+                                    RESUME + r"--config \(the sweep's: \S+digits.yaml\), "
+                                    r"--epsilon \(the sweep's: 0.1\)"),
     "--resume --set": (_resume("--set", "model.channels=8"), RESUME + r"--set \(the sweep's: its config in sweep.json"),
     "--resume --max-concurrent": (_resume("--max-concurrent", "3"), RESUME + r"--max-concurrent \(the sweep's: what "
                                   r"the machine holds\)"),
@@ -274,16 +277,19 @@ TRAIN_CASES = {   # python -m diffmem.train (diffmem/cli.py)
 }
 if not HAS_GPU:
     CASES["--gpus-per-trial without a GPU"] = (["--gpus-per-trial", "1"],
-                                                r"--gpus-per-trial 1 but this machine has 0 GPUs; leave --gpus-per-trial out")
+                                                r"--gpus-per-trial 1 but this machine has 0 GPUs; "
+                                                r"leave --gpus-per-trial out")
     CASES["train.device=cuda without a GPU"] = (["--set", "train.device=cuda", "--gpus-per-trial", "1"],
-                                                r"train.device=cuda but this machine has no GPU .*; use train.device=auto")
+                                                r"train.device=cuda but this machine has no GPU .*; "
+                                                r"use train.device=auto")
     TRAIN_CASES["train: train.device=cuda without a GPU"] = (_train("--set", "train.device=cuda"),
                                                              r"train.device=cuda but this machine has no GPU")
 REPORT_CASES = {   # sweeps/report.py, sweeps/explore.py
     "report: garbage sweep.json": (_spec("{not json", flag=None), r"\S+sweep.json was not written by diffmem's "
                                    r"emm_search \(unreadable: JSONDecodeError\)"),
     "report: no folder given": (lambda tmp: [], r"the following arguments are required: OUTPUT; see report.py --help"),
-    "explore: argparse": (lambda tmp: ["--size", "x"], r"argument --size: invalid int value: 'x'; see explore.py --help"),
+    "explore: argparse": (lambda tmp: ["--size", "x"],
+                          r"argument --size: invalid int value: 'x'; see explore.py --help"),
 }
 MAINS = {"search": emm_search.main, "train": diffmem.train.main, "report": report.main, "explore": explore.main}
 

@@ -9,7 +9,8 @@ DIGITS = "experiments/digits.yaml"
 
 def test_defaults_are_the_papers_basic_setup():
     cfg = load_config()
-    assert (cfg.model.precond, cfg.model.channels, cfg.model.num_blocks, cfg.model.channel_mult) == ("vp", 128, 2, [2, 2, 2])
+    assert (cfg.model.precond, cfg.model.channels, cfg.model.num_blocks,
+            cfg.model.channel_mult) == ("vp", 128, 2, [2, 2, 2])
     assert (cfg.train.batch_size, cfg.train.lr, cfg.train.duration, cfg.model.dropout) == (512, 2e-4, "40000ep", 0.13)
     assert cfg.eval.num_samples == 10000 and cfg.eval.threshold == pytest.approx(1 / 3)
 
@@ -45,7 +46,8 @@ def test_bad_files_and_data():
         load_config("experiments/nope.yaml")
     with pytest.raises(ConfigError, match="unknown dataset 'mnist'; available: digits"):
         training_set(load_config(None, ["data.dataset=mnist"]).data)
-    with pytest.raises(ConfigError, match=r"data.size=5000 is larger than the 1797 images of digits; use data.size<=1797"):
+    with pytest.raises(ConfigError, match=r"data.size=5000 is larger than the 1797 images of digits; "
+                                          r"use data.size<=1797"):
         training_set(load_config(None, ["data.size=5000"]).data)
 
 

@@ -37,7 +37,8 @@ def write_cifar(root, per_batch=PER_BATCH):
             images.append(data)
             labels += batch_labels
     meta = {b"num_cases_per_batch": per_batch, b"num_vis": 3072,
-            b"label_names": [n.encode() for n in ("airplane automobile bird cat deer dog frog horse ship truck").split()]}
+            b"label_names": [n.encode()
+                             for n in ("airplane automobile bird cat deer dog frog horse ship truck").split()]}
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     archive = root / "cifar-10-python.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
@@ -364,7 +365,8 @@ def test_intra_class_mixing(tmp_path, cifar):
     assert (training_set(DataConfig(size=5, mix_rate=0.8, **base)).indices < 100).sum() == 1   # 5 * 0.2, not 0
     assert (training_set(DataConfig(size=6, mix_rate=1.0, **base)).indices >= 100).all()
     with pytest.raises(ConfigError, match=r"data.size=20 is larger than the 12 images of class 5 at "
-                                          r"data.mix_rate=0.5 \(10 in cifar10, 6 in data.mix_path\); use data.size<=12"):
+                                          r"data.mix_rate=0.5 \(10 in cifar10, 6 in data.mix_path\); "
+                                          r"use data.size<=12"):
         training_set(DataConfig(size=20, mix_rate=0.5, **base))
     alone = training_set(DataConfig(size=8, mix_rate=0.0, **base))   # alpha = 0: the class alone (Fig. 2c)
     assert alone.indices.tolist() == np.flatnonzero(labels == 5)[:8].tolist() and alone.labels.tolist() == [5] * 8

@@ -340,7 +340,8 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
     import subprocess
     import sys
     root = Path(__file__).resolve().parent.parent
-    run = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--smoke", "--variants", "fp32,bf16+cl+compile"],
+    run = subprocess.run(["bash", str(root / "bench" / "gpu_check.sh"), "--smoke", "--variants",
+                          "fp32,bf16+cl+compile"],
                          capture_output=True, text=True, timeout=600,
                          env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable})
     assert run.returncode == 0, run.stderr

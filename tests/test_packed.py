@@ -129,7 +129,8 @@ sys.path.insert(0, {tests!r})
 from test_packed import configs
 torch.set_num_threads(1)
 slow = lambda metrics, saved: time.sleep(0.5)   # room for the kill between checkpoints; the numbers are untouched
-train_packed([Member(c, {out!r} + f"/m{{k}}", report=slow, log=lambda *a: None) for k, c in enumerate(configs({extra!r}))])
+train_packed([Member(c, {out!r} + f"/m{{k}}", report=slow, log=lambda *a: None)
+              for k, c in enumerate(configs({extra!r}))])
 """
 
 
@@ -171,8 +172,8 @@ def test_a_packed_sweep_survives_its_lost_pack_server_and_finds_the_same_table(s
     from sweeps.reaper import descendants
     out = tmp_path / "packed"
     proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--pack-size", "2",
-                             "--values", "none", "--output", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=tmp_path)
+                             "--values", "none", "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     deadline, killed = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None and not killed:
         time.sleep(0.2)

@@ -179,7 +179,8 @@ def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_mo
                                known_results=lambda config: ledger.get(trainable.trial_key(settings, config)[0]))
         launched = drive(searcher, curve_of)
         for config in launched:                    # each finished training is recorded
-            ledger[trainable.trial_key(settings, config)[0]] = {"best_mem_ratio": curve_of(config), "best_num_samples": 256}
+            ledger[trainable.trial_key(settings, config)[0]] = {"best_mem_ratio": curve_of(config),
+                                                                 "best_num_samples": 256}
         return searcher, {(c["grid_index"], c["seed_index"]) for c in launched}
 
     one, trained = sweep(1)

@@ -42,7 +42,7 @@ def noisy_sweeps(seeds: int, rng_seed: int):
         emm0 = math.exp(rng.uniform(math.log(100), math.log(1500)))
         emms = emm0 * np.exp(SIGMA * rng.standard_normal(seeds))
 
-        def ratio(grid_index, size, seed):
+        def ratio(grid_index, size, seed, emms=emms):
             return rng.binomial(SAMPLES, true_ratio(size, emms[seed])) / SAMPLES
 
         state = EMMSearchState([{"label": "g", "value": 0}], SIZES, SIZE_RANGE, epsilon=EPSILON, seeds=seeds)

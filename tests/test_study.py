@@ -73,7 +73,8 @@ def write_study(path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"factors": [{"factor": "widht", "values": [8, 16], "finding": {"where": "-", "direction": "rises", "paper": "-"}}]},
+    ({"factors": [{"factor": "widht", "values": [8, 16],
+                   "finding": {"where": "-", "direction": "rises", "paper": "-"}}]},
      "unknown factor 'widht'; did you mean 'width'?"),
     ({"factors": [{"factor": "width", "values": [8, 16], "finding": {"where": "-", "direction": "up", "paper": "-"}}]},
      "direction 'up' must be one of rises, falls"),
@@ -116,7 +117,8 @@ def test_a_smoke_study_shares_its_ledger_resumes_after_ctrl_c_and_writes_the_pag
     command = [sys.executable, STUDY, str(study), "--output", str(out), "--max-concurrent", "2"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not list((out / "time_embedding").glob("tune/*/result.json")):
+    while (time.time() < deadline and proc.poll() is None
+           and not list((out / "time_embedding").glob("tune/*/result.json"))):
         time.sleep(1)                   # until the second sweep has a training under way
     proc.send_signal(signal.SIGINT)
     first, _ = proc.communicate(timeout=300)

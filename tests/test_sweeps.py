@@ -137,6 +137,8 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     assert emm_of["unique"] >= emm_of["none"]
     assert "| none |" in stdout and "| unique |" in stdout
     assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
+    # every training finished: none keeps a checkpoint (issue 15.8), while Tune's record of each trial stays
+    assert list(out.glob("tune/*/result.json")) and not list(out.glob("tune/*/checkpoint_*"))
     # the console says nothing false (issue 15.4): no trial count of 2**63 - 1, TensorBoard pointed at the sweep's own
     assert "Number of trials" not in stdout and "driver_artifacts" not in stdout, stdout[:3000]
     assert f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}" in stdout
@@ -232,6 +234,11 @@ def test_killed_driver_resumes_without_retraining_and_leaves_no_ray_behind(smoke
         time.sleep(1)
     left = [p for p, s in ray_processes.items() if (st := _stat(p)) and st[1] == s]
     assert not left, f"Ray processes left after the driver was killed: {left}"
+    # nor the temporary folders of the trainings it was running (the reaper removes them; issue 15.8)
+    deadline = time.time() + 10
+    while time.time() < deadline and (kept := [p for p in map(str, ray_processes) if _run_dirs_of(p)]):
+        time.sleep(0.5)
+    assert not kept, f"temporary folders of killed trainings left: {[_run_dirs_of(p) for p in kept]}"
 
     run = _search("--resume", str(out), "--no-dashboard", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -243,6 +250,11 @@ def test_killed_driver_resumes_without_retraining_and_leaves_no_ray_behind(smoke
     assert finished_before >= 1 and len(Ledger(out / "ledger.sqlite")) == len(trials)
     for logdir in (out / "tensorboard").glob("*/D=*"):
         assert len(list(logdir.glob("events.*"))) <= 2      # a training in flight at the kill resumed once
+
+
+def _run_dirs_of(pid: str) -> list[Path]:
+    import tempfile
+    return list(Path(tempfile.gettempdir()).glob(f"diffmem-*-{pid}-*"))
 
 
 def _cmdline(pid: int) -> str:
@@ -345,7 +357,7 @@ def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp
     """Issue 15.8: a trial killed with SIGKILL leaves its diffmem-<kind>-<pid>-* folder; the next one removes it."""
     import os
 
-    from sweeps.trainable import remove_orphaned_run_dirs
+    from sweeps.disk import remove_orphaned_run_dirs
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     orphan = tmp_path / f"diffmem-trial-{int(dead.stdout)}-x1_y"
     mine = tmp_path / f"diffmem-packed-{os.getpid()}-a2_b"
@@ -354,3 +366,17 @@ def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp
         (folder / "checkpoint").mkdir(parents=True)
     assert remove_orphaned_run_dirs(str(tmp_path)) == [orphan]
     assert not orphan.exists() and mine.exists() and other.exists()
+
+
+def test_a_finished_trainings_checkpoints_are_removed_and_nothing_else(tmp_path):
+    """Issue 15.8: what CheckpointPruner removes from a finished trial's folder: Tune's checkpoint_* folders only."""
+    from sweeps.disk import remove_checkpoints
+    trial = tmp_path / "width=8_D=20_abc"
+    for name in ("checkpoint_000003", "checkpoint_000004"):
+        (trial / name).mkdir(parents=True)
+        (trial / name / "training-state.pt").write_bytes(b"x" * 100)
+    for name in ("result.json", "params.json", "checkpoint_notes.txt"):
+        (trial / name).write_text("{}")
+    assert remove_checkpoints(trial) == 2
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_notes.txt", "params.json", "result.json"]
+    assert remove_checkpoints(tmp_path / "no such trial") == 0

@@ -64,7 +64,8 @@ def _fake_picture(ratios) -> np.ndarray:
     from diffmem.pictures import nn_grid_picture
     train_set = training_set(load_config(str(ROOT / "experiments" / "digits.yaml"), ["data.size=20"]).data)
     n = len(ratios)
-    evaluation = Evaluation(0.5, torch.tensor(ratios), torch.stack([torch.arange(n) % 20, (torch.arange(n) + 1) % 20], 1),
+    evaluation = Evaluation(0.5, torch.tensor(ratios),
+                            torch.stack([torch.arange(n) % 20, (torch.arange(n) + 1) % 20], 1),
                             train_set.images[:n])
     return nn_grid_picture(evaluation, train_set)
 
@@ -517,4 +518,8 @@ def test_explore_runs_three_tiny_trials_and_the_study_reopens(tmp_path):
     runs = list((out / "tensorboard").glob("*/D=20"))
     assert len(runs) == len({json.dumps(t.params, sort_keys=True) for t in complete})
     assert "start" in _hparams(_events(runs[0]))
+    # the driver's summary holds the HParams experiment that the trials' sessions belong to
+    assert "could not write" not in run.stderr, run.stderr[-2000:]
+    assert "experiment" in _hparams(_events(out / "tensorboard" / "summary"))
+    assert list(out.glob("tune-*/*/result.json")) and not list(out.glob("tune-*/*/checkpoint_*"))   # issue 15.8
     print(f"explore, 3 tiny trials: {time.time() - started:.0f} s")
