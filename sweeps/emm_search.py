@@ -30,6 +30,7 @@ from diffmem.cli import DEFAULT_CONFIG, ArgumentParser, default_folder  # noqa: 
 from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machine, from_dict,  # noqa: E402
                             parse_override, parse_value, read_yaml, validate_with_data)
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
+from sweeps import tracking  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 
 PRESETS = ROOT / "experiments" / "presets"
@@ -88,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "config's sweep.pack_size, else 1)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a failed training from its checkpoint before its grid point is unresolved")
+    p.add_argument("--wandb", metavar="PROJECT", help="also log every training, and the EMM table, as W&B runs "
+                                                      "of PROJECT (pip install 'diffmem[tracking]')")
+    p.add_argument("--mlflow", metavar="URI", help="also log every training, and the EMM table, as MLflow runs at "
+                                                   "the tracking URI (file:///path or http://host:port)")
     return p
 
 
@@ -235,6 +240,11 @@ def pack_size(spec: dict) -> int:
     return spec.get("pack_size", 1)
 
 
+def sweep_tracking(spec: dict) -> dict:
+    """--wandb and --mlflow (sweeps/tracking.py); a sweep.json written before them had neither."""
+    return {"wandb": None, "mlflow": None, **spec.get("tracking", {})}
+
+
 def sweep_seeds(spec: dict) -> int:
     """Training seeds per grid point; a sweep.json written before --seeds had one."""
     return spec.get("seeds", 1)
@@ -347,7 +357,8 @@ RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config"
                 "size_range": "--size-range", "max_concurrent": "--max-concurrent",
                 "workers_per_trial": "--workers-per-trial", "gpus_per_trial": "--gpus-per-trial",
                 "max_failures": "--max-failures", "ledger": "--ledger", "no_reuse": "--no-reuse",
-                "output": "--output", "seeds": "--seeds", "pack_size": "--pack-size"}
+                "output": "--output", "seeds": "--seeds", "pack_size": "--pack-size", "wandb": "--wandb",
+                "mlflow": "--mlflow"}
 
 
 def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
@@ -360,7 +371,7 @@ def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
            "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
            "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
            "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec),
-           "pack_size": pack_size(spec)}
+           "pack_size": pack_size(spec), **{k: v or "none" for k, v in sweep_tracking(spec).items()}}
     flags = [dest for dest in RESUME_FIXED if dest in given]
     if flags:
         said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
@@ -819,7 +830,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         callbacks=[ProgressPrinter(spec["epsilon"]),
                    SweepTensorBoard(spec["grid_points"], spec["size_range"],
                                     f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec)),
-                   CheckpointPruner()],
+                   CheckpointPruner(), *tracking.callbacks(sweep_tracking(spec), output)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
     if spec["factor"] == "data_size":   # the curve itself: every size once, no search
@@ -886,6 +897,8 @@ def main(argv=None) -> int:
             check_ledger_writable(spec["ledger"])
         else:
             spec = build_spec(args)
+            spec["tracking"] = {"wandb": args.wandb, "mlflow": args.mlflow}
+            tracking.check(spec["tracking"])
             output = Path(args.output) if args.output else default_folder("results", spec["factor"])
             check_new_output(output)
             spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").expanduser().resolve())
@@ -962,6 +975,10 @@ def run(args, spec: dict, output: Path) -> int:
     note = "" if finished else (f"Stopped before the end: rows marked open are not known yet; "
                                 f"--resume {output} continues.")
     table = write_results(output, spec["factor"], emm, trials, spec["grid_points"], spec["epsilon"], note)
+    try:   # the table is written: a tracker that fails now costs its copy, not the sweep's result
+        tracking.log_table(sweep_tracking(spec), output, spec["factor"], emm, spec["epsilon"])
+    except Exception as e:
+        print(f"could not log the EMM table to W&B/MLflow: {type(e).__name__}: {e}", file=sys.stderr)
     print(f"\n{spec['factor']}: {len(trials)} trainings in {time.time() - start:.0f} s wall time; "
           f"results in {output}\n")
     print(table)
