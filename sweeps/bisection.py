@@ -84,6 +84,12 @@ DONE_STATUSES = (RESOLVED, AT_LEAST_MAX, BELOW_MIN, UNRESOLVED)
 KNOWN, INITIAL, EXPANSION = "known", "initial", "expansion"
 
 
+def memorized(best_ratio: float, epsilon: float) -> bool:
+    """The one definition: a training memorized when its best (running-max over evaluations) memorization ratio
+    reached 1 - epsilon (EMM's condition, paper.md §3)."""
+    return best_ratio >= 1 - epsilon
+
+
 @dataclass(frozen=True)
 class SearchSettings:
     """What every bracket shares: the allowed sizes, the initial range and the stopping rules."""
@@ -124,7 +130,7 @@ class SearchSettings:
             raise ValueError(f"expand_factor must be > 1, got {self.expand_factor}")
 
     def memorized(self, best_ratio: float) -> bool:
-        return best_ratio >= 1 - self.epsilon
+        return memorized(best_ratio, self.epsilon)
 
     def index_of(self, size: int) -> int:
         i = bisect.bisect_left(self.allowed_sizes, size)

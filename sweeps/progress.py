@@ -9,6 +9,7 @@ from pathlib import Path
 from ray import tune
 from ray.tune.logger import TBXLoggerCallback
 
+from sweeps.bisection import memorized
 from sweeps.results import ratio_text
 from sweeps.tblog import ratio_label, seed_tag, trial_label
 
@@ -73,7 +74,7 @@ class ProgressPrinter(tune.Callback):
         best = r.get("best_mem_ratio")
         if best is None:
             return
-        verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
+        verdict = "memorized" if memorized(best, self.epsilon) else "not memorized"
         early = ", stopped early" if r.get("images_seen", 0) < r.get("planned_images", 0) else ""
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
         ratio = ratio_text(best, r.get("best_mem_ratio_low"), r.get("best_mem_ratio_high"))
@@ -92,7 +93,7 @@ class ExplorePrinter(tune.Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         best = (trial.last_result or {}).get(self.metric)
         if best is not None:
-            verdict = "memorized" if best >= 1 - self.epsilon else "not memorized"
+            verdict = "memorized" if memorized(best, self.epsilon) else "not memorized"
             print(f"[{time.time() - self.started:6.0f} s] {self.label(trial.config)}: best ratio {best:.3f}, "
                   f"{verdict}", flush=True)
 

@@ -53,6 +53,8 @@ def ratio_text(ratio, low=None, high=None, digits: int = 3) -> str:
 def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -> pd.DataFrame:
     """One row per training, from Tune's ResultGrid dataframe (last reported result of each trial)."""
     import pandas as pd
+
+    from sweeps.bisection import memorized
     rows = []
     values = {p["label"]: p["value"] for p in grid_points}
     for _, r in frame.iterrows():
@@ -66,7 +68,7 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                      "best_mem_ratio": best, "best_mem_ratio_low": r.get("best_mem_ratio_low", float("nan")),
                      "best_mem_ratio_high": r.get("best_mem_ratio_high", float("nan")),
                      "best_num_samples": r.get("best_num_samples", float("nan")),   # the samples behind the best
-                     "memorized": bool(best >= 1 - epsilon) if best == best else None,
+                     "memorized": memorized(best, epsilon) if best == best else None,
                      "stopped_early": bool(images < planned) if images == images else None,
                      "images_seen": images, "planned_images": planned,
                      "train_seconds": r.get("time_total_s", float("nan")),   # the whole trial, as Tune timed it

@@ -178,7 +178,8 @@ def start_session(writer, config: dict) -> None:
 def end_session(writer, best_ratio: float, epsilon: float, step: int) -> None:
     """The session's metrics and its end (written when the training has finished)."""
     writer.add_scalar(METRIC_BEST, best_ratio, step)
-    writer.add_scalar(METRIC_MEMORIZED, float(best_ratio >= 1 - epsilon), step)
+    from sweeps.bisection import memorized
+    writer.add_scalar(METRIC_MEMORIZED, float(memorized(best_ratio, epsilon)), step)
     writer.file_writer.add_summary(session_end_summary(True))
     writer.flush()
 

@@ -445,3 +445,10 @@ def test_the_snapshot_name_read_without_ray_is_rays():
 
     from sweeps.bisection import SEARCHER_STATE_FILES
     assert SEARCHER_STATE_FILES == Searcher.CKPT_FILE_TMPL.format("*")
+
+
+def test_memorized_is_a_best_ratio_that_reached_one_minus_epsilon():
+    """EMM's condition (paper.md §3), the one definition every reader of results uses (sweeps.bisection)."""
+    from sweeps.bisection import memorized
+    assert memorized(0.9, 0.1) and memorized(1.0, 0.1) and memorized(0.8, 0.2)
+    assert not memorized(0.8999, 0.1) and not memorized(0.0, 0.5)
