@@ -27,7 +27,7 @@ import torch
 from diffmem.config import EvalConfig
 from diffmem.data import TrainingSet
 from diffmem.edm import edm_sampler
-from diffmem.memorization import distance_ratio, nearest_neighbours, to_pixels
+from diffmem.memorization import distance_ratio, is_copy, nearest_neighbours, to_pixels
 from diffmem.precision import full_precision
 from diffmem.sequential import SequentialTest
 
@@ -136,7 +136,7 @@ def evaluate_denoiser(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=
                 d, idx = nearest_neighbours(to_pixels(samples).float() if cfg.quantize else samples, train_px, k=2)
                 nn_ratio = distance_ratio(d)
             parts.append(samples.cpu()), ratios.append(nn_ratio.cpu()), indices.append(idx.cpu())
-            copies += int((nn_ratio < cfg.threshold).sum())
+            copies += int(is_copy(nn_ratio, cfg.threshold).sum())
             decision = test.decide(look, copies) if test is not None else None
         if world > 1 and test is not None:   # every rank goes on, or stops, with rank 0
             flag = torch.tensor([-1 if decision is None else int(decision)], device=device)

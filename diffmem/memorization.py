@@ -101,8 +101,14 @@ def nearest_neighbour_ratio(generated: torch.Tensor, train: torch.Tensor, **chun
     return distance_ratio(nearest_neighbours(generated, train, k=2, **chunks)[0])
 
 
+def is_copy(nn_ratio, threshold: float = 1 / 3):
+    """The criterion (paper.md §1): a generated image is a copy when its NN ratio is strictly below the threshold.
+    Elementwise on a tensor of ratios, or on one float."""
+    return nn_ratio < threshold
+
+
 def memorization_ratio(generated: torch.Tensor, train: torch.Tensor, threshold: float = 1 / 3, **chunks) -> float:
-    """Share of generated images whose NN ratio is strictly below the threshold."""
-    return (nearest_neighbour_ratio(generated, train, **chunks) < threshold).float().mean().item()
+    """Share of generated images that are copies."""
+    return is_copy(nearest_neighbour_ratio(generated, train, **chunks), threshold).float().mean().item()
 
 

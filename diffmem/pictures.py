@@ -7,6 +7,7 @@ import numpy as np
 
 from diffmem.data import TrainingSet, grid_array
 from diffmem.evaluate import Evaluation, nn_grid_rows
+from diffmem.memorization import is_copy
 
 ROW_LABELS = ("sample", "NN1", "NN2")
 RATIO_LABEL = "d1/d2"
@@ -48,7 +49,7 @@ def nn_grid_picture(result: Evaluation, train_set: TrainingSet, n: int = 16) -> 
         if probe.textlength(text, font=font) > column:
             text = f"{ratio:.2f}"
         left = margin + (1 + j * (w + 1)) * scale
-        copy = ratio < result.threshold
+        copy = is_copy(ratio, result.threshold)
         if copy:   # the column's sample and its neighbours, in the 1-pixel padding around them
             draw.rectangle((left - scale, 0, left + column + scale - 1, grid.shape[0] - 1), outline=COPY,
                            width=max(1, scale))
