@@ -537,6 +537,8 @@ def start_ray(args, spec: dict) -> int:
     # (our searcher's unbounded num_samples) and a TensorBoard command into /tmp/ray. Its legacy reporter prints
     # nothing at verbose=0; the sweep's own lines (ProgressPrinter) say what happens.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # the dashboard's Train tab answers 500 without it (Ray 2.60): DDP trainings' runs and workers listed there
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     import ray
     workers = spec["workers"]
     if args.address:
@@ -782,11 +784,12 @@ def _hours(h: float) -> str:
     return f"{h:.2g}" if h < 10 else f"{h:,.0f}"
 
 
-def _reuse_actors(spec: dict) -> bool:
+def _reuse_actors(spec: dict, dashboard: bool) -> bool:
     """A one-worker CPU trial runs in its Tune actor: reusing that process for the next trial saves its start
-    (Python, torch and the dataset: ~2 s per trial, measured on 2 cores with Ray 2.60). GPU and
-    DDP trials get a fresh actor each, as Ray advises for GPU trials."""
-    return not spec["ddp"] and not spec["gpus_per_worker"]
+    (Python, torch and the dataset: ~2 s per trial, measured on 2 cores with Ray 2.60). Not where the dashboard
+    runs: it names an actor once, after its start, by the training it began with (sweeps.trainable.named).
+    GPU and DDP trials get a fresh actor each, as Ray advises for GPU trials."""
+    return not dashboard and not spec["ddp"] and not spec["gpus_per_worker"]
 
 
 def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
@@ -805,22 +808,20 @@ def started(output: Path) -> bool:
     return tune.Tuner.can_restore(str(output.resolve() / TUNE_NAME))
 
 
-def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
+def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, dashboard: bool = False):
     from ray import tune
 
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
     from sweeps.searcher import EMMSearcher, resume_in, search_algorithm
-    from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp
+    from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp, named
 
     settings = trial_settings(spec, output, max_concurrent)
     if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (sweeps/trainable.py)
-        trainable = tune.with_resources(tune.with_parameters(emm_trial_ddp, settings=settings),
-                                        {"cpu": 0, "trial_slot": 1})
+        trainable = tune.with_resources(named(emm_trial_ddp, settings), {"cpu": 0, "trial_slot": 1})
     elif pack_size(spec) > 1:   # a light client of a pack server, which holds the CPU (sweeps/packing.py)
-        trainable = tune.with_resources(tune.with_parameters(emm_trial, settings=settings),
-                                        {"cpu": 0, "pack_member": 1})
+        trainable = tune.with_resources(named(emm_trial, settings), {"cpu": 0, "pack_member": 1})
     else:
-        trainable = tune.with_resources(tune.with_parameters(emm_trial, settings=settings), {"cpu": 1})
+        trainable = tune.with_resources(named(emm_trial, settings), {"cpu": 1})
     experiment = output.resolve() / TUNE_NAME
     if restore:
         resume_in(str(output.resolve()))   # the searcher and its generator follow a moved folder
@@ -837,7 +838,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
         space = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {},
                  "size": tune.grid_search(spec["values"])}
         tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=trial_name,
-                                      trial_dirname_creator=trial_dirname, reuse_actors=_reuse_actors(spec))
+                                      trial_dirname_creator=trial_dirname, reuse_actors=_reuse_actors(spec, dashboard))
         return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
@@ -845,7 +846,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool):
                            seeds=sweep_seeds(spec), base_seed=spec["base"]["train"]["seed"])
     tune_config = tune.TuneConfig(search_alg=search_algorithm(searcher, max_concurrent), num_samples=-1,
                                   trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
-                                  reuse_actors=_reuse_actors(spec))
+                                  reuse_actors=_reuse_actors(spec, dashboard))
     return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
 
 
@@ -958,7 +959,7 @@ def run(args, spec: dict, output: Path) -> int:
         print(f"TensorBoard: tensorboard --logdir {output.resolve() / 'tensorboard'}", flush=True)
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
         restore = bool(args.resume) and started(output)
-        tuner = make_tuner(spec, output, max_concurrent, restore=restore)
+        tuner = make_tuner(spec, output, max_concurrent, restore=restore, dashboard=not args.no_dashboard)
         result_grid = tuner.fit()
         emm, trials, finished = collect(spec, output, result_grid)
     except ConfigError as e:

@@ -19,7 +19,7 @@ from diffmem.train import CHECKPOINT, train
 from sweeps.disk import run_dir_of_this_process
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.results import interval_of
-from sweeps.tblog import end_session, start_session, training_run
+from sweeps.tblog import end_session, start_session, trial_label, training_run
 
 
 def trial_config(settings: dict, config: dict):
@@ -198,3 +198,17 @@ def emm_trial_ddp(config: dict, settings: dict) -> None:
                                                    controller_failure_limit=1)),
     )
     trainer.fit()
+
+
+def named(trial_function, settings: dict):
+    """`trial_function` with `settings` as Tune's trainable class, whose actors the Ray dashboard (Actors, and the
+    state API's repr_name) lists by the training they run, e.g. 'random_labels=16|D|=80|seed=1': Ray reads an
+    actor's repr once, after its start, so a reused actor keeps its first name (emm_search._reuse_actors)."""
+    from ray.tune.trainable.function_trainable import wrap_function
+    base = wrap_function(tune.with_parameters(trial_function, settings=settings))
+
+    def setup(self, config):
+        self._name = trial_label(config)   # ImplicitFunc.__repr__ returns it
+        return base.setup(self, config)
+
+    return type("EMMTraining", (base,), {"setup": setup})

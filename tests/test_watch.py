@@ -523,3 +523,42 @@ def test_explore_runs_three_tiny_trials_and_the_study_reopens(tmp_path):
     assert "experiment" in _hparams(_events(out / "tensorboard" / "summary"))
     assert list(out.glob("tune-*/*/result.json")) and not list(out.glob("tune-*/*/checkpoint_*"))   # issue 15.8
     print(f"explore, 3 tiny trials: {time.time() - started:.0f} s")
+
+
+@pytest.mark.slow
+def test_the_dashboard_names_each_running_training(tmp_path):
+    """Issue 15.3: through the dashboard's HTTP API (Ray's state API, /api/v0/actors), the actor of each running
+    training carries its grid point and |D| as its repr name, one actor per training."""
+    import signal
+    import threading
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "unique", "--output",
+                             str(tmp_path / "out")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=tmp_path)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    token = Path.home() / ".ray" / "auth_token"
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.is_file() else {}
+    names, url, deadline = {}, None, time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None and len(names) < 3:
+            time.sleep(1)
+            url = url or next((m.group(1) for line in list(lines)
+                               if (m := re.match(r"Ray dashboard: (http://\S+)", line))), None)
+            if url is None:
+                continue
+            try:
+                request = urllib.request.Request(f"{url}/api/v0/actors?detail=1&limit=1000", headers=headers)
+                with urllib.request.urlopen(request, timeout=10) as answer:
+                    body = json.load(answer)
+            except OSError:
+                continue                            # the dashboard is starting
+            for actor in body["data"]["result"]["result"]:
+                if actor.get("state") == "ALIVE" and "ResourceTrainable" in actor.get("class_name", ""):
+                    names[actor["actor_id"]] = actor.get("repr_name")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert url is not None and len(names) >= 3, (names, "".join(lines)[-3000:])
+    for name in names.values():                     # e.g. random_labels=unique|D|=40
+        assert re.fullmatch(r"random_labels=(none|unique)\|D\|=\d+", name or ""), names
+    assert len(set(names.values())) == len(names)   # a fresh actor per training: no name shown twice
