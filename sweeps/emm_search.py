@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -31,6 +29,7 @@ from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machin
                             parse_override, parse_value, read_yaml, validate_with_data)
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps import tracking  # noqa: E402
+from sweeps.ray_cluster import check_address, check_local_capacity, start_ray  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 
 PRESETS = ROOT / "experiments" / "presets"
@@ -442,348 +441,12 @@ def write_spec(output: Path, spec: dict) -> None:
     os.replace(tmp, output / SPEC_FILE)
 
 
-def check_local_capacity(gpus_per_trial: int, workers_per_trial: int) -> None:
-    """This machine holds one training of the requested size, or the sweep could never place a trial."""
-    if gpus_per_trial:
-        import torch
-        have = torch.cuda.device_count()
-        if have < gpus_per_trial:
-            raise ConfigError(f"--gpus-per-trial {gpus_per_trial} but this machine has {have} GPU"
-                              f"{'s' * (have != 1)}; leave --gpus-per-trial out to train on CPU, or pass --address "
-                              f"of a cluster with GPUs")
-    elif workers_per_trial > (os.cpu_count() or 1):
-        raise ConfigError(f"--workers-per-trial {workers_per_trial} needs {workers_per_trial} CPUs per training but "
-                          f"this machine has {os.cpu_count()}; use --workers-per-trial <= {os.cpu_count()}, or "
-                          f"pass --address of a larger cluster")
-
-
-def check_address(address: str | None) -> None:
-    """--address names a cluster that answers, before anything is written: 'auto' is resolved as ray.init resolves
-    it (RAY_ADDRESS, then the cluster `ray start` recorded on this machine; Ray 2.60's own function), and the
-    host:port must accept a connection (a closed port otherwise makes ray.init retry for minutes). What only
-    ray.init can tell (a wrong Ray version, ...) start_ray turns into one line."""
-    if not address or "://" in address:
-        return
-    given = address
-    if address == "auto":
-        from ray._private.services import canonicalize_bootstrap_address_or_die
-        try:
-            address = canonicalize_bootstrap_address_or_die("auto")
-        except ConnectionError as e:
-            raise ConfigError(f"--address auto found no Ray cluster on this machine ({str(e).split('.')[0]}); start "
-                              f"one with `ray start --head`, or leave --address out for a local one") from None
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"--address {address} is not host:port (e.g. 10.0.0.1:6379) or 'auto'")
-    import socket
-    try:
-        socket.create_connection((host, int(port)), timeout=5).close()
-    except OSError as e:
-        why = e.strerror or type(e).__name__
-        where = given if given == address else f"{given} = {address}"
-        raise ConfigError(f"no Ray cluster answers at --address {where} ({why}); start one there with "
-                          f"`ray start --head --port={port}`, or leave --address out for a local one") from None
-
-
-def local_slots(spec: dict) -> int:
-    """How many trainings of spec["workers"] workers this machine holds at once (its GPUs or its cores)."""
-    if spec["gpus_per_worker"]:
-        import torch
-        return max(1, torch.cuda.device_count() // spec["workers"])
-    return max(1, (os.cpu_count() or 1) // spec["workers"])
-
-
-def trials_at_once(spec: dict, capacity: int) -> int:
-    """--max-concurrent, at most what the cluster holds (slots x pack size), at least one."""
-    return max(1, min(spec["max_concurrent"] or capacity, capacity))
-
-
-def loopback_only() -> None:
-    """Have the local cluster about to start listen on 127.0.0.1 only, as Ray 2.60 does on macOS and Windows.
-
-    On Linux Ray takes the machine's address as the node's (ray.init turns _node_ip_address="127.0.0.1" into it,
-    services.resolve_ip_for_localhost) and its servers listen there or on all interfaces: GCS, raylet, object
-    manager, every worker's gRPC server, the dashboard agent and the runtime-env agent. With
-    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER) the node's address
-    is 127.0.0.1 (services.get_node_ip_address) and every one of them binds there
-    (tests/test_bad_input.py::test_a_local_sweeps_ray_listens_on_loopback_only). The constant is read when
-    ray_constants is imported, so it is set both in the environment (the processes Ray starts) and in the
-    imported module. A cluster (--address) is left as its `ray start` made it."""
-    from ray._private import ray_constants
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-class _Drop(logging.Filter):
-    def __init__(self, starts: str):
-        super().__init__()
-        self.starts = starts
-
-    def filter(self, record) -> bool:
-        return not record.getMessage().startswith(self.starts)
-
-
-def quiet_ray_start() -> None:
-    """A local Ray's start says two things the sweep says once itself, in its own line (start_ray): the dashboard
-    address and that token authentication is on (Ray logs that warning on every start, then the address)."""
-    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
-        _Drop("Token authentication is enabled"))
-    logging.getLogger("ray._private.worker").addFilter(_Drop("Started a local Ray instance"))
-
-
-def start_ray(args, spec: dict) -> int:
-    """Connect to a cluster or start a local one; returns how many trainings can run at once."""
-    # Tune's new console output prints its banner whatever the verbosity: "Number of trials 9223372036854775807"
-    # (our searcher's unbounded num_samples) and a TensorBoard command into /tmp/ray. Its legacy reporter prints
-    # nothing at verbose=0; the sweep's own lines (ProgressPrinter) say what happens.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    # the dashboard's Train tab answers 500 without it (Ray 2.60): DDP trainings' runs and workers listed there
-    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
-    import ray
-    workers = spec["workers"]
-    if args.address:
-        try:
-            ray.init(address=args.address, log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as e:   # no cluster, a wrong version, a bad address
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"cannot connect to the Ray cluster at --address {args.address}: {reason}; start one "
-                              f"with `ray start --head`, or leave --address out for a local one") from None
-    else:
-        loopback_only()
-        quiet_ray_start()
-        from sweeps.reaper import start_reaper
-        start_reaper()   # first: a driver killed while Ray starts must not leave Ray's agents running
-        resources = {"trial_slot": local_slots(spec), "pack_member": local_slots(spec) * pack_size(spec)}
-        context = ray.init(num_cpus=os.cpu_count() or 1, resources=resources,
-                           include_dashboard=not args.no_dashboard, dashboard_host="127.0.0.1",
-                           log_to_driver=False)
-        if not args.no_dashboard:
-            url = context.dashboard_url or "127.0.0.1:8265"
-            print(f"Ray dashboard: http://{url}  (token auth: header 'Authorization: Bearer' + "
-                  f"~/.ray/auth_token, or start with RAY_AUTH_MODE=disabled)")
-    resources = ray.cluster_resources()
-    if spec["gpus_per_worker"]:
-        capacity = int(resources.get("GPU", 0)) // workers
-    else:
-        capacity = int(resources.get("CPU", 1)) // workers
-    if spec["ddp"]:
-        capacity = min(capacity, int(resources.get("trial_slot", 0)))
-        if capacity < 1:
-            raise ConfigError(f"the cluster cannot hold one trial of {workers} workers (resources {resources}); "
-                              f"start nodes with --resources='{{\"trial_slot\": N}}' and enough CPUs/GPUs")
-    return trials_at_once(spec, capacity * pack_size(spec))
-
-
 def pack_servers(spec: dict, trainings: int) -> int:
     """Pack servers for `trainings` at once: one per slot, each training up to pack_size (sweeps/packing.py)."""
     return -(-trainings // pack_size(spec))
 
 
 STOPPED, STOPPED_BY_SIGTERM = 130, 143   # exit statuses of a sweep stopped before its end (128 + signal number)
-ESTIMATE_POSITIONS = 8    # EMM positions, log-spaced over the size range, the search is simulated at
-ESTIMATE_STEPS = 10       # training steps timed per model, after as many untimed ones
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """What --estimate prints (text) and its figures, each (median, worst) over the simulated EMM positions."""
-    text: str
-    trainings: tuple[int, int]
-    wall_seconds: tuple[float, float]
-    device_hours: tuple[float, float]
-
-    def __str__(self) -> str:
-        return self.text
-
-
-_SPEEDS: dict = {}   # measured step and evaluation speeds by model, kept across estimates (a study prices many)
-
-
-def estimate(spec: dict, args) -> Estimate:
-    """What the sweep is expected to cost, before anything starts: trainings from the searcher itself
-    (sweeps.bisection.simulate) run to its end with the crossing at ESTIMATE_POSITIONS places in the size
-    range, training images from each training's planned duration, seconds from training steps and one
-    evaluation timed on this machine (diffmem.train.measure_speed)."""
-    from statistics import median_high
-
-    import torch
-    from diffmem.config import duration_images
-    from diffmem.train import measure_speed
-    from diffmem.evaluate import sequential_test
-    from sweeps.bisection import EMMSearchState, simulate
-    from sweeps.trainable import trial_config
-
-    workers, gpu = spec["workers"], bool(spec["gpus_per_worker"])
-    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
-    if args.address:
-        slots = max(1, spec["max_concurrent"] or 1)
-    else:
-        slots = trials_at_once(spec, local_slots(spec) * pack_size(spec))
-    pack = min(pack_size(spec), slots)   # trainings sharing one worker's steps
-    lo, hi = spec["size_range"]
-    points = spec["grid_points"]
-
-    def config(point, size, extra=None):
-        return from_dict(apply_overrides(spec["base"], {**point["overrides"], "data.size": size, **(extra or {})}))
-
-    # Speed: each distinct model (what a grid point changes that matters for speed), at the largest |D|, at one
-    # worker's share of the batch, one thread per worker on CPU as in the sweep's trials.
-    speeds, speed_of = _SPEEDS, []
-    threads = torch.get_num_threads()
-    try:
-        if device == "cpu":
-            torch.set_num_threads(1)
-        for point in points:
-            real = config(point, hi)
-            samples = min(real.eval.batch_size, real.eval.num_samples, 64 if device == "cpu" else 512)
-            cfg = config(point, hi, {"train.device": device,
-                                     "train.batch_size": max(1, real.train.batch_size // workers),
-                                     "eval.num_samples": samples, "eval.batch_size": samples})
-            key = cfg.to_dict()
-            for name in ("lr", "weight_decay", "ema_schedule", "ema_halflife", "ema_beta", "ema_rampup", "seed",
-                         "duration"):
-                key["train"][name] = None   # no bearing on the time of a step
-            key = json.dumps([key, pack, workers], sort_keys=True, default=str)
-            if key not in speeds:   # seconds each: say so on stderr, the estimate itself goes to stdout
-                print(f"estimate: timing {point['label']}'s model ({2 * ESTIMATE_STEPS} training steps, one "
-                      f"evaluation)", file=sys.stderr, flush=True)
-                measured = measure_speed(cfg, ESTIMATE_STEPS, ESTIMATE_STEPS, pack=pack)
-                speeds[key] = {   # one training = `workers` times one worker (linear scaling), or 1/pack of a pack's
-                    "images_per_sec": workers * measured["images_per_sec"] / pack,
-                    # sampling and the nearest-neighbour search grow linearly with the samples; DDP spreads them;
-                    # a pack waits for its members' evaluations one after another
-                    "eval_seconds": pack * measured["eval_seconds"] * real.eval.num_samples / samples / workers,
-                    "batch": cfg.train.batch_size, "samples": samples, "num_samples": real.eval.num_samples}
-            speed_of.append(speeds[key])
-    finally:
-        torch.set_num_threads(threads)
-
-    settings = trial_settings({**spec, "ledger": None, "no_reuse": True}, Path("."))   # the trials' configs
-
-    def eval_share(g: int, size: int, memorized: bool) -> float:
-        """The share of eval.num_samples one evaluation of that training samples at a ratio of 1 (memorized) or 0:
-        the adaptive test's first look that decides (1: all, as with eval.adaptive false or data_size)."""
-        test = sequential_test(trial_config(settings, {"overrides": points[g]["overrides"], "size": size}).eval)
-        if test is None:
-            return 1.0
-        look = next(k for k, n in enumerate(test.looks) if test.decide(k, n if memorized else 0) is not None)
-        return test.looks[look] / test.looks[-1]
-
-    def cost(g: int, size: int, memorized: bool) -> tuple[int, float]:
-        """(training images, seconds) of one training of grid point g at |D| = size, run to its end."""
-        cfg = config(points[g], size)
-        images = duration_images(cfg.train.duration, size, "train.duration")
-        snapshots = math.ceil(images / duration_images(cfg.eval.every, size, "eval.every"))
-        return images, (images / speed_of[g]["images_per_sec"]
-                        + snapshots * speed_of[g]["eval_seconds"] * eval_share(g, size, memorized))
-
-    if spec["factor"] == "data_size":   # no search: every value once
-        sizes = [(0, v) for v in spec["values"]]
-        scenarios = [([sizes[i:i + slots] for i in range(0, len(sizes), slots)], math.inf)]
-    else:
-        crossings = [lo * (hi / lo) ** ((k + 0.5) / ESTIMATE_POSITIONS) for k in range(ESTIMATE_POSITIONS)]
-        scenarios = []
-        for crossing in crossings:   # memorized up to the crossing, not beyond: a monotone curve
-            state = EMMSearchState(points, spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
-                                   tolerance=spec["tolerance"], seeds=sweep_seeds(spec))
-            scenarios.append((simulate(state, lambda g, n, seed, c=crossing: 1.0 if n <= c else 0.0, slots), crossing))
-    figures = []
-    for rounds, crossing in scenarios:
-        costs = [[cost(g, n, n <= crossing) for g, n in batch] for batch in rounds]
-        figures.append({"trainings": sum(len(b) for b in rounds),
-                        "images": sum(i for batch in costs for i, _ in batch),
-                        "wall": sum(max(s for _, s in batch) for batch in costs),
-                        "device_hours": workers * sum(s for batch in costs for _, s in batch) / pack / 3600})
-
-    def typical(key):
-        return median_high([f[key] for f in figures]), max(f[key] for f in figures)
-
-    trainings, images, wall, hours = (typical(k) for k in ("trainings", "images", "wall", "device_hours"))
-    unit = "GPU-hours" if gpu else "core-hours"
-    rates = sorted({round(s["images_per_sec"]) for s in speed_of})
-    evals = sorted({s["eval_seconds"] for s in speed_of})
-    if spec["factor"] == "data_size":
-        what, count = f"{len(spec['values'])} sizes", f"{trainings[0]} trainings"
-    else:
-        what = f"{len(points)} grid point{'s' * (len(points) > 1)}"
-        count = f"{trainings[0]} trainings (median) / {trainings[1]} (worst)"
-    lines = [f"estimate: {spec['factor']}, {what}, {slots} training"
-             f"{'s' * (slots > 1)} at once" + (f" in packs of {pack}" if pack > 1 else "")
-             + f": {count}, <= {_count(images[1])} training images, measured "
-             f"{_span(rates, _count)} images/s on {device} (+ evaluation {_span(evals, _seconds)} per snapshot): "
-             f"~{_duration(wall[0])} wall, "
-             f"{_hours(hours[0])} {unit}"
-             + (f" (worst ~{_duration(wall[1])}, {_hours(hours[1])})" if len(figures) > 1 else "")]
-    if spec["factor"] != "data_size":
-        lines.append(f"  trainings: sweeps/bisection.py's search run to its end with the EMM at {ESTIMATE_POSITIONS} "
-                     f"sizes log-spaced over |D| in [{lo}, {hi}], median and worst; trainings a ledger holds are not "
-                     f"repeated, so a shared --ledger can only lower them")
-    durations = sorted({config(p, hi).train.duration for p in points})
-    lines.append(f"  training images: each training's planned train.duration ({', '.join(durations)}) at its |D|"
-                 + (" (data_size trains every size to its end)" if spec["factor"] == "data_size" else
-                    ", an upper bound: early stopping at 1 - epsilon only shortens a training"))
-    batches = sorted({s["batch"] for s in speed_of})
-    samples = sorted({s["samples"] for s in speed_of})
-    num_samples = sorted({s["num_samples"] for s in speed_of})
-    lines.append(f"  speed: {ESTIMATE_STEPS} timed training steps of each grid point's model at |D| = {hi}, batch "
-                 f"{'/'.join(map(str, batches))} per worker on {device}"
-                 + (", 1 thread per worker" if device == "cpu" else "")
-                 + (f"; one evaluation of {'/'.join(map(str, samples))} samples, scaled to eval.num_samples = "
-                    f"{'/'.join(map(str, num_samples))}" if samples != num_samples else
-                    f"; one evaluation of eval.num_samples = {'/'.join(map(str, num_samples))} samples")
-                 + (f"; {workers} workers per training count as {workers}x one worker's images/s and 1/{workers} "
-                    f"of its evaluation (linear scaling assumed; the gradient all-reduce makes it less)"
-                    if workers > 1 else ""))
-    if spec["factor"] != "data_size":
-        high_share, low_share = (sorted({eval_share(g, hi, m) for g in range(len(points))}) for m in (True, False))
-        if max(high_share + low_share) < 1:
-            lines.append(f"  evaluation: adaptive (eval.adaptive), a snapshot samples {_span(high_share, _share)} of "
-                         f"eval.num_samples at a ratio of 1 and {_span(low_share, _share)} at 0 (the curves above); "
-                         f"near 1 - epsilon up to all of them")
-        else:
-            lines.append("  evaluation: every snapshot samples all eval.num_samples (eval.adaptive false, or one look)")
-    if sweep_seeds(spec) > 1:
-        lines.append(f"  seeds: {sweep_seeds(spec)} independent searches per grid point (--seeds), all counted above")
-    if gpu and device == "cpu":
-        lines.append("  no GPU on this machine: the speed is the CPU's; run --estimate on a GPU node of the cluster")
-    if args.address and not spec["max_concurrent"]:
-        lines.append("  --address: one training at a time assumed; pass --max-concurrent N (trainings the cluster "
-                     "runs at once, e.g. its nodes)")
-    return Estimate("\n".join(lines), trainings, wall, hours)
-
-
-def _span(values: list, fmt) -> str:
-    """'5' or '3-5 s': the lowest and highest of sorted values, formatted."""
-    low, high = fmt(values[0]), fmt(values[-1])
-    if low == high:
-        return low
-    unit = " s" if low.endswith(" s") else ""
-    return f"{low.removesuffix(unit)}-{high}"
-
-
-def _share(x: float) -> str:
-    return f"{x:.0%}"
-
-
-def _count(x: float) -> str:
-    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if x >= div:
-            return f"{x / div:.3g}{suffix}"
-    return f"{x:.3g}"
-
-
-def _seconds(s: float) -> str:
-    return f"{s:.2g} s" if s < 10 else f"{s:.0f} s"
-
-
-def _duration(s: float) -> str:
-    return f"{s:.0f} s" if s < 90 else f"{s / 60:.0f} min" if s < 5400 else f"{s / 3600:.1f} h"
-
-
-def _hours(h: float) -> str:
-    return f"{h:.2g}" if h < 10 else f"{h:,.0f}"
-
-
 def _reuse_actors(spec: dict, dashboard: bool) -> bool:
     """A one-worker CPU trial runs in its Tune actor: reusing that process for the next trial saves its start
     (Python, torch and the dataset: ~2 s per trial, measured on 2 cores with Ray 2.60). Not where the dashboard
@@ -886,6 +549,7 @@ def main(argv=None) -> int:
         if args.estimate:
             if args.resume:
                 raise ConfigError("--estimate prices a new sweep; for one under way, --status DIR says the time left")
+            from sweeps.estimate import estimate
             print(estimate(build_spec(args), args))
             return 0
         check_address(args.address)   # a cluster that does not answer: before any folder is read or written
@@ -945,7 +609,8 @@ def run(args, spec: dict, output: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        max_concurrent = start_ray(args, spec)
+        max_concurrent = start_ray(args.address, not args.no_dashboard, spec["workers"], spec["gpus_per_worker"],
+                                   spec["ddp"], spec["max_concurrent"], pack_size(spec))
         signal.signal(signal.SIGTERM, on_sigterm)   # again: ray.init installs its own (a native abort with a dump)
         if pack_size(spec) > 1:
             from sweeps.packing import start_servers

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweeps.emm_search import start_ray
+    from sweeps.ray_cluster import start_ray
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
     from sweeps.progress import CheckpointPruner, ExplorePrinter, SweepTensorBoard
@@ -262,8 +262,7 @@ def main(argv=None) -> int:
         optuna.samplers.TPESampler(seed=args.seed)
     started = time.time()
     try:
-        concurrent = start_ray(args, {"workers": 1, "gpus_per_worker": 0, "ddp": False,
-                                      "max_concurrent": args.max_concurrent})
+        concurrent = start_ray(args.address, not args.no_dashboard, max_concurrent=args.max_concurrent)
         concurrent = min(concurrent, args.n_trials)
         print(f"explore {', '.join(spec['factors'])} at |D| = {spec['size']}: {args.n_trials} trainings, "
               f"{concurrent} at once; study {output / STUDY_FILE}", flush=True)

@@ -181,15 +181,16 @@ def write_findings(output: Path, args, state: dict) -> str:
 def estimate_study(study: dict, args) -> str:
     """Every factor's emm_search --estimate, and their sum; the shared ledger can only lower it."""
     from sweeps import emm_search
+    from sweeps.estimate import duration_text, estimate
     figures = []
     for entry in study["factors"]:
         sweep_args = emm_search.parse_args(sweep_argv(study, entry, Path("unused"), Path("unused"), args))
-        figures.append(emm_search.estimate(emm_search.build_spec(sweep_args), sweep_args))
+        figures.append(estimate(emm_search.build_spec(sweep_args), sweep_args))
     (median, worst), (wall, worst_wall) = ([sum(pair) for pair in zip(*(getattr(f, key) for f in figures))]
                                            for key in ("trainings", "wall_seconds"))
     return "\n".join([f.text.splitlines()[0] for f in figures] + [
-        f"study: {median} trainings (median) / {worst} (worst), ~{emm_search._duration(wall)} wall (worst "
-        f"~{emm_search._duration(worst_wall)}), the factors one after another; the shared ledger answers what recurs "
+        f"study: {median} trainings (median) / {worst} (worst), ~{duration_text(wall)} wall (worst "
+        f"~{duration_text(worst_wall)}), the factors one after another; the shared ledger answers what recurs "
         f"(the basic setup in most factors), so the study costs less"])
 
 

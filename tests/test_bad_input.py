@@ -408,9 +408,8 @@ def test_validate_accepts_exactly_the_widths_the_network_builds(mult, blocks):
 LISTENERS = r"""
 import json, os, socket, sys, time
 sys.path.insert(0, sys.argv[1])
-from sweeps import emm_search
-args = emm_search.parse_args([])                    # a local cluster with the dashboard, as a sweep starts it
-emm_search.start_ray(args, {"workers": 1, "gpus_per_worker": 0, "ddp": False, "max_concurrent": None})
+from sweeps.ray_cluster import start_ray
+start_ray(None, dashboard=True)                     # a local cluster with the dashboard, as a sweep starts it
 import psutil, ray                                  # psutil comes with ray
 @ray.remote
 def pid():

@@ -1,0 +1,143 @@
+"""The Ray cluster a sweep runs on: checks before anything is written (this machine's capacity, an --address
+that answers), and starting a local cluster (loopback only, quiet, reaped if the driver dies) or joining one.
+Used by emm_search.py and explore.py."""
+from __future__ import annotations
+
+import logging
+import os
+
+from diffmem.config import ConfigError
+
+
+def check_local_capacity(gpus_per_trial: int, workers_per_trial: int) -> None:
+    """This machine holds one training of the requested size, or the sweep could never place a trial."""
+    if gpus_per_trial:
+        import torch
+        have = torch.cuda.device_count()
+        if have < gpus_per_trial:
+            raise ConfigError(f"--gpus-per-trial {gpus_per_trial} but this machine has {have} GPU"
+                              f"{'s' * (have != 1)}; leave --gpus-per-trial out to train on CPU, or pass --address "
+                              f"of a cluster with GPUs")
+    elif workers_per_trial > (os.cpu_count() or 1):
+        raise ConfigError(f"--workers-per-trial {workers_per_trial} needs {workers_per_trial} CPUs per training but "
+                          f"this machine has {os.cpu_count()}; use --workers-per-trial <= {os.cpu_count()}, or "
+                          f"pass --address of a larger cluster")
+
+
+def check_address(address: str | None) -> None:
+    """--address names a cluster that answers, before anything is written: 'auto' is resolved as ray.init resolves
+    it (RAY_ADDRESS, then the cluster `ray start` recorded on this machine; Ray 2.60's own function), and the
+    host:port must accept a connection (a closed port otherwise makes ray.init retry for minutes). What only
+    ray.init can tell (a wrong Ray version, ...) start_ray turns into one line."""
+    if not address or "://" in address:
+        return
+    given = address
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address_or_die
+        try:
+            address = canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as e:
+            raise ConfigError(f"--address auto found no Ray cluster on this machine ({str(e).split('.')[0]}); start "
+                              f"one with `ray start --head`, or leave --address out for a local one") from None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address} is not host:port (e.g. 10.0.0.1:6379) or 'auto'")
+    import socket
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        where = given if given == address else f"{given} = {address}"
+        raise ConfigError(f"no Ray cluster answers at --address {where} ({why}); start one there with "
+                          f"`ray start --head --port={port}`, or leave --address out for a local one") from None
+
+
+def local_slots(workers: int, gpus_per_worker: int) -> int:
+    """How many trainings of `workers` workers this machine holds at once (its GPUs or its cores)."""
+    if gpus_per_worker:
+        import torch
+        return max(1, torch.cuda.device_count() // workers)
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
+def trials_at_once(max_concurrent: int | None, capacity: int) -> int:
+    """--max-concurrent, at most what the cluster holds (slots x pack size), at least one."""
+    return max(1, min(max_concurrent or capacity, capacity))
+
+
+def loopback_only() -> None:
+    """Have the local cluster about to start listen on 127.0.0.1 only, as Ray 2.60 does on macOS and Windows.
+
+    On Linux Ray takes the machine's address as the node's (ray.init turns _node_ip_address="127.0.0.1" into it,
+    services.resolve_ip_for_localhost) and its servers listen there or on all interfaces: GCS, raylet, object
+    manager, every worker's gRPC server, the dashboard agent and the runtime-env agent. With
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (ray/_private/ray_constants.py ENABLE_RAY_CLUSTER) the node's address
+    is 127.0.0.1 (services.get_node_ip_address) and every one of them binds there
+    (tests/test_bad_input.py::test_a_local_sweeps_ray_listens_on_loopback_only). The constant is read when
+    ray_constants is imported, so it is set both in the environment (the processes Ray starts) and in the
+    imported module. A cluster (--address) is left as its `ray start` made it."""
+    from ray._private import ray_constants
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+class _Drop(logging.Filter):
+    def __init__(self, starts: str):
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record) -> bool:
+        return not record.getMessage().startswith(self.starts)
+
+
+def quiet_ray_start() -> None:
+    """A local Ray's start says two things the sweep says once itself, in its own line (start_ray): the dashboard
+    address and that token authentication is on (Ray logs that warning on every start, then the address)."""
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        _Drop("Token authentication is enabled"))
+    logging.getLogger("ray._private.worker").addFilter(_Drop("Started a local Ray instance"))
+
+
+def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_worker: int = 0, ddp: bool = False,
+              max_concurrent: int | None = None, pack_size: int = 1) -> int:
+    """Connect to the cluster at `address` or start a local one; returns how many trainings of `workers` workers
+    (each with `gpus_per_worker` GPUs, as DDP through Ray Train if `ddp`) run at once: at most max_concurrent,
+    `pack_size` to a slot."""
+    # Tune's new console output prints its banner whatever the verbosity: "Number of trials 9223372036854775807"
+    # (our searcher's unbounded num_samples) and a TensorBoard command into /tmp/ray. Its legacy reporter prints
+    # nothing at verbose=0; the sweep's own lines (ProgressPrinter) say what happens.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # the dashboard's Train tab answers 500 without it (Ray 2.60): DDP trainings' runs and workers listed there
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    import ray
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:   # no cluster, a wrong version, a bad address
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(f"cannot connect to the Ray cluster at --address {address}: {reason}; start one "
+                              f"with `ray start --head`, or leave --address out for a local one") from None
+    else:
+        loopback_only()
+        quiet_ray_start()
+        from sweeps.reaper import start_reaper
+        start_reaper()   # first: a driver killed while Ray starts must not leave Ray's agents running
+        slots = local_slots(workers, gpus_per_worker)
+        context = ray.init(num_cpus=os.cpu_count() or 1,
+                           resources={"trial_slot": slots, "pack_member": slots * pack_size},
+                           include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
+        if dashboard:
+            url = context.dashboard_url or "127.0.0.1:8265"
+            print(f"Ray dashboard: http://{url}  (token auth: header 'Authorization: Bearer' + "
+                  f"~/.ray/auth_token, or start with RAY_AUTH_MODE=disabled)")
+    resources = ray.cluster_resources()
+    if gpus_per_worker:
+        capacity = int(resources.get("GPU", 0)) // workers
+    else:
+        capacity = int(resources.get("CPU", 1)) // workers
+    if ddp:
+        capacity = min(capacity, int(resources.get("trial_slot", 0)))
+        if capacity < 1:
+            raise ConfigError(f"the cluster cannot hold one trial of {workers} workers (resources {resources}); "
+                              f"start nodes with --resources='{{\"trial_slot\": N}}' and enough CPUs/GPUs")
+    return trials_at_once(max_concurrent, capacity * pack_size)
