@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     from sweeps.ray_cluster import start_ray
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
-    from sweeps.progress import CheckpointPruner, ExplorePrinter, SweepTensorBoard
+    from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     output = output.resolve()
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
                                         max_concurrent_trials=concurrent, trial_name_creator=_trial_name,
                                         trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(output),
-                                      verbose=0, callbacks=[ExplorePrinter(spec["epsilon"], METRIC, trial_label),
+                                      verbose=0, callbacks=[ProgressPrinter(spec["epsilon"], label=trial_label),
                                                             SweepTensorBoard(points, [spec["size"]] * 2,
                                                                              "explore: several factors at once"),
                                                             CheckpointPruner()],

@@ -35,8 +35,9 @@ class ProgressPrinter(tune.Callback):
     PROGRESS_EVERY_S, one line on the trainings running (images seen of planned, best ratio so far). Plain
     lines, no colour or carriage returns: they read the same in a log file (OUTPUT/sweep.log)."""
 
-    def __init__(self, epsilon: float, every: float = PROGRESS_EVERY_S):
-        self.epsilon, self.every = epsilon, every
+    def __init__(self, epsilon: float, every: float = PROGRESS_EVERY_S, label=trial_label):
+        """label: a training's name from its trial config (explore.py names its trainings its own way)."""
+        self.epsilon, self.every, self.label = epsilon, every, label
         self.started = self.last_line = time.time()
 
     def __setstate__(self, state: dict) -> None:
@@ -45,6 +46,7 @@ class ProgressPrinter(tune.Callback):
         # console's clock start with this run
         self.epsilon = state["epsilon"]
         self.every = state.get("every", PROGRESS_EVERY_S)
+        self.label = state.get("label", trial_label)
         self.started = self.last_line = time.time()
 
     def _line(self, text: str) -> None:
@@ -65,7 +67,7 @@ class ProgressPrinter(tune.Callback):
             if best is not None:
                 part += (f", best ratio so far "
                          f"{ratio_text(best, r.get('best_mem_ratio_low'), r.get('best_mem_ratio_high'))}")
-            parts.append(f"{trial_name(t)} ({part})")
+            parts.append(f"{self.label(t.config)} ({part})")
         finished = sum(t.status == "TERMINATED" for t in trials)   # before a --resume too
         self._line(f"{finished} trainings finished; running: {'; '.join(parts)}")
 
@@ -78,27 +80,10 @@ class ProgressPrinter(tune.Callback):
         early = ", stopped early" if r.get("images_seen", 0) < r.get("planned_images", 0) else ""
         running = sum(t.status == "RUNNING" and t is not trial for t in trials)
         ratio = ratio_text(best, r.get("best_mem_ratio_low"), r.get("best_mem_ratio_high"))
-        self._line(f"{trial_name(trial):30s} best ratio {ratio}: {verdict}{early} ({running} still running)")
+        self._line(f"{self.label(trial.config):30s} best ratio {ratio}: {verdict}{early} ({running} still running)")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"{trial_name(trial)} failed; its error is in {trial.local_path}")
-
-
-class ExplorePrinter(tune.Callback):
-    """explore.py's console: one line per finished training."""
-
-    def __init__(self, epsilon: float, metric: str, label):
-        self.epsilon, self.metric, self.label, self.started = epsilon, metric, label, time.time()
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        best = (trial.last_result or {}).get(self.metric)
-        if best is not None:
-            verdict = "memorized" if memorized(best, self.epsilon) else "not memorized"
-            print(f"[{time.time() - self.started:6.0f} s] {self.label(trial.config)}: best ratio {best:.3f}, "
-                  f"{verdict}", flush=True)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"{self.label(trial.config)} failed; its error is in {trial.local_path}", flush=True)
+        self._line(f"{self.label(trial.config)} failed; its error is in {trial.local_path}")
 
 
 class CheckpointPruner(tune.Callback):
