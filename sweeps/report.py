@@ -33,6 +33,7 @@ h3 { font-size: 1.05em; margin: 1.2em 0 .4em; }
 .sweeps { display: grid; grid-template-columns: repeat(var(--n), minmax(520px, 1fr)); gap: 2em; overflow-x: auto; }
 .sweep { border-top: 3px solid #4a78b5; padding-top: .6em; min-width: 0; }
 .meta { color: #555; font-size: .9em; margin: .2em 0 .8em; }
+.wide { overflow-x: auto; }   /* a table wider than its column scrolls in it instead of running into the next */
 table.emm { border-collapse: collapse; font-size: .92em; }
 table.emm th, table.emm td { border-bottom: 1px solid #ddd; padding: .25em .6em; text-align: right; }
 table.emm th:first-child, table.emm td:first-child { text-align: left; }
@@ -125,7 +126,7 @@ def _emm_table(emm, epsilon: float) -> str:
                     f"<td>{int(r.trials)}</td><td>{reused}</td><td>{int(r.training_images):,}</td>"
                     f"<td>{float(r.train_seconds):.0f}</td></tr>")
     caption = f"EMM: largest |D| with memorization ratio &ge; {1 - epsilon:.2f}"
-    return (f'<table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table>'
+    return (f'<div class="wide"><table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table></div>'
             f'<p class="meta">{html.escape(spread_note(emm))}</p>')
 
 

@@ -305,8 +305,8 @@ def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
         found = []
         for pid in descendants(proc.pid):
             try:
-                if b"ImplicitFunc" in Path(f"/proc/{pid}/cmdline").read_bytes() and \
-                        Path(os.readlink(f"/proc/{pid}/cwd")).name in saved:
+                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::") and \
+                        Path(os.readlink(f"/proc/{pid}/cwd")).name in saved:   # an actor (its title), in a trial
                     found.append(pid)
             except OSError:   # it ended meanwhile
                 pass
