@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wandb", metavar="PROJECT", help="also log every training, and the EMM table, as W&B runs "
                                                       "of PROJECT (pip install 'diffmem[tracking]')")
     p.add_argument("--mlflow", metavar="URI", help="also log every training, and the EMM table, as MLflow runs at "
-                                                   "the tracking URI (file:///path or http://host:port)")
+                                                   "the tracking URI (sqlite:///path/mlflow.db or http://host:port)")
     return p
 
 

@@ -6,8 +6,9 @@ and every result the training reports (memorization ratio and its running maximu
 loss, lr, images seen). When the sweep has its table, one more run, "<factor> EMM", holds it: emm.csv as a
 table, EMM per grid point, emm.md, emm.png, curves.png. A sweep's runs are grouped under its folder's name (the
 W&B group, the MLflow experiment). W&B's runs are written under OUTPUT/wandb (with WANDB_MODE=offline only
-there; `wandb sync` uploads them later); `--mlflow file:///path` is MLflow's local store, `http://host:5000` a
-tracking server. The packages are an extra: pip install 'diffmem[tracking]'.
+there; `wandb sync` uploads them later); `--mlflow sqlite:///path/mlflow.db` is a local store (MLflow 3
+refuses its old file:// store; check says so before Ray starts), `http://host:5000` a tracking server. The
+packages are an extra: pip install 'diffmem[tracking]'.
 """
 from __future__ import annotations
 
