@@ -29,7 +29,7 @@ from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machin
                             parse_override, parse_value, read_yaml, validate_with_data)
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps import tracking  # noqa: E402
-from sweeps.ray_cluster import check_address, check_local_capacity, start_ray  # noqa: E402
+from sweeps.ray_cluster import check_address, check_local_capacity, start_ray, trial_resources  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 
 PRESETS = ROOT / "experiments" / "presets"
@@ -479,12 +479,8 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, das
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp, named
 
     settings = trial_settings(spec, output, max_concurrent)
-    if spec["ddp"]:   # the trial is a light driver; its Train workers hold the CPUs/GPUs (sweeps/trainable.py)
-        trainable = tune.with_resources(named(emm_trial_ddp, settings), {"cpu": 0, "trial_slot": 1})
-    elif pack_size(spec) > 1:   # a light client of a pack server, which holds the CPU (sweeps/packing.py)
-        trainable = tune.with_resources(named(emm_trial, settings), {"cpu": 0, "pack_member": 1})
-    else:
-        trainable = tune.with_resources(named(emm_trial, settings), {"cpu": 1})
+    trainable = tune.with_resources(named(emm_trial_ddp if spec["ddp"] else emm_trial, settings),
+                                    trial_resources(spec["ddp"], pack_size(spec)))
     experiment = output.resolve() / TUNE_NAME
     if restore:
         resume_in(str(output.resolve()))   # the searcher and its generator follow a moved folder

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    from sweeps.ray_cluster import start_ray
+    from sweeps.ray_cluster import start_ray, trial_resources
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard
@@ -269,7 +269,7 @@ def main(argv=None) -> int:
         searcher = OptunaSearch(metric=METRIC, mode="max", sampler=sampler, study_name=STUDY_NAME,
                                 storage=optuna.storages.RDBStorage(storage_url))
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(trainable_fn, settings=settings), {"cpu": 1}),
+            tune.with_resources(tune.with_parameters(trainable_fn, settings=settings), trial_resources(ddp=False)),
             param_space={name: tune.choice(values) for name, values in spec["space"].items()},
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=args.n_trials,
                                         max_concurrent_trials=concurrent, trial_name_creator=_trial_name,

@@ -82,8 +82,31 @@ class ProgressPrinter(tune.Callback):
         ratio = ratio_text(best, r.get("best_mem_ratio_low"), r.get("best_mem_ratio_high"))
         self._line(f"{self.label(trial.config):30s} best ratio {ratio}: {verdict}{early} ({running} still running)")
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A training failed (its process or its node lost) and Tune runs it again, from its last checkpoint."""
+        r = trial.last_result or {}
+        where = f" on node {r['train_node_ip']} ({r['train_node_id'][:8]})" if r.get("train_node_id") else ""
+        why = _last_error_line(trial)
+        why = f" ({why})" if why else ""
+        saved = trial.latest_checkpoint_result
+        seen = saved.metrics.get("images_seen") if saved is not None else None
+        resume = f"from its checkpoint at {seen:,} images" if seen else "from the start (no checkpoint yet)"
+        self._line(f"{self.label(trial.config)} failed{where}{why}; retry {trial.num_failures} of "
+                   f"{trial.max_failures}, {resume}")
+
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(f"{self.label(trial.config)} failed; its error is in {trial.local_path}")
+
+
+def _last_error_line(trial) -> str:
+    """The last line of a trial's latest error (Tune's error.txt beside its results), e.g. "the actor's node was
+    terminated unexpectedly: health check failed ..."; '' if there is none yet."""
+    try:
+        text = Path(trial.error_file).read_text() if trial.error_file else ""
+    except OSError:
+        text = ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:160] if lines else ""
 
 
 class CheckpointPruner(tune.Callback):
@@ -159,6 +182,11 @@ class SweepTensorBoard(TBXLoggerCallback):
         return {**self.__dict__, "_live": None}
 
 
+# When a node's raylet dies, Ray sends the driver its last 20 log lines, a dump of its internal state (Ray 2.60):
+# they stay in the node's raylet.out; the console keeps the message's own lines.
+RAY_STATE_DUMP = "[state-dump]"
+
+
 class Tee:
     """A console stream that also writes to a log file (OUTPUT/sweep.log): what the user saw, kept."""
 
@@ -166,6 +194,8 @@ class Tee:
         self.stream, self.log = stream, log
 
     def write(self, text: str) -> int:
+        if RAY_STATE_DUMP in text:   # a lost raylet's last log lines, one message: its first line says what happened
+            text = "".join(line for line in text.splitlines(keepends=True) if RAY_STATE_DUMP not in line)
         self.stream.write(text)
         if not self.log.closed:   # Ray's log handler keeps this stream after the sweep has ended
             self.log.write(text)

@@ -109,6 +109,7 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # the dashboard's Train tab answers 500 without it (Ray 2.60): DDP trainings' runs and workers listed there
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
+    os.environ.setdefault("RAY_COLOR_PREFIX", "0")   # Ray's messages on the console (a lost node) without colour codes
     import ray
     if address:
         try:
@@ -123,7 +124,9 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
         from sweeps.reaper import start_reaper
         start_reaper()   # first: a driver killed while Ray starts must not leave Ray's agents running
         slots = local_slots(workers, gpus_per_worker)
-        context = ray.init(num_cpus=os.cpu_count() or 1,
+        # "local": a new cluster even where `ray start` (or a test's cluster) recorded one in /tmp/ray, which a
+        # plain ray.init() would join, and refuse for its num_cpus
+        context = ray.init(address="local", num_cpus=os.cpu_count() or 1,
                            resources={"trial_slot": slots, "pack_member": slots * pack_size},
                            include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False)
         if dashboard:
@@ -135,9 +138,22 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
         capacity = int(resources.get("GPU", 0)) // workers
     else:
         capacity = int(resources.get("CPU", 1)) // workers
-    if ddp:
-        capacity = min(capacity, int(resources.get("trial_slot", 0)))
-        if capacity < 1:
-            raise ConfigError(f"the cluster cannot hold one trial of {workers} workers (resources {resources}); "
-                              f"start nodes with --resources='{{\"trial_slot\": N}}' and enough CPUs/GPUs")
+    capacity = min(capacity, int(resources.get("trial_slot", 0)))   # every training takes a slot (trial_resources)
+    if capacity < 1:
+        raise ConfigError(f"the cluster cannot hold one training of {workers} worker{'s' * (workers > 1)} "
+                          f"(resources {resources}); start its worker nodes with --resources='{{\"trial_slot\": 1}}' "
+                          f"and enough CPUs/GPUs")
     return trials_at_once(max_concurrent, capacity * pack_size)
+
+
+def trial_resources(ddp: bool, pack_size: int = 1) -> dict:
+    """What one Tune trial reserves. Every training takes one `trial_slot`, the custom resource a node offers once
+    per training it can hold (a local cluster: one per core or GPU group; a cluster: one per worker node, and none
+    on the head, so no training lands there). A DDP trial is a light driver whose Ray Train workers hold the
+    CPUs/GPUs (sweeps/trainable.py); a packed trial is a light client of a pack server, which holds the CPU
+    (sweeps/packing.py, local sweeps only); a one-worker trial trains in its own process on one CPU."""
+    if ddp:
+        return {"cpu": 0, "trial_slot": 1}
+    if pack_size > 1:
+        return {"cpu": 0, "pack_member": 1}
+    return {"cpu": 1, "trial_slot": 1}

@@ -24,7 +24,8 @@ EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "seeds", "se
                "train_seconds", "error"]
 TRIAL_COLUMNS = ["grid_label", "value", "size", "seed", "best_mem_ratio", "best_mem_ratio_low",
                  "best_mem_ratio_high", "best_num_samples", "memorized", "stopped_early", "images_seen",
-                 "planned_images", "train_seconds", "step_seconds", "eval_seconds", "trial_id", "status", "error"]
+                 "planned_images", "train_seconds", "step_seconds", "eval_seconds", "train_node_ip", "train_node_id",
+                 "trial_id", "status", "error"]
 
 
 def _atomic(path: Path, write) -> None:
@@ -74,6 +75,8 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                      "train_seconds": r.get("time_total_s", float("nan")),   # the whole trial, as Tune timed it
                      "step_seconds": r.get("step_seconds", float("nan")),   # inside training steps
                      "eval_seconds": r.get("eval_seconds", float("nan")),   # sampling and nearest neighbours
+                     # where it trained last (a retry after a lost node: the node that finished it)
+                     "train_node_ip": r.get("train_node_ip"), "train_node_id": r.get("train_node_id"),
                      "trial_id": r.get("trial_id"),
                      # a restored trial the ledger answered (sweeps.trainable._report_known): trained before
                      "status": "error" if r.get("error") else ("reused" if r.get("from_ledger") == 1 else "done")})

@@ -49,6 +49,15 @@ def trial_logdir(settings: dict, config: dict) -> Path:
     return Path(settings["output"]) / "tensorboard" / training_run(config)
 
 
+def where_this_trains() -> dict:
+    """The Ray node of the process that trains (rank 0's under DDP), reported with every result so trials.csv says
+    where each training ran. Tune's own node_ip is the trial actor's, which a DDP trial's workers need not share;
+    the node id tells apart nodes that share an address."""
+    import ray
+    return {"train_node_id": ray.get_runtime_context().get_node_id(),
+            "train_node_ip": ray.util.get_node_ip_address()}
+
+
 def _restore_into(checkpoint, run_dir: Path) -> None:
     """Copy a reported checkpoint folder back to where diffmem.train looks for it."""
     if checkpoint is None:
@@ -130,12 +139,13 @@ def emm_trial(config: dict, settings: dict) -> None:
     if _report_known(settings, config):
         return
     run_dir = run_dir_of_this_process("trial")
+    node = where_this_trains()
     try:
         _restore_into(tune.get_checkpoint(), run_dir)
 
         def report(metrics: dict, saved: Path | None) -> None:
             checkpoint = tune.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
-            tune.report(metrics, checkpoint=checkpoint)
+            tune.report(metrics | node, checkpoint=checkpoint)
 
         if settings.get("pack_size", 1) > 1:   # trained in a pack by a pack server (sweeps/packing.py)
             from sweeps.packing import train_in_pack
@@ -154,12 +164,13 @@ def _ddp_worker(loop_config: dict) -> None:
     settings, config = loop_config["settings"], loop_config["config"]
     rank = ray.train.get_context().get_world_rank()
     run_dir = run_dir_of_this_process(f"rank{rank}")
+    node = where_this_trains()
     try:
         _restore_into(ray.train.get_checkpoint(), run_dir)
 
         def report(metrics: dict, saved: Path | None) -> None:   # every rank reports; rank 0 holds the checkpoint
             checkpoint = ray.train.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report(metrics | node, checkpoint=checkpoint)
 
         writer = SummaryWriter(str(trial_logdir(settings, config))) if rank == 0 else None
         try:

@@ -1,0 +1,135 @@
+"""A sweep on a real multi-node Ray cluster (issue 13): a head without `trial_slot` and two worker nodes of one
+`trial_slot` and one CPU each, every node its own raylet on this machine (ray.cluster_utils.Cluster, Ray's
+means of testing multi-node code on one host), the sweep run through the CLI with --address. The same
+scheduling, placement and failure paths as separate machines; the file system is shared by construction."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import SEARCH, resumed_trainings
+
+# The head notices a lost node after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5 after
+# a first delay): shorter here so the test waits seconds, not half a minute, for what a real cluster also does.
+FAST_HEALTH_CHECKS = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+                      "health_check_failure_threshold": 3}
+SWEEP = ["--preset", "smoke", "--values", "none"]   # one grid point: a handful of trainings, two at once
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
+                                                            "_system_config": FAST_HEALTH_CHECKS})
+    reset_ray_address()   # the sweeps are given --address; nothing else on this machine must join this cluster
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, resources={"trial_slot": 1})
+    cluster.wait_for_nodes()
+    yield cluster
+    cluster.shutdown()
+
+
+def _sweep(cluster, out: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SEARCH, *SWEEP, "--address", cluster.address, "--output", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out.parent, **popen)
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    """Every result Tune recorded for one trial, in order."""
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("multinode") / "undisturbed"
+    proc = _sweep(cluster, out)
+    console, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, console[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_every_training_runs_on_a_worker_node_and_several_at_once(cluster, undisturbed):
+    trials = pd.read_csv(undisturbed / "trials.csv")
+    trained = trials[trials.status == "done"]
+    workers = {node.node_id for node in cluster.worker_nodes}
+    assert len(trained) >= 2 and trained.train_node_id.notna().all()
+    assert set(trained.train_node_id) <= workers, "a training ran on the head, which offers no trial_slot"
+    assert set(trained.train_node_id) == workers   # both worker nodes trained
+    # at once: two trainings on different nodes whose spans (first result's start .. last result) overlap
+    spans = []
+    for trial in (undisturbed / "tune").iterdir():
+        results = _results(trial)
+        if results:
+            first, last = results[0], results[-1]
+            spans.append((last["train_node_id"], first["timestamp"] - first["time_this_iter_s"], last["timestamp"]))
+    assert any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in spans for b in spans), spans
+
+
+@pytest.mark.slow
+def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_node(cluster, undisturbed,
+                                                                                     tmp_path):
+    import time
+
+    from ray._private import ray_constants
+
+    from sweeps.ledger import Ledger
+    from sweeps.status import sweep_status
+    out = tmp_path / "node-lost"
+    proc = _sweep(cluster, out)
+    nodes = {node.node_id: node for node in cluster.worker_nodes}
+
+    def running_with_checkpoint():
+        """(trial folder, node) of a training that saved a checkpoint and will train on: its last result is not
+        memorized before its planned images (finished trainings' checkpoints are removed, sweeps/disk.py)."""
+        for trial in sorted((out / "tune").glob("*/checkpoint_*")):
+            results = _results(trial.parent)
+            last = results[-1] if results else {}
+            if last.get("train_node_id") in nodes and last["images_seen"] < last["planned_images"] \
+                    and last["best_mem_ratio"] < 0.9:
+                return trial.parent, nodes[last["train_node_id"]]
+        return None
+
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (found := running_with_checkpoint()):
+        time.sleep(0.2)
+    assert found, "no running training with a checkpoint to take its node away from"
+    trial, lost = found
+    lost.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.kill()   # the machine is gone
+    try:
+        deadline = time.time() + 120   # the head notices, Tune retries: the console says so
+        while time.time() < deadline and "retry 1 of" not in (out / "sweep.log").read_text():
+            time.sleep(0.5)
+        status = sweep_status(out)   # what --status says meanwhile
+        console, _ = proc.communicate(timeout=600)
+    finally:
+        cluster.remove_node(lost, allow_graceful=False)   # the rest of its processes
+        cluster.add_node(num_cpus=1, resources={"trial_slot": 1})   # a cluster of two workers again for what follows
+    assert proc.returncode == 0, console[-3000:]
+
+    # the training resumed on the other node from its checkpoint: its images seen never went back
+    results = _results(trial)
+    assert results[-1]["train_node_id"] != lost.node_id and results[-1]["train_node_id"] in nodes
+    seen = [r["images_seen"] for r in results]
+    assert seen == sorted(set(seen)), seen
+    assert resumed_trainings(out) >= 1
+    # the sweep's answer is the undisturbed one
+    columns = ["value", "emm", "low", "high", "censored"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], pd.read_csv(undisturbed / "emm.csv")[columns])
+    # nothing lost or trained twice: one Tune trial per training, and the ledger holds each training that ran
+    trials = pd.read_csv(out / "trials.csv")
+    configs = [json.dumps(_results(t)[-1]["config"], sort_keys=True) for t in (out / "tune").iterdir() if _results(t)]
+    assert len(configs) == len(set(configs))
+    assert len(Ledger(out / "ledger.sqlite")) == (trials.status == "done").sum() == len(configs)
+    # the console: one line of ours on the retry, Ray's own two lines on the node, no state dump, no colour codes
+    retry = re.search(r"random_labels=none\|D\|=(\d+) failed on node [\d.]+ \((\w{8})\) \(the actor's node was "
+                      r"terminated unexpectedly: .*\); retry 1 of 2, from its checkpoint at ([\d,]+) images", console)
+    assert retry and lost.node_id.startswith(retry[2]), console[-3000:]
+    assert "[state-dump]" not in console and "\x1b[" not in console
+    assert "running (" in status   # the retried training is listed as running, at its checkpoint's images
