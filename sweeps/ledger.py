@@ -157,7 +157,7 @@ class Ledger:
                 if row[0] != str(LEDGER_VERSION):
                     raise ConfigError(f"ledger {path} has format version {row[0]}, this code writes "
                                       f"{LEDGER_VERSION}; pass another --ledger path")
-                short = _truncated_by(path)
+                short = _truncated_by(path, db)
                 if short:
                     raise ConfigError(f"ledger {path} is truncated ({short}); {damaged}")
                 problems = [r for (r,) in db.execute("PRAGMA quick_check")]
@@ -196,17 +196,18 @@ class Ledger:
             return db.execute("SELECT COUNT(*) FROM trainings").fetchone()[0]
 
 
-def _truncated_by(path: Path) -> str:
-    """'' if the file is as long as its SQLite header says, else what is missing. Read under a read lock."""
-    with open(path, "rb") as f:
-        header = f.read(100)
-        size = os.fstat(f.fileno()).st_size
-    if len(header) < 100:
+def _truncated_by(path: Path, db: sqlite3.Connection) -> str:
+    """'' if the file is as long as SQLite's page count says (the header's, where it is valid), else what is
+    missing. Asked of SQLite inside the caller's read transaction, with the file's size from stat: opening and
+    closing the file here would drop this process's POSIX locks on it, SQLite's read lock among them, and let a
+    writer commit while quick_check reads (a healthy ledger then looked damaged to a training finishing beside
+    another: bench/driver.py found it)."""
+    size = os.stat(path).st_size
+    page_size = db.execute("PRAGMA page_size").fetchone()[0]
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    if size < 100:
         return f"{size} bytes, less than a SQLite header"
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    if pages and header[24:28] == header[92:96] and size < pages * page_size:   # the header's size is valid
+    if size < pages * page_size:
         return f"{size} of {pages * page_size} bytes"
     if size % page_size:
         return f"{size} bytes, not a whole number of {page_size}-byte pages"

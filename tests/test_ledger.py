@@ -351,3 +351,35 @@ def test_an_empty_truncated_or_foreign_ledger_is_refused_and_left_as_it_is(tmp_p
     assert len(Ledger(intact)) == 200 and Ledger(intact).get("k7")["best_mem_ratio"] == 0.95
     assert intact.read_bytes() == data
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["intact.sqlite", *cases])   # no temporary left
+
+
+def _check_and_write(path: str, seconds: float, writer: int) -> int:
+    """Open (check) and write the ledger at `path` again and again for `seconds`, as trainings finishing beside each
+    other do; returns how often a check took the healthy ledger for a damaged one."""
+    import time
+    cfg = load_config("experiments/digits.yaml").to_dict()
+    refused, end, i = 0, time.time() + seconds, 0
+    while time.time() < end:
+        try:
+            Ledger(path).put(f"w{writer}-{i}", cfg, CONTEXT, METRICS, 1.0)
+        except ConfigError:
+            refused += 1
+        i += 1
+    return refused
+
+
+def test_concurrent_trainings_never_see_a_healthy_ledger_as_damaged(tmp_path):
+    """Three processes open (quick_check) and write one ledger at once: no check may fail. Before the truncation
+    check kept SQLite's read lock (sweeps.ledger._truncated_by), about half of such checks did on a ledger of
+    3,000 records."""
+    import multiprocessing
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path)
+    cfg = json.dumps(load_config("experiments/digits.yaml").to_dict(), sort_keys=True)
+    with sqlite3.connect(path) as db:   # a ledger of some size, so that each quick_check takes a while
+        db.executemany("INSERT INTO trainings VALUES (?, 0.9, 64, 16000, 16000, 1.0, 10, ?, '{}', 'x', 0)",
+                       [(f"old{i}", cfg) for i in range(3000)])
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        refused = pool.starmap(_check_and_write, [(str(path), 6.0, w) for w in range(3)])
+    assert refused == [0, 0, 0]
+    assert len(Ledger(path)) > 3000
