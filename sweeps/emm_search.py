@@ -524,10 +524,12 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
         state = load_experiment_state(str(output.resolve() / TUNE_NAME))
         summary, finished = state.summary(), state.finished
         trials = trials_from_search(summary, frame, spec["epsilon"])
+    # failed trainings have no metrics; keep their last error line (a trial cancelled before it started has no config)
     failed = [{"grid_label": r.config.get("grid_label"), "size": r.config.get("size"),
                "seed": r.config.get("seed_index", 0), "status": "error",
-               "error": str(r.error).strip().splitlines()[-1][:300]} for r in result_grid if r.error is not None]
-    if failed:   # failed trainings have no metrics; keep their last error line
+               "error": str(r.error).strip().splitlines()[-1][:300]}
+              for r in result_grid if r.error is not None and r.config]
+    if failed:
         trials = pd.concat([trials, pd.DataFrame(failed)], ignore_index=True)
     return emm_table(spec["factor"], summary, trials), trials, finished
 

@@ -95,7 +95,7 @@ class ProgressPrinter(tune.Callback):
                    f"{trial.max_failures}, {resume}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(f"{self.label(trial.config)} failed; its error is in {trial.local_path}")
+        self._line(f"{self.label(trial.config)} failed; its error is in {trial.path}")   # OUTPUT/tune/<trial>
 
 
 def _last_error_line(trial) -> str:
