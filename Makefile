@@ -32,6 +32,7 @@ bench: setup   # every benchmark in bench/, figures into bench/results/ (git-ign
 	$(PY) bench/train_step.py --json bench/results/train_step.json
 	$(PY) bench/train_step.py --packed --json bench/results/train_step_packed.json
 	$(PY) bench/sweep.py --preset smoke --json bench/results/sweep.json
+	$(PY) bench/driver.py --points 10 100 1000 --max-trials 1500 --json bench/results/driver.json
 
 clean:   # what setup and the tests made; never results/, runs/ or bench/results/ (what was measured)
 	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

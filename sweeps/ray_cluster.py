@@ -98,6 +98,18 @@ def quiet_ray_start() -> None:
     logging.getLogger("ray._private.worker").addFilter(_Drop("Started a local Ray instance"))
 
 
+def token_auth_hint() -> str:
+    """Why a cluster that answers may still refuse the driver, where that is likely: Ray 2.60's `ray start --head`
+    turns token authentication on when ~/.ray/auth_token exists (and RAY_AUTH_MODE is unset), while ray.init
+    with an explicit address sends the token only with RAY_AUTH_MODE=token. Setting it here for every cluster is
+    no fix: a driver in token mode also refuses the calls of a cluster without authentication."""
+    from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _get_default_token_path
+    if AUTH_MODE_ENV_VAR in os.environ or not _get_default_token_path().is_file():
+        return ""
+    return (f" (a head started by `ray start --head` where {_get_default_token_path()} exists expects that token: "
+            f"set RAY_AUTH_MODE=token)")
+
+
 def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_worker: int = 0, ddp: bool = False,
               max_concurrent: int | None = None, pack_size: int = 1) -> int:
     """Connect to the cluster at `address` or start a local one; returns how many trainings of `workers` workers
@@ -116,8 +128,9 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as e:   # no cluster, a wrong version, a bad address
             reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ConfigError(f"cannot connect to the Ray cluster at --address {address}: {reason}; start one "
-                              f"with `ray start --head`, or leave --address out for a local one") from None
+            raise ConfigError(f"cannot connect to the Ray cluster at --address {address}: {reason}"
+                              f"{token_auth_hint()}; start one with `ray start --head`, or leave --address out "
+                              f"for a local one") from None
     else:
         loopback_only()
         quiet_ray_start()

@@ -45,6 +45,23 @@ def _results(trial_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def _running_with_checkpoint(out: Path, nodes: dict, proc: subprocess.Popen, timeout: float = 300):
+    """(trial folder, node) of a training of the sweep in `out` that saved a checkpoint on one of `nodes` and will
+    train on: its last result is not memorized before its planned images (a finished training's checkpoints are
+    removed, sweeps/disk.py). None if there was none before the sweep ended or the timeout."""
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        for trial in sorted(out.glob("tune/*/checkpoint_*")):
+            results = _results(trial.parent)
+            last = results[-1] if results else {}
+            if last.get("train_node_id") in nodes and last["images_seen"] < last["planned_images"] \
+                    and last["best_mem_ratio"] < 0.9:
+                return trial.parent, nodes[last["train_node_id"]]
+        time.sleep(0.2)
+    return None
+
+
 @pytest.fixture(scope="module")
 def undisturbed(cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("multinode") / "undisturbed"
@@ -85,20 +102,7 @@ def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_n
     proc = _sweep(cluster, out)
     nodes = {node.node_id: node for node in cluster.worker_nodes}
 
-    def running_with_checkpoint():
-        """(trial folder, node) of a training that saved a checkpoint and will train on: its last result is not
-        memorized before its planned images (finished trainings' checkpoints are removed, sweeps/disk.py)."""
-        for trial in sorted((out / "tune").glob("*/checkpoint_*")):
-            results = _results(trial.parent)
-            last = results[-1] if results else {}
-            if last.get("train_node_id") in nodes and last["images_seen"] < last["planned_images"] \
-                    and last["best_mem_ratio"] < 0.9:
-                return trial.parent, nodes[last["train_node_id"]]
-        return None
-
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (found := running_with_checkpoint()):
-        time.sleep(0.2)
+    found = _running_with_checkpoint(out, nodes, proc)
     assert found, "no running training with a checkpoint to take its node away from"
     trial, lost = found
     lost.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.kill()   # the machine is gone
@@ -133,3 +137,36 @@ def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_n
     assert retry and lost.node_id.startswith(retry[2]), console[-3000:]
     assert "[state-dump]" not in console and "\x1b[" not in console
     assert "running (" in status   # the retried training is listed as running, at its checkpoint's images
+
+
+@pytest.mark.slow
+def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(cluster, undisturbed, tmp_path):
+    """The head holds the cluster's state (GCS): without it the driver cannot go on. It exits once it has failed to
+    reach the head for gcs_rpc_server_reconnect_timeout_s (Ray's default 60 s; 5 s here), and --resume with the
+    --address of a new cluster continues the sweep from its folder: the training in flight from its checkpoint."""
+    import time
+
+    from ray._common.utils import reset_ray_address
+    from ray.cluster_utils import Cluster
+    doomed = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 1, "include_dashboard": False,
+        "_system_config": {**FAST_HEALTH_CHECKS, "gcs_rpc_server_reconnect_timeout_s": 5}})
+    reset_ray_address()
+    worker = doomed.add_node(num_cpus=1, resources={"trial_slot": 1})
+    doomed.wait_for_nodes()
+    out = tmp_path / "head-lost"
+    proc = _sweep(doomed, out)
+    try:
+        assert _running_with_checkpoint(out, {worker.node_id: worker}, proc), "no training in flight with a checkpoint"
+        doomed.remove_node(doomed.head_node, allow_graceful=False)   # GCS, the head's raylet and agents
+        lost_at = time.time()
+        console, _ = proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.time() - lost_at < 60, console[-3000:]
+    finally:
+        doomed.remove_node(worker, allow_graceful=False)
+    resumed = subprocess.run([sys.executable, SEARCH, "--resume", str(out), "--address", cluster.address],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    columns = ["value", "emm", "low", "high", "censored"]
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], pd.read_csv(undisturbed / "emm.csv")[columns])
+    assert resumed_trainings(out) >= 1   # the training in flight went on from its checkpoint, not from step 0
