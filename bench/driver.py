@@ -164,7 +164,8 @@ def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict
     BasicVariantGenerator over those configs."""
     from ray.tune.search import BasicVariantGenerator
 
-    from sweeps.emm_search import TUNE_NAME, _reuse_actors, trial_settings
+    from sweeps.emm_search import _reuse_actors
+    from sweeps.spec import TUNE_NAME, trial_settings
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
     from sweeps.ray_cluster import trial_resources
     from sweeps.searcher import EMMSearcher, search_algorithm
@@ -255,7 +256,7 @@ def profile_lines(profiler: cProfile.Profile, trials: int, top: int = 12) -> lis
 def measure(points: int, max_concurrent: int, max_trials: int | None, profile: bool) -> dict:
     """One diffmem run and its baseline at `points` grid points, each in its own temporary folder."""
     from sweeps.bisection import load_experiment_state
-    from sweeps.emm_search import TUNE_NAME
+    from sweeps.spec import TUNE_NAME
     from sweeps.ledger import Ledger
     with tempfile.TemporaryDirectory(prefix="diffmem-driver-") as tmp:
         folder = Path(tmp) / "diffmem"

@@ -31,14 +31,11 @@ from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps import tracking  # noqa: E402
 from sweeps.ray_cluster import check_address, check_local_capacity, start_ray, trial_resources  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
+from sweeps.spec import (LEDGER_FILE, LOG_FILE, SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TENSORBOARD,  # noqa: E402
+                         TUNE_NAME, pack_servers, pack_size, read_spec, sweep_seeds, sweep_tracking,
+                         trial_settings, write_spec)
 
 PRESETS = ROOT / "experiments" / "presets"
-SPEC_FILE = "sweep.json"
-SPEC_FORMAT = "diffmem.emm_search"   # sweep.json's "format": how a folder written by this tool is recognized
-SPEC_VERSION = 2                     # 2: "format" added; ledger version 2 (data fingerprint, device, torch)
-SPEC_KEYS = ("factor", "values", "grid_points", "base", "epsilon", "tolerance", "size_range", "allowed_sizes",
-             "workers", "gpus_per_worker", "ddp", "max_failures", "max_concurrent", "ledger", "no_reuse", "config_file")
-TUNE_NAME = "tune"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -233,22 +230,6 @@ def build_spec(args) -> dict:
             "max_concurrent": args.max_concurrent, "seeds": args.seeds, "pack_size": pack_size}
 
 
-def pack_size(spec: dict) -> int:
-    """Trainings packed per worker (--pack-size, sweep.pack_size; sweeps/packing.py); a sweep.json written before
-    packing had one."""
-    return spec.get("pack_size", 1)
-
-
-def sweep_tracking(spec: dict) -> dict:
-    """--wandb and --mlflow (sweeps/tracking.py); a sweep.json written before them had neither."""
-    return {"wandb": None, "mlflow": None, **spec.get("tracking", {})}
-
-
-def sweep_seeds(spec: dict) -> int:
-    """Training seeds per grid point; a sweep.json written before --seeds had one."""
-    return spec.get("seeds", 1)
-
-
 def _sweep_int(sweep: dict, key: str, where: str) -> int | None:
     """sweep.size_step or sweep.pack_size (default 1), or sweep.max_values (default none) of the config: an
     integer >= 1."""
@@ -274,51 +255,6 @@ def _deep_merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
-
-
-# The types of the keys of sweep.json that --resume, --status and report.py read.
-SPEC_TYPES = {"factor": str, "values": list, "grid_points": list, "base": dict, "epsilon": (int, float),
-              "tolerance": (int, float), "size_range": list, "allowed_sizes": list, "workers": int,
-              "gpus_per_worker": int, "max_failures": int, "max_concurrent": (int, type(None)), "ledger": str,
-              "config_file": str}
-
-
-def read_spec(output: Path, use: str = "resume") -> dict:
-    """The sweep.json of a folder this tool wrote, whole and of this version; else one line (ConfigError).
-    `--resume` checks it before Tune touches the folder: Tune's own files there (tuner.pkl, trial state) are
-    pickles, and unpickling runs code. `use` ("resume", "status", "report") words the fix."""
-    fix = "resume only a folder a sweep wrote (pass its --output folder)" if use == "resume" else \
-        "pass the --output folder of a sweep"
-    path = output / SPEC_FILE
-    if not path.is_file():
-        raise ConfigError(f"{output} is not a sweep folder (no {SPEC_FILE}); pass the --output folder of a sweep")
-    try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        spec, why = None, f"unreadable: {type(e).__name__}"
-    else:
-        why = "no diffmem format key"
-    ours = isinstance(spec, dict) and (spec.get("format") == SPEC_FORMAT or (   # version 1 had no format key
-        "format" not in spec and spec.get("version") == 1 and {"factor", "grid_points", "base"} <= set(spec)))
-    if not ours:
-        raise ConfigError(f"{path} was not written by diffmem's emm_search ({why}); {fix}")
-    if spec.get("version") != SPEC_VERSION and use == "resume":   # --status and report.py only read the folder
-        raise ConfigError(f"{path} was written by another version of emm_search (format {spec.get('version')}); "
-                          f"start a new sweep")
-    missing = [k for k in SPEC_KEYS if k not in spec]
-    if missing:
-        raise ConfigError(f"{path} is incomplete (no '{missing[0]}'); "
-                          + ("start a new sweep" if use == "resume" else "it cannot be read"))
-    wrong = [k for k, t in SPEC_TYPES.items() if not isinstance(spec[k], t) or isinstance(spec[k], bool)]
-    if not wrong and not all(isinstance(p, dict) and "label" in p for p in spec["grid_points"]):
-        wrong = ["grid_points"]
-    seeds = sweep_seeds(spec)
-    if not wrong and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
-        wrong = ["seeds"]
-    if wrong:
-        raise ConfigError(f"{path} is damaged ('{wrong[0]}' is {json.dumps(spec[wrong[0]], default=str)[:60]}); "
-                          + ("start a new sweep" if use == "resume" else "it cannot be read"))
-    return spec
 
 
 def check_new_output(output: Path) -> None:
@@ -434,18 +370,6 @@ def _remove_empty(folder: Path) -> None:
         pass
 
 
-def write_spec(output: Path, spec: dict) -> None:
-    output.mkdir(parents=True, exist_ok=True)
-    tmp = output / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(spec, indent=1, default=str))
-    os.replace(tmp, output / SPEC_FILE)
-
-
-def pack_servers(spec: dict, trainings: int) -> int:
-    """Pack servers for `trainings` at once: one per slot, each training up to pack_size (sweeps/packing.py)."""
-    return -(-trainings // pack_size(spec))
-
-
 STOPPED, STOPPED_BY_SIGTERM = 130, 143   # exit statuses of a sweep stopped before its end (128 + signal number)
 def _reuse_actors(spec: dict, dashboard: bool) -> bool:
     """A one-worker CPU trial runs in its Tune actor: reusing that process for the next trial saves its start
@@ -453,16 +377,6 @@ def _reuse_actors(spec: dict, dashboard: bool) -> bool:
     runs: it names an actor once, after its start, by the training it began with (sweeps.trainable.named).
     GPU and DDP trials get a fresh actor each, as Ray advises for GPU trials."""
     return not dashboard and not spec["ddp"] and not spec["gpus_per_worker"]
-
-
-def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
-    """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once; "no_reuse": never answer
-    from the ledger."""
-    return {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
-            "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
-            "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
-            "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
-            "pack_servers": pack_servers(spec, trainings)}
 
 
 def started(output: Path) -> bool:
@@ -564,7 +478,7 @@ def main(argv=None) -> int:
             tracking.check(spec["tracking"])
             output = Path(args.output) if args.output else default_folder("results", spec["factor"])
             check_new_output(output)
-            spec["ledger"] = str(Path(args.ledger or output / "ledger.sqlite").expanduser().resolve())
+            spec["ledger"] = str(Path(args.ledger or output / LEDGER_FILE).expanduser().resolve())
             spec["no_reuse"] = args.no_reuse
             spec["output"] = str(output.resolve())   # where it was made: --resume follows a moved folder
             if os.path.lexists(spec["ledger"]):
@@ -586,7 +500,7 @@ def main(argv=None) -> int:
         return 2
 
     from sweeps.progress import Tee
-    with open(output / "sweep.log", "a") as log:   # the console, kept beside the results (appended on --resume)
+    with open(output / LOG_FILE, "a") as log:   # the console, kept beside the results (appended on --resume)
         sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
         try:
             return run(args, spec, output)
@@ -619,7 +533,7 @@ def run(args, spec: dict, output: Path) -> int:
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
               + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
               f"output {output}")
-        print(f"TensorBoard: tensorboard --logdir {output.resolve() / 'tensorboard'}", flush=True)
+        print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}", flush=True)
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
         restore = bool(args.resume) and started(output)
         tuner = make_tuner(spec, output, max_concurrent, restore=restore, dashboard=not args.no_dashboard)

@@ -43,7 +43,7 @@ def estimate(spec: dict, args) -> Estimate:
     from diffmem.train import measure_speed
     from diffmem.evaluate import sequential_test
     from sweeps.bisection import EMMSearchState, simulate
-    from sweeps.emm_search import pack_size, sweep_seeds, trial_settings
+    from sweeps.spec import pack_size, sweep_seeds, trial_settings
     from sweeps.trainable import trial_config
 
     workers, gpu = spec["workers"], bool(spec["gpus_per_worker"])

@@ -132,7 +132,7 @@ def _emm_table(emm, epsilon: float) -> str:
 
 def sweep_section(output: Path) -> str:
     import pandas as pd
-    from sweeps.emm_search import read_spec
+    from sweeps.spec import read_spec
     spec = read_spec(output, "report")   # a garbage, foreign or incomplete sweep.json is one line
     factor, epsilon = spec["factor"], spec["epsilon"]
     parts = [f"<h2>{html.escape(factor)}</h2>",

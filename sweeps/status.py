@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeps.results import interval_of, ratio_text, seed_emm_text
+from sweeps.spec import TENSORBOARD, TUNE_NAME, read_spec
 from sweeps.tblog import trial_label
 
-TUNE_DIR = "tune"
 IDLE_AFTER_S = 600      # no file of the sweep changed for this long: nothing is running
 
 
@@ -65,7 +65,7 @@ def _read_json_lines(path: Path) -> list[dict]:
 def read_trials(output: Path) -> dict[str, TrialRecord]:
     """Every trial Tune started, by trial id: config from params.json, last report from result.json, status
     from the newest experiment snapshot."""
-    tune_dir = output / TUNE_DIR
+    tune_dir = output / TUNE_NAME
     trials: dict[str, TrialRecord] = {}
     for params in sorted(tune_dir.glob("*/params.json")):
         trial_id = params.parent.name.rsplit("_", 1)[-1]
@@ -123,7 +123,7 @@ def last_activity(output: Path) -> float | None:
     """Newest modification time among the files a running sweep keeps writing (Tune's snapshots, trial
     results, the trainings' TensorBoard events); None if there are none."""
     newest = None
-    patterns = [f"{TUNE_DIR}/*", f"{TUNE_DIR}/*/result.json", "tensorboard/*/D=*/events.*"]
+    patterns = [f"{TUNE_NAME}/*", f"{TUNE_NAME}/*/result.json", f"{TENSORBOARD}/*/D=*/events.*"]
     for pattern in patterns:
         for path in output.glob(pattern):
             try:
@@ -187,7 +187,6 @@ def _seed_lines(replicate: dict, bracket, seed: int | None) -> list[str]:
 def sweep_status(output: str | Path, now: float | None = None) -> str:
     """The status report of the sweep in `output` (what `--status DIR` prints)."""
     output = Path(output)
-    from sweeps.emm_search import read_spec
     spec = read_spec(output, "status")   # a garbage, foreign or incomplete sweep.json is one line
     now = time.time() if now is None else now
     epsilon, tolerance = spec["epsilon"], spec["tolerance"]
@@ -201,7 +200,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
         from sweeps.bisection import EMMSearchState
         from sweeps.bisection import load_experiment_searcher
         try:
-            saved = load_experiment_searcher(str(output / TUNE_DIR))
+            saved = load_experiment_searcher(str(output / TUNE_NAME))
             state = EMMSearchState.from_dict(saved["state"])
             # answered by the ledger without a Tune trial (a restored trial that found its record is a Tune
             # trial marked from_ledger instead)

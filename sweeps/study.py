@@ -32,6 +32,7 @@ from diffmem.config import ConfigError, read_yaml  # noqa: E402
 from sweeps.factors import get_factor  # noqa: E402
 from sweeps.findings import DIRECTIONS, factor_result, write_page  # noqa: E402
 from sweeps.results import _atomic  # noqa: E402
+from sweeps.spec import LEDGER_FILE, SPEC_FILE  # noqa: E402
 
 STATE_FILE = "study.json"
 STATE_FORMAT, STATE_VERSION = "diffmem.study", 1
@@ -223,14 +224,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ledger = output / "ledger.sqlite"
+    ledger = output / LEDGER_FILE
     for entry in study["factors"]:
         name = entry["factor"]
         mine = state["factors"].setdefault(name, {"done": False, "seconds": 0.0})
         if mine["done"]:
             continue
         folder = output / name
-        resume = (folder / "sweep.json").is_file()
+        resume = (folder / SPEC_FILE).is_file()
         print(f"study: {'resuming' if resume else 'starting'} {name} ({folder})", flush=True)
         start = time.time()
         rc = run_sweep(["--resume", str(folder)] if resume else sweep_argv(study, entry, folder, ledger, args))

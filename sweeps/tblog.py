@@ -23,6 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
+from sweeps.spec import TENSORBOARD
+
 SIZE_KEY = "|D|"
 GRID_KEY = "grid point"
 SEED_KEY = "seed"
@@ -32,7 +34,7 @@ SUMMARY_RUN = "summary"
 
 
 def tensorboard_dir(output: str | Path) -> Path:
-    return Path(output) / "tensorboard"
+    return Path(output) / TENSORBOARD
 
 
 def hparam_value(value):

@@ -19,7 +19,7 @@ from diffmem.train import CHECKPOINT, train
 from sweeps.disk import run_dir_of_this_process
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.results import interval_of
-from sweeps.tblog import end_session, start_session, trial_label, training_run
+from sweeps.tblog import end_session, start_session, tensorboard_dir, trial_label, training_run
 
 
 def trial_config(settings: dict, config: dict):
@@ -46,7 +46,7 @@ def trial_key(settings: dict, config: dict) -> tuple[str, dict, dict]:
 def trial_logdir(settings: dict, config: dict) -> Path:
     """Where a trial's TensorBoard events and sample grids go: OUTPUT/tensorboard/<grid point>/D=<size>[_seed=<s>]
     (sweeps.tblog.training_run)."""
-    return Path(settings["output"]) / "tensorboard" / training_run(config)
+    return tensorboard_dir(settings["output"]) / training_run(config)
 
 
 def where_this_trains() -> dict:

@@ -19,6 +19,7 @@ import sweeps.explore as explore
 import sweeps.report as report
 from diffmem.config import ConfigError, load_config
 from diffmem.networks import SongUNet
+from sweeps.spec import write_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "experiments" / "digits.yaml")
@@ -48,7 +49,7 @@ def _sweep_folder(tmp) -> Path:
     from sweeps.ledger import Ledger
     spec = emm_search.build_spec(emm_search.parse_args(["--preset", "smoke"]))
     spec.update(ledger=str(tmp / "s" / "ledger.sqlite"), no_reuse=False)
-    emm_search.write_spec(tmp / "s", spec)
+    write_spec(tmp / "s", spec)
     Ledger(spec["ledger"])
     (tmp / "s" / "tune").mkdir()
     return tmp / "s"

@@ -248,7 +248,7 @@ def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):
     """KnownResults (the searcher's lookup, in the driver) finds what a finished trial put, and --no-reuse
     (settings["no_reuse"]) never answers from the ledger, not even a restored trial (_report_known)."""
     import sweeps.trainable as trainable
-    from sweeps.emm_search import trial_settings
+    from sweeps.spec import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
     spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
             "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}

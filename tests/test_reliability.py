@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 import sweeps.emm_search as emm_search
+from sweeps.spec import trial_settings, write_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = str(ROOT / "sweeps" / "emm_search.py")
@@ -68,7 +69,7 @@ def _resume_with_empty_ledger(tmp):
     """A sweep folder whose ledger a crash truncated to 0 bytes: its records are gone; never start afresh."""
     spec = emm_search.build_spec(emm_search.parse_args(["--preset", "smoke"]))
     spec.update(ledger=str(tmp / "s" / "ledger.sqlite"), no_reuse=False)
-    emm_search.write_spec(tmp / "s", spec)
+    write_spec(tmp / "s", spec)
     _crafted_tune(tmp / "s")
     (tmp / "s" / "ledger.sqlite").write_bytes(b"")
     return ["--resume", str(tmp / "s")]
@@ -147,7 +148,7 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
     spec = emm_search.build_spec(emm_search.parse_args(args))
     spec.update(ledger=str(ledger), no_reuse=False)
     config = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {}, "size": 10}
-    key, resolved, context = trial_key(emm_search.trial_settings(spec, tmp_path), config)
+    key, resolved, context = trial_key(trial_settings(spec, tmp_path), config)
     made_up = {"best_mem_ratio": 0.123, "best_num_samples": 64, "images_seen": 16000, "planned_images": 16000}
     Ledger(ledger).put(key, resolved, context, made_up, 1.0)
 

@@ -152,7 +152,7 @@ def test_seed_s_trains_with_train_seed_plus_s_and_seed_0_is_the_one_seed_trainin
 
 def test_the_ledger_key_differs_by_seed_and_seed_0_is_a_one_seed_sweeps_training(tmp_path):
     import sweeps.trainable as trainable
-    from sweeps.emm_search import trial_settings
+    from sweeps.spec import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
     spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
             "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}
@@ -167,7 +167,7 @@ def test_the_ledger_key_differs_by_seed_and_seed_0_is_a_one_seed_sweeps_training
 
 def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_mostly_the_new_seeds(tmp_path):
     import sweeps.trainable as trainable
-    from sweeps.emm_search import trial_settings
+    from sweeps.spec import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
     spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
             "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}

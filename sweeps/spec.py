@@ -1,0 +1,105 @@
+"""The sweep as data: its spec (OUTPUT/sweep.json, everything that defines it, read back whole and of this version
+by --resume, --status and report.py), its folder's layout (README, "What a sweep leaves where"), and what every
+trial of it gets (trial_settings). Written by sweeps/emm_search.py; no Ray, no torch."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from diffmem.config import ConfigError
+
+# The sweep folder: OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/, tune/ (Tune's).
+SPEC_FILE = "sweep.json"
+LOG_FILE = "sweep.log"
+LEDGER_FILE = "ledger.sqlite"
+TENSORBOARD = "tensorboard"
+TUNE_NAME = "tune"
+
+SPEC_FORMAT = "diffmem.emm_search"   # sweep.json's "format": how a folder written by this tool is recognized
+SPEC_VERSION = 2                     # 2: "format" added; ledger version 2 (data fingerprint, device, torch)
+SPEC_KEYS = ("factor", "values", "grid_points", "base", "epsilon", "tolerance", "size_range", "allowed_sizes",
+             "workers", "gpus_per_worker", "ddp", "max_failures", "max_concurrent", "ledger", "no_reuse", "config_file")
+
+
+def pack_size(spec: dict) -> int:
+    """Trainings packed per worker (--pack-size, sweep.pack_size; sweeps/packing.py); a sweep.json written before
+    packing had one."""
+    return spec.get("pack_size", 1)
+
+
+def sweep_tracking(spec: dict) -> dict:
+    """--wandb and --mlflow (sweeps/tracking.py); a sweep.json written before them had neither."""
+    return {"wandb": None, "mlflow": None, **spec.get("tracking", {})}
+
+
+def sweep_seeds(spec: dict) -> int:
+    """Training seeds per grid point; a sweep.json written before --seeds had one."""
+    return spec.get("seeds", 1)
+
+
+# The types of the keys of sweep.json that --resume, --status and report.py read.
+SPEC_TYPES = {"factor": str, "values": list, "grid_points": list, "base": dict, "epsilon": (int, float),
+              "tolerance": (int, float), "size_range": list, "allowed_sizes": list, "workers": int,
+              "gpus_per_worker": int, "max_failures": int, "max_concurrent": (int, type(None)), "ledger": str,
+              "config_file": str}
+
+
+def read_spec(output: Path, use: str = "resume") -> dict:
+    """The sweep.json of a folder this tool wrote, whole and of this version; else one line (ConfigError).
+    `--resume` checks it before Tune touches the folder: Tune's own files there (tuner.pkl, trial state) are
+    pickles, and unpickling runs code. `use` ("resume", "status", "report") words the fix."""
+    fix = "resume only a folder a sweep wrote (pass its --output folder)" if use == "resume" else \
+        "pass the --output folder of a sweep"
+    path = output / SPEC_FILE
+    if not path.is_file():
+        raise ConfigError(f"{output} is not a sweep folder (no {SPEC_FILE}); pass the --output folder of a sweep")
+    try:
+        spec = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        spec, why = None, f"unreadable: {type(e).__name__}"
+    else:
+        why = "no diffmem format key"
+    ours = isinstance(spec, dict) and (spec.get("format") == SPEC_FORMAT or (   # version 1 had no format key
+        "format" not in spec and spec.get("version") == 1 and {"factor", "grid_points", "base"} <= set(spec)))
+    if not ours:
+        raise ConfigError(f"{path} was not written by diffmem's emm_search ({why}); {fix}")
+    if spec.get("version") != SPEC_VERSION and use == "resume":   # --status and report.py only read the folder
+        raise ConfigError(f"{path} was written by another version of emm_search (format {spec.get('version')}); "
+                          f"start a new sweep")
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ConfigError(f"{path} is incomplete (no '{missing[0]}'); "
+                          + ("start a new sweep" if use == "resume" else "it cannot be read"))
+    wrong = [k for k, t in SPEC_TYPES.items() if not isinstance(spec[k], t) or isinstance(spec[k], bool)]
+    if not wrong and not all(isinstance(p, dict) and "label" in p for p in spec["grid_points"]):
+        wrong = ["grid_points"]
+    seeds = sweep_seeds(spec)
+    if not wrong and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
+        wrong = ["seeds"]
+    if wrong:
+        raise ConfigError(f"{path} is damaged ('{wrong[0]}' is {json.dumps(spec[wrong[0]], default=str)[:60]}); "
+                          + ("start a new sweep" if use == "resume" else "it cannot be read"))
+    return spec
+
+
+def write_spec(output: Path, spec: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    tmp = output / f".{SPEC_FILE}.tmp"
+    tmp.write_text(json.dumps(spec, indent=1, default=str))
+    os.replace(tmp, output / SPEC_FILE)
+
+
+def pack_servers(spec: dict, trainings: int) -> int:
+    """Pack servers for `trainings` at once: one per slot, each training up to pack_size (sweeps/packing.py)."""
+    return -(-trainings // pack_size(spec))
+
+
+def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
+    """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once; "no_reuse": never answer
+    from the ledger."""
+    return {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
+            "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
+            "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
+            "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
+            "pack_servers": pack_servers(spec, trainings)}
