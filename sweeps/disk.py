@@ -4,7 +4,7 @@ A training writes its files into a temporary run folder of its own process (run_
 each checkpoint to Tune, which keeps the latest in the trial's folder OUTPUT/tune/<trial>/checkpoint_* (and Ray
 Train's in OUTPUT/train/train_<trial id>/ for a DDP training). A checkpoint is needed only while its training
 may still resume; once the training finished, its result is in the ledger and nothing reads the checkpoint
-again, so the sweep removes it (sweeps.progress.CheckpointPruner). Standard library only: the reaper uses this.
+again, so the sweep empties its folder (sweeps.progress.CheckpointPruner). Standard library only: the reaper uses this.
 """
 from __future__ import annotations
 
@@ -47,10 +47,17 @@ def _alive(pid: int) -> bool:
 
 
 def remove_checkpoints(folder: Path) -> int:
-    """Remove the checkpoint folders directly in `folder` (a finished trial's); returns how many."""
-    removed = 0
+    """Empty the checkpoint folders directly in `folder` (a finished trial's); returns how many. The folders stay:
+    a driver killed after a training finished but before Tune saved that, restores the trial on --resume from
+    its latest checkpoint folder, and Tune refuses one that is gone; the restored trial then answers from the
+    ledger before it reads anything there (sweeps.trainable._report_known)."""
+    emptied = 0
     for checkpoint in Path(folder).glob(CHECKPOINT_DIRS):
         if checkpoint.is_dir():
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            removed += 1
-    return removed
+            for entry in checkpoint.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+            emptied += 1
+    return emptied

@@ -59,13 +59,16 @@ def where_this_trains() -> dict:
 
 
 def _restore_into(checkpoint, run_dir: Path) -> None:
-    """Copy a reported checkpoint folder back to where diffmem.train looks for it."""
+    """Copy a reported checkpoint folder back to where diffmem.train looks for it. One the sweep emptied (its
+    training had finished, sweeps/disk.py) holds nothing: the training starts afresh (only with --no-reuse does
+    a finished training get this far)."""
     if checkpoint is None:
         return
     with checkpoint.as_directory() as d:
         target = run_dir / CHECKPOINT
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(Path(d) / target.name, target)
+        if (Path(d) / target.name).is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(d) / target.name, target)
 
 
 def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bool) -> None:

@@ -138,7 +138,7 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     assert "| none |" in stdout and "| unique |" in stdout
     assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
     # every training finished: none keeps a checkpoint (issue 15.8), while Tune's record of each trial stays
-    assert list(out.glob("tune/*/result.json")) and not list(out.glob("tune/*/checkpoint_*"))
+    assert list(out.glob("tune/*/result.json")) and not list(out.glob("tune/*/checkpoint_*/*"))
     # the console says nothing false (issue 15.4): no trial count of 2**63 - 1, TensorBoard pointed at the sweep's own
     assert "Number of trials" not in stdout and "driver_artifacts" not in stdout, stdout[:3000]
     assert f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}" in stdout
@@ -369,7 +369,8 @@ def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp
 
 
 def test_a_finished_trainings_checkpoints_are_removed_and_nothing_else(tmp_path):
-    """Issue 15.8: what CheckpointPruner removes from a finished trial's folder: Tune's checkpoint_* folders only."""
+    """Issue 15.8: what CheckpointPruner removes from a finished trial's folder: what Tune's checkpoint_* folders
+    hold, and nothing else (the empty folders stay, for a restore after a killed driver)."""
     from sweeps.disk import remove_checkpoints
     trial = tmp_path / "width=8_D=20_abc"
     for name in ("checkpoint_000003", "checkpoint_000004"):
@@ -378,5 +379,7 @@ def test_a_finished_trainings_checkpoints_are_removed_and_nothing_else(tmp_path)
     for name in ("result.json", "params.json", "checkpoint_notes.txt"):
         (trial / name).write_text("{}")
     assert remove_checkpoints(trial) == 2
-    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_notes.txt", "params.json", "result.json"]
+    assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000003", "checkpoint_000004",
+                                                       "checkpoint_notes.txt", "params.json", "result.json"]
+    assert not list(trial.glob("checkpoint_*/*"))
     assert remove_checkpoints(tmp_path / "no such trial") == 0
