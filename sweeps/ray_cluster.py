@@ -104,10 +104,10 @@ def token_auth_hint() -> str:
     with an explicit address sends the token only with RAY_AUTH_MODE=token. Setting it here for every cluster is
     no fix: a driver in token mode also refuses the calls of a cluster without authentication."""
     from ray._private.authentication.authentication_token_setup import AUTH_MODE_ENV_VAR, _get_default_token_path
-    if AUTH_MODE_ENV_VAR in os.environ or not _get_default_token_path().is_file():
+    token = _get_default_token_path()
+    if AUTH_MODE_ENV_VAR in os.environ or not token.is_file():
         return ""
-    return (f" (a head started by `ray start --head` where {_get_default_token_path()} exists expects that token: "
-            f"set RAY_AUTH_MODE=token)")
+    return f" (a head started by `ray start --head` where {token} exists expects that token: set RAY_AUTH_MODE=token)"
 
 
 def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_worker: int = 0, ddp: bool = False,
@@ -161,10 +161,11 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
 
 def trial_resources(ddp: bool, pack_size: int = 1) -> dict:
     """What one Tune trial reserves. Every training takes one `trial_slot`, the custom resource a node offers once
-    per training it can hold (a local cluster: one per core or GPU group; a cluster: one per worker node, and none
-    on the head, so no training lands there). A DDP trial is a light driver whose Ray Train workers hold the
-    CPUs/GPUs (sweeps/trainable.py); a packed trial is a light client of a pack server, which holds the CPU
-    (sweeps/packing.py, local sweeps only); a one-worker trial trains in its own process on one CPU."""
+    per training it can hold (a local cluster: one per core or GPU group; a cluster: one per node, and a node
+    started without one, such as the AWS and KubeRay heads, gets no training). A DDP trial is a light driver
+    whose Ray Train workers hold the CPUs/GPUs (sweeps/trainable.py); a packed trial is a light client of a pack
+    server, which holds the CPU (sweeps/packing.py, local sweeps only); a one-worker trial trains in its own
+    process on one CPU."""
     if ddp:
         return {"cpu": 0, "trial_slot": 1}
     if pack_size > 1:
