@@ -48,7 +48,7 @@ def _results(trial_dir: Path) -> list[dict]:
 def _running_with_checkpoint(out: Path, nodes: dict, proc: subprocess.Popen, timeout: float = 300):
     """(trial folder, node) of a training of the sweep in `out` that saved a checkpoint on one of `nodes` and will
     train on: its last result is not memorized before its planned images (a finished training's checkpoints are
-    removed, sweeps/disk.py). None if there was none before the sweep ended or the timeout."""
+    emptied, sweeps/disk.py). None if there was none before the sweep ended or the timeout."""
     import time
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
