@@ -3,6 +3,7 @@
     python sweeps/study.py experiments/studies/digits.yaml              # output results/study-digits
     python sweeps/study.py experiments/studies/digits.yaml --estimate   # what the whole study would cost
     python sweeps/study.py experiments/studies/digits.yaml --page       # the findings page of what is finished
+    python sweeps/study.py experiments/studies/digits.yaml --factors ema,epochs   # only these now
 
 Each factor is exactly an emm_search.py sweep (run as one, in its own process) into OUTPUT/<factor>/, all of them
 with --ledger OUTPUT/ledger.sqlite: a training that recurs across factors (the basic setup, at each size and seed
@@ -92,6 +93,17 @@ def read_study(path: Path) -> dict:
 def config_path(study_file: Path, study: dict) -> Path:
     """The study's config, named relative to the study file (so a moved checkout continues its study)."""
     return (study_file.parent / study["config"]).resolve()
+
+
+def chosen(study: dict, names: str | None) -> list[dict]:
+    """The study's factors that --factors names (all without it), in the study's order."""
+    known = [entry["factor"] for entry in study["factors"]]
+    wanted = [n.strip() for n in names.split(",") if n.strip()] if names is not None else known
+    unknown = [n for n in wanted if n not in known]
+    if unknown or not wanted:
+        raise ConfigError(f"--factors {names!r}: {unknown[0] if unknown else 'nothing'} is not a factor of the "
+                          f"study; choose from {', '.join(known)}")
+    return [entry for entry in study["factors"] if entry["factor"] in wanted]
 
 
 def sweep_argv(study: dict, entry: dict, folder: Path, ledger: Path, args) -> list[str]:
@@ -203,13 +215,16 @@ def main(argv=None) -> int:
     p.add_argument("--estimate", action="store_true", help="print what the study would cost and exit")
     p.add_argument("--page", action="store_true", help="rewrite findings.md and findings.png from the factors "
                    "finished so far, train nothing")
+    p.add_argument("--factors", help="comma-separated factors of the study to run now, in the study's order (the "
+                   "others stay as they are, and the page shows all); default all")
     p.add_argument("--max-concurrent", type=int,
                    help="trainings at once in each sweep (default: what the machine holds)")
     args = p.parse_args(argv)
     try:
         study = read_study(Path(args.study))
+        factors = chosen(study, args.factors)
         if args.estimate:
-            print(estimate_study(study, args))
+            print(estimate_study({**study, "factors": factors}, args))
             return 0
         output = (Path(args.output) if args.output else
                   default_folder("results", f"study-{Path(args.study).stem}", stamp=False)).resolve()
@@ -225,7 +240,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     ledger = output / LEDGER_FILE
-    for entry in study["factors"]:
+    for entry in factors:
         name = entry["factor"]
         mine = state["factors"].setdefault(name, {"done": False, "seconds": 0.0})
         if mine["done"]:
@@ -243,11 +258,14 @@ def main(argv=None) -> int:
         write_findings(output, args, state)
         if rc != 0:
             print(f"study: {name} stopped (exit {rc}); the same command continues: "
-                  f"python sweeps/study.py {args.study}" + (f" --output {args.output}" if args.output else ""),
+                  f"python sweeps/study.py {args.study}" + (f" --output {args.output}" if args.output else "")
+                  + (f" --factors {args.factors}" if args.factors else ""),
                   file=sys.stderr)
             return rc
     summary = write_findings(output, args, state)
-    print(f"\nstudy: {len(study['factors'])} factors in {state['seconds'] / 3600:.1f} h; {output / 'findings.md'}\n")
+    done = sum(bool(f.get("done")) for f in state["factors"].values())
+    print(f"\nstudy: {done} of {len(study['factors'])} factors finished, {state['seconds'] / 3600:.1f} h; "
+          f"{output / 'findings.md'}\n")
     print(summary)
     return 0
 

@@ -91,6 +91,19 @@ def test_a_bad_study_file_is_one_line_and_exit_2(tmp_path, change, words):
     assert not (tmp_path / "out").exists()
 
 
+def test_factors_picks_the_named_factors_in_the_studys_order_and_refuses_others(tmp_path):
+    study = write_study(tmp_path / "study.yaml")
+    from sweeps.study import chosen, read_study
+    assert [e["factor"] for e in chosen(read_study(study), "time_embedding, class_labels")] == \
+        ["class_labels", "time_embedding"]
+    assert [e["factor"] for e in chosen(read_study(study), None)] == ["class_labels", "time_embedding"]
+    proc = subprocess.run([sys.executable, STUDY, str(study), "--output", str(tmp_path / "out"), "--factors",
+                           "class_labels,widht"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "widht is not a factor of the study; choose from class_labels, time_embedding" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_study_continues_only_with_its_own_study_file(tmp_path):
     from diffmem.config import ConfigError
     from sweeps.study import read_state, read_study, write_state
