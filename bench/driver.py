@@ -165,13 +165,14 @@ def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict
     from ray.tune.search import BasicVariantGenerator
 
     from sweeps.emm_search import _reuse_actors
-    from sweeps.spec import TUNE_NAME, trial_settings
+    from sweeps.spec import TUNE_NAME, sweep_here, trial_settings
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
     from sweeps.ray_cluster import trial_resources
     from sweeps.searcher import EMMSearcher, search_algorithm
     from sweeps.trainable import KnownResults, named
 
     settings = trial_settings(spec, folder, max_concurrent)
+    sweep_here(str(folder))
     trainable = tune.with_resources(named(simulated_trial, settings), trial_resources(False, 1))
     stopper = StopAfter(max_trials) if max_trials and configs is None else None
     run_config = tune.RunConfig(

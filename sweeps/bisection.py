@@ -67,10 +67,8 @@ from __future__ import annotations
 
 import bisect
 import copy
-import glob
 import json
 import math
-import os
 from dataclasses import dataclass
 
 FORMAT_VERSION = 1
@@ -641,21 +639,24 @@ SAVE_FORMAT, SAVE_VERSION = "diffmem.EMMSearcher", 1
 SEARCHER_STATE_FILES = "searcher-state-*.pkl"   # Ray's Searcher.CKPT_FILE_TMPL (tests/test_searcher.py pins it)
 
 
-def load_experiment_searcher(experiment_dir: str) -> dict:
-    """What EMMSearcher saved in the newest snapshot of a Tune experiment dir (searcher-state-<time>.pkl, which
-    holds our JSON): "state", "reused" (the [bracket index, size] the ledger answered without a trial;
-    EMMSearchState.replicate gives the bracket's grid index and seed), ..."""
-    paths = glob.glob(os.path.join(experiment_dir, SEARCHER_STATE_FILES))
-    if not paths:
-        raise FileNotFoundError(f"no searcher state in {experiment_dir}")
-    with open(max(paths)) as f:         # the timestamped names sort in time order (as Ray picks them)
-        saved = json.load(f)
+def load_experiment_searcher(experiment: str) -> dict:
+    """What EMMSearcher saved in the newest snapshot of a Tune experiment (searcher-state-<time>.pkl, which
+    holds our JSON), an absolute path or a --storage URI (sweeps/storage.py): "state", "reused" (the [bracket
+    index, size] the ledger answered without a trial; EMMSearchState.replicate gives the bracket's grid index
+    and seed), ..."""
+    from sweeps.storage import children, filesystem, read_text
+    fs, path = filesystem(experiment)
+    found = children(fs, path, SEARCHER_STATE_FILES)
+    if not found:
+        raise FileNotFoundError(f"no searcher state in {experiment}")
+    newest = found[-1][0]                # the timestamped names sort in time order (as Ray picks them)
+    saved = json.loads(read_text(fs, newest) or "null")
     if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
-        raise ValueError(f"{max(paths)} was not written by EMMSearcher")
+        raise ValueError(f"{newest} was not written by EMMSearcher")
     return saved
 
 
-def load_experiment_state(experiment_dir: str) -> EMMSearchState:
-    """The search state of the newest snapshot in a Tune experiment dir. Use it after
+def load_experiment_state(experiment: str) -> EMMSearchState:
+    """The search state of the newest snapshot in a Tune experiment (a path or URI). Use it after
     `Tuner.restore(...).fit()`, where the restored searcher object is not reachable through Ray's public API."""
-    return EMMSearchState.from_dict(load_experiment_searcher(experiment_dir)["state"])
+    return EMMSearchState.from_dict(load_experiment_searcher(experiment)["state"])

@@ -4,7 +4,8 @@ A training writes its files into a temporary run folder of its own process (run_
 each checkpoint to Tune, which keeps the latest in the trial's folder OUTPUT/tune/<trial>/checkpoint_* (and Ray
 Train's in OUTPUT/train/train_<trial id>/ for a DDP training). A checkpoint is needed only while its training
 may still resume; once the training finished, its result is in the ledger and nothing reads the checkpoint
-again, so the sweep empties its folder (sweeps.progress.CheckpointPruner). Standard library only: the reaper uses this.
+again, so the sweep empties its folder (sweeps.progress.CheckpointPruner, sweeps.storage.empty_checkpoints).
+Standard library only: the reaper uses this.
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-
-CHECKPOINT_DIRS = "checkpoint_*"   # Tune's and Ray Train's name for a reported checkpoint's folder
 
 
 def run_dir_of_this_process(kind: str) -> Path:
@@ -44,20 +43,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:   # another user's process
         return True
     return True
-
-
-def remove_checkpoints(folder: Path) -> int:
-    """Empty the checkpoint folders directly in `folder` (a finished trial's); returns how many. The folders stay:
-    a driver killed after a training finished but before Tune saved that, restores the trial on --resume from
-    its latest checkpoint folder, and Tune refuses one that is gone; the restored trial then answers from the
-    ledger before it reads anything there (sweeps.trainable._report_known)."""
-    emptied = 0
-    for checkpoint in Path(folder).glob(CHECKPOINT_DIRS):
-        if checkpoint.is_dir():
-            for entry in checkpoint.iterdir():
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
-                    entry.unlink(missing_ok=True)
-            emptied += 1
-    return emptied

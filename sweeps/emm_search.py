@@ -32,8 +32,8 @@ from sweeps import tracking  # noqa: E402
 from sweeps.ray_cluster import check_address, check_local_capacity, start_ray, trial_resources  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 from sweeps.spec import (LEDGER_FILE, LOG_FILE, SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TENSORBOARD,  # noqa: E402
-                         TUNE_NAME, pack_servers, pack_size, read_spec, sweep_seeds, sweep_tracking,
-                         trial_settings, write_spec)
+                         TUNE_NAME, pack_servers, pack_size, read_spec, sweep_here, sweep_seeds, sweep_storage,
+                         sweep_tracking, trial_settings, write_spec)
 
 PRESETS = ROOT / "experiments" / "presets"
 
@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1,
                    help="training seeds per grid point (default 1): one search each, seed s trains with "
                         "train.seed + s; the EMM is their median, with their spread")
+    p.add_argument("--storage", metavar="URI", help="keep Tune's trials (checkpoints, Ray Train runs) on storage "
+                   "every node reaches, e.g. s3://bucket/sweeps (pyarrow's file systems); the ledger, TensorBoard and "
+                   "results stay in --output. Default: all in --output")
     p.add_argument("--ledger", help="results ledger shared across sweeps (default OUTPUT/ledger.sqlite)")
     p.add_argument("--no-reuse", action="store_true", help="train again even what the ledger already holds")
     p.add_argument("--pack-size", type=int, metavar="K",
@@ -293,7 +296,7 @@ RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config"
                 "workers_per_trial": "--workers-per-trial", "gpus_per_trial": "--gpus-per-trial",
                 "max_failures": "--max-failures", "ledger": "--ledger", "no_reuse": "--no-reuse",
                 "output": "--output", "seeds": "--seeds", "pack_size": "--pack-size", "wandb": "--wandb",
-                "mlflow": "--mlflow"}
+                "mlflow": "--mlflow", "storage": "--storage"}
 
 
 def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
@@ -306,7 +309,8 @@ def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
            "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
            "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
            "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec),
-           "pack_size": pack_size(spec), **{k: v or "none" for k, v in sweep_tracking(spec).items()}}
+           "pack_size": pack_size(spec), "storage": sweep_storage(spec) or "none",
+           **{k: v or "none" for k, v in sweep_tracking(spec).items()}}
     flags = [dest for dest in RESUME_FIXED if dest in given]
     if flags:
         said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
@@ -326,6 +330,18 @@ def moved_here(output: Path, spec: dict) -> None:
     spec["ledger"], spec["output"] = relocated(spec["ledger"], made, here), here
     write_spec(output, spec)
     print(f"sweep folder moved from {made}: resuming it here")
+
+
+def check_storage(uri: str | None, packed: int) -> str | None:
+    """--storage: a URI pyarrow opens, and no packs (a pack server writes its trainings' TensorBoard runs into
+    the sweep folder)."""
+    if uri is None:
+        return None
+    from sweeps.storage import check_uri
+    if packed > 1:
+        raise ConfigError("--pack-size > 1 needs the sweep folder on storage every node shares; drop --storage, "
+                          "or --pack-size")
+    return check_uri(uri)
 
 
 def check_ledger_writable(path: str) -> None:
@@ -379,31 +395,36 @@ def _reuse_actors(spec: dict, dashboard: bool) -> bool:
     return not dashboard and not spec["ddp"] and not spec["gpus_per_worker"]
 
 
-def started(output: Path) -> bool:
-    """Tune saved the sweep's experiment in OUTPUT/tune, so --resume restores it (else it starts it)."""
+def started(spec: dict, output: Path) -> bool:
+    """Tune saved the sweep's experiment (OUTPUT/tune, or URI/tune), so --resume restores it (else it starts it)."""
     from ray import tune
-    return tune.Tuner.can_restore(str(output.resolve() / TUNE_NAME))
+
+    from sweeps.storage import experiment
+    return tune.Tuner.can_restore(experiment(spec, output))
 
 
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, dashboard: bool = False):
     from ray import tune
 
-    from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
-    from sweeps.searcher import EMMSearcher, resume_in, search_algorithm
+    from sweeps.progress import (CheckpointPruner, FromStorage, ProgressPrinter, SweepTensorBoard, trial_dirname,
+                                 trial_name)
+    from sweeps.searcher import EMMSearcher, search_algorithm
+    from sweeps.storage import experiment, root
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp, named
 
     settings = trial_settings(spec, output, max_concurrent)
     trainable = tune.with_resources(named(emm_trial_ddp if spec["ddp"] else emm_trial, settings),
                                     trial_resources(spec["ddp"], pack_size(spec)))
-    experiment = output.resolve() / TUNE_NAME
+    sweep_here(str(output.resolve()), sweep_storage(spec))   # what tuner.pkl's objects follow (a moved folder)
     if restore:
-        resume_in(str(output.resolve()))   # the searcher and its generator follow a moved folder
-        return tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True, resume_errored=True)
+        return tune.Tuner.restore(experiment(spec, output), trainable=trainable, resume_unfinished=True,
+                                  resume_errored=True)
     run_config = tune.RunConfig(
-        name=TUNE_NAME, storage_path=str(output.resolve()), verbose=0,
+        name=TUNE_NAME, storage_path=root(sweep_storage(spec), output), verbose=0,
         callbacks=[ProgressPrinter(spec["epsilon"]),
                    SweepTensorBoard(spec["grid_points"], spec["size_range"],
                                     f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec)),
+                   *([FromStorage(settings)] if sweep_storage(spec) else []),
                    CheckpointPruner(), *tracking.callbacks(sweep_tracking(spec), output)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
@@ -429,13 +450,14 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
     import pandas as pd
     from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
     from sweeps.bisection import load_experiment_state
+    from sweeps.storage import experiment
     frame = result_grid.get_dataframe()
     if spec["factor"] == "data_size":
         trials = trials_table(frame, [{"label": "data_size", "value": None}], spec["epsilon"])
         summary = [curve_summary("data_size", "curve", trials, spec["epsilon"])]
         finished = set(spec["values"]) <= set(trials.loc[trials.status != "error", "size"])
     else:
-        state = load_experiment_state(str(output.resolve() / TUNE_NAME))
+        state = load_experiment_state(experiment(spec, output))
         summary, finished = state.summary(), state.finished
         trials = trials_from_search(summary, frame, spec["epsilon"])
     # failed trainings have no metrics; keep their last error line (a trial cancelled before it started has no config)
@@ -476,6 +498,7 @@ def main(argv=None) -> int:
             spec = build_spec(args)
             spec["tracking"] = {"wandb": args.wandb, "mlflow": args.mlflow}
             tracking.check(spec["tracking"])
+            spec["storage"] = check_storage(args.storage, pack_size(spec))
             output = Path(args.output) if args.output else default_folder("results", spec["factor"])
             check_new_output(output)
             spec["ledger"] = str(Path(args.ledger or output / LEDGER_FILE).expanduser().resolve())
@@ -535,7 +558,7 @@ def run(args, spec: dict, output: Path) -> int:
               f"output {output}")
         print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}", flush=True)
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
-        restore = bool(args.resume) and started(output)
+        restore = bool(args.resume) and started(spec, output)
         tuner = make_tuner(spec, output, max_concurrent, restore=restore, dashboard=not args.no_dashboard)
         result_grid = tuner.fit()
         emm, trials, finished = collect(spec, output, result_grid)

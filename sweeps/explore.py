@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     from sweeps.ray_cluster import start_ray, trial_resources
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
-    from sweeps.spec import LEDGER_FILE
+    from sweeps.spec import LEDGER_FILE, sweep_here
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -255,6 +255,7 @@ def main(argv=None) -> int:
     settings = {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output), "early_stop": False,
                 "workers": 1, "gpus_per_worker": 0, "threads_per_worker": 1, "ledger": ledger, "max_failures": 1,
                 "factors": spec["factors"], "size": spec["size"], "label_classes": spec["label_classes"]}
+    sweep_here(str(output))   # SweepTensorBoard's folder
     base_cfg = from_dict(spec["base"])
     points = [{"label": trial_label(dict(zip(spec["space"], combo))),
                "overrides": trial_overrides(dict(zip(spec["space"], combo)), base_cfg, spec["label_classes"])}

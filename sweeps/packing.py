@@ -125,7 +125,7 @@ class PackServer:
             def report(metrics: dict, saved: Path | None) -> None:
                 self._emit(key, ("report", metrics, saved.read_bytes() if saved is not None else None))
 
-            writer = SummaryWriter(str(trial_logdir(settings, config)))
+            writer = SummaryWriter(str(trial_logdir(settings, config, run_dir)))   # no --storage with packs
             begin_training(config, writer)
             self.members[key] = (None, None, writer, run_dir, settings, config)
             run = prepare_member(Member(trial_config(settings, config), run_dir, report, writer, log=lambda *_: None))

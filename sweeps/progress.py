@@ -112,15 +112,60 @@ def _last_error_line(trial) -> str:
 class CheckpointPruner(tune.Callback):
     """A finished training's checkpoints are removed as it ends: it is in the ledger and Tune never runs a finished
     trial again, so nothing reads them (sweeps/disk.py). A failed training keeps its own: the retry, or --resume
-    after a stop, continues from them."""
+    after a stop, continues from them. Through the trial's storage: the sweep folder or --storage."""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeps.disk import remove_checkpoints
+        from sweeps.spec import TRAIN_NAME
+        from sweeps.storage import empty_checkpoints, join
         try:   # disk hygiene: a failure here must not fail the sweep
-            remove_checkpoints(Path(trial.path))
-            remove_checkpoints(Path(trial.storage.experiment_fs_path).parent / "train" / f"train_{trial.trial_id}")
+            fs = trial.storage.storage_filesystem
+            empty_checkpoints(fs, trial.storage.trial_fs_path)
+            empty_checkpoints(fs, join(trial.storage.storage_fs_path, TRAIN_NAME, f"train_{trial.trial_id}"))
         except Exception as e:
             logger.warning("could not remove the checkpoints of %s: %s", trial, e)
+
+
+class FromStorage(tune.Callback):
+    """With --storage (sweeps/storage.py) the trials write nothing into the sweep folder; as each training ends,
+    this records it in the ledger (from its last report and the driver's own ledger key) and brings its
+    TensorBoard run from URI/tensorboard into OUTPUT/tensorboard. Before CheckpointPruner in the callbacks."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+
+    def _settings(self) -> dict:
+        """The settings with where the sweep folder is now (a moved folder, sweeps.spec.sweep_here)."""
+        from sweeps.spec import here
+        from sweeps.trainable import relocated
+        output, _ = here()
+        old = self.settings["output"]
+        if output is None or output == old:
+            return self.settings
+        return {**self.settings, "output": output, "ledger": relocated(self.settings["ledger"], old, output)}
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        settings, result = self._settings(), trial.last_result or {}
+        if result.get("best_mem_ratio") is not None and not result.get("from_ledger") and settings.get("ledger"):
+            from sweeps.ledger import Ledger
+            from sweeps.trainable import trial_key
+            key, resolved, context = trial_key(settings, trial.config)
+            Ledger(settings["ledger"]).put(key, resolved, context, result, result["step_seconds"])
+        self._bring_tensorboard(settings, trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._bring_tensorboard(self._settings(), trial)   # what it wrote up to its last checkpoint
+
+    @staticmethod
+    def _bring_tensorboard(settings: dict, trial) -> None:
+        from sweeps.spec import TENSORBOARD
+        from sweeps.storage import download, filesystem, join
+        from sweeps.tblog import tensorboard_dir, training_run
+        try:   # TensorBoard is for watching: a failure here must not fail the sweep
+            fs, path = filesystem(settings["storage"])
+            download(fs, join(path, TENSORBOARD, training_run(trial.config)),
+                     tensorboard_dir(settings["output"]) / training_run(trial.config))
+        except Exception as e:
+            logger.warning("could not bring the TensorBoard run of %s from %s: %s", trial, settings["storage"], e)
 
 
 class SweepTensorBoard(TBXLoggerCallback):
@@ -130,8 +175,8 @@ class SweepTensorBoard(TBXLoggerCallback):
     themselves (sweeps/tblog.py). This writes the HParams experiment when the first training starts and one
     point of memorization ratio against |D| per grid point as each training finishes (tensorboard/summary).
 
-    The sweep folder is found from the trials (beside their Tune experiment), not kept: this object is pickled
-    into tune/tuner.pkl and comes back from there on --resume, also when the folder was moved or copied."""
+    The sweep folder is the driver's (sweeps.spec.here), not kept: this object is pickled into tune/tuner.pkl and
+    comes back from there on --resume, also when the folder was moved or copied."""
 
     def __init__(self, grid_points: list, size_range, description: str = "", seeds: int = 1):
         # Tune's logger state is not set up: none of its methods runs (all three hooks are replaced)
@@ -143,11 +188,12 @@ class SweepTensorBoard(TBXLoggerCallback):
         pass
 
     def _open(self, trial) -> None:
-        """The summary writer of the sweep folder that holds `trial`'s experiment (OUTPUT/tune)."""
+        """The summary writer of the sweep folder."""
         if getattr(self, "_live", None) is not None:
             return
+        from sweeps.spec import here
         from sweeps.tblog import LiveSummary, write_experiment
-        output = str(Path(trial.storage.experiment_fs_path).parent)
+        output, _ = here()
         self._live = LiveSummary(output)
         try:   # TensorBoard is for watching: a failure here must not fail the sweep
             # unpickled from the tuner.pkl of a sweep before --seeds: one seed

@@ -34,17 +34,6 @@ from sweeps.bisection import SAVE_FORMAT, SAVE_VERSION, EMMSearchState
 logger = logging.getLogger(__name__)
 
 
-_resumed_in: str | None = None   # where the sweep folder being resumed is now (resume_in)
-
-
-def resume_in(output: str) -> None:
-    """Before Tuner.restore(...).fit() of the sweep folder `output`: Tune restores the searcher and its generator
-    in this process from tuner.pkl and their saved states, which hold absolute paths of where the sweep was made.
-    Tune follows a moved folder for the trials it restores, not for these two; they read this instead."""
-    global _resumed_in
-    _resumed_in = output
-
-
 def search_algorithm(searcher: "EMMSearcher", max_concurrent: int) -> SearchGenerator:
     """What Tune would wrap the searcher in for TuneConfig(max_concurrent_trials=N), with a generator that
     follows a moved sweep folder (SweepSearchGenerator)."""
@@ -56,14 +45,17 @@ class SweepSearchGenerator(SearchGenerator):
     saved (SearchGenerator.set_state), with the storage path of where the sweep folder then was: the trials it
     creates after a moved or copied folder is resumed write their checkpoints there and fail ("Unable to set up
     cluster storage ... storage_fs_path=<old path>"), and their grid points would end unresolved. The restored
-    Experiment's storage is pointed at where the folder is now."""
+    Experiment's storage is pointed at where the folder (or --storage) is now (sweeps.spec.here)."""
 
     def set_state(self, state: dict) -> None:
+        from sweeps.spec import here
+        from sweeps.storage import filesystem, root
         super().set_state(state)
-        if _resumed_in is not None and self._experiment is not None:
-            for storage in {id(s): s for s in (self._experiment.storage, self._experiment.spec.get("storage"))
-                            if s is not None}.values():
-                storage.storage_fs_path = _resumed_in
+        output, storage = here()
+        if output is not None and self._experiment is not None:
+            for s in {id(s): s for s in (self._experiment.storage, self._experiment.spec.get("storage"))
+                      if s is not None}.values():
+                s.storage_fs_path = filesystem(root(storage, output))[1]
 
 
 class EMMSearcher(Searcher):
@@ -167,8 +159,10 @@ class EMMSearcher(Searcher):
         with open(checkpoint_path) as f:
             self.load_dict(json.load(f))
         # the ledger lookup was unpickled with the paths of where the sweep was made (a moved or copied folder)
-        if _resumed_in is not None and hasattr(self.known_results, "moved_to"):
-            self.known_results.moved_to(_resumed_in)
+        from sweeps.spec import here
+        output, _ = here()
+        if output is not None and hasattr(self.known_results, "moved_to"):
+            self.known_results.moved_to(output)
 
     # ---- helpers ----
     def probe_config(self, bracket: int, size: int) -> dict:

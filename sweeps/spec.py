@@ -9,12 +9,29 @@ from pathlib import Path
 
 from diffmem.config import ConfigError
 
-# The sweep folder: OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/, tune/ (Tune's).
+# The sweep folder: OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/, tune/ (Tune's),
+# train/ (Ray Train's runs of DDP trainings); with --storage URI, tune/ and train/ are there (sweeps/storage.py).
 SPEC_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
 LEDGER_FILE = "ledger.sqlite"
 TENSORBOARD = "tensorboard"
 TUNE_NAME = "tune"
+TRAIN_NAME = "train"
+
+_here: dict = {"output": None, "storage": None}
+
+
+def sweep_here(output: str, storage: str | None = None) -> None:
+    """Where this driver's sweep folder is (and its --storage), set before Tune starts or restores the sweep: the
+    searcher, its generator and the callbacks come back from tune/tuner.pkl holding where the folder was made,
+    and read this instead, so a moved or copied folder resumes."""
+    _here.update(output=output, storage=storage)
+
+
+def here() -> tuple[str | None, str | None]:
+    """(sweep folder, --storage URI or None) of this driver (sweep_here)."""
+    return _here["output"], _here["storage"]
+
 
 SPEC_FORMAT = "diffmem.emm_search"   # sweep.json's "format": how a folder written by this tool is recognized
 SPEC_VERSION = 2                     # 2: "format" added; ledger version 2 (data fingerprint, device, torch)
@@ -31,6 +48,12 @@ def pack_size(spec: dict) -> int:
 def sweep_tracking(spec: dict) -> dict:
     """--wandb and --mlflow (sweeps/tracking.py); a sweep.json written before them had neither."""
     return {"wandb": None, "mlflow": None, **spec.get("tracking", {})}
+
+
+def sweep_storage(spec: dict) -> str | None:
+    """--storage: the URI of the sweep's Tune experiment (sweeps/storage.py); None: the sweep folder (a sweep.json
+    written before --storage had none)."""
+    return spec.get("storage")
 
 
 def sweep_seeds(spec: dict) -> int:
@@ -77,6 +100,9 @@ def read_spec(output: Path, use: str = "resume") -> dict:
     seeds = sweep_seeds(spec)
     if not wrong and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         wrong = ["seeds"]
+    storage = sweep_storage(spec)
+    if not wrong and storage is not None and not (isinstance(storage, str) and "://" in storage):
+        wrong = ["storage"]
     if wrong:
         raise ConfigError(f"{path} is damaged ('{wrong[0]}' is {json.dumps(spec[wrong[0]], default=str)[:60]}); "
                           + ("start a new sweep" if use == "resume" else "it cannot be read"))
@@ -102,4 +128,5 @@ def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
             "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
             "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
             "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
+            "storage": sweep_storage(spec),
             "pack_servers": pack_servers(spec, trainings)}

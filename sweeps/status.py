@@ -15,7 +15,6 @@ times the mean training time so far, shared among the trainings that run at once
 """
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
@@ -25,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeps.results import interval_of, ratio_text, seed_emm_text
-from sweeps.spec import TENSORBOARD, TUNE_NAME, read_spec
+from sweeps.spec import TENSORBOARD, read_spec
+from sweeps.storage import children, experiment, filesystem, read_text
 from sweeps.tblog import trial_label
 
 IDLE_AFTER_S = 600      # no file of the sweep changed for this long: nothing is running
@@ -48,13 +48,9 @@ class TrialRecord:
     extra: dict = field(default_factory=dict)
 
 
-def _read_json_lines(path: Path) -> list[dict]:
+def _read_json_lines(text: str | None) -> list[dict]:
     rows = []
-    try:
-        text = path.read_text()
-    except OSError:
-        return rows
-    for line in text.splitlines():
+    for line in (text or "").splitlines():
         try:
             rows.append(json.loads(line))
         except ValueError:
@@ -62,26 +58,26 @@ def _read_json_lines(path: Path) -> list[dict]:
     return rows
 
 
-def read_trials(output: Path) -> dict[str, TrialRecord]:
+def read_trials(experiment: str) -> dict[str, TrialRecord]:
     """Every trial Tune started, by trial id: config from params.json, last report from result.json, status
-    from the newest experiment snapshot."""
-    tune_dir = output / TUNE_NAME
+    from the newest experiment snapshot. `experiment`: the Tune experiment's path or --storage URI."""
+    fs, tune_dir = filesystem(experiment)
     trials: dict[str, TrialRecord] = {}
-    for params in sorted(tune_dir.glob("*/params.json")):
-        trial_id = params.parent.name.rsplit("_", 1)[-1]
+    for folder, _ in children(fs, tune_dir, folders=True):
+        trial_id = folder.rsplit("/", 1)[-1].rsplit("_", 1)[-1]
         try:
-            config = json.loads(params.read_text())
+            config = json.loads(read_text(fs, f"{folder}/params.json") or "")
         except ValueError:
             continue
         record = TrialRecord(trial_id, config.get("grid_label"), config.get("size"), trial_label(config))
-        results = _read_json_lines(params.parent / "result.json")
+        results = _read_json_lines(read_text(fs, f"{folder}/result.json"))
         if results:
             _take_result(record, results[-1])
         trials[trial_id] = record
-    snapshots = sorted(glob.glob(str(tune_dir / "experiment_state-*.json")))
+    snapshots = children(fs, tune_dir, "experiment_state-*.json")
     if snapshots:
         try:
-            state = json.loads(Path(snapshots[-1]).read_text())
+            state = json.loads(read_text(fs, snapshots[-1][0]) or "")
         except ValueError:
             state = {"trial_data": []}
         for meta_text, runtime_text in state.get("trial_data", []):
@@ -119,18 +115,20 @@ def ledger_seconds(path: str | None) -> list[float]:
         return []
 
 
-def last_activity(output: Path) -> float | None:
-    """Newest modification time among the files a running sweep keeps writing (Tune's snapshots, trial
-    results, the trainings' TensorBoard events); None if there are none."""
-    newest = None
-    patterns = [f"{TUNE_NAME}/*", f"{TUNE_NAME}/*/result.json", f"{TENSORBOARD}/*/D=*/events.*"]
-    for pattern in patterns:
-        for path in output.glob(pattern):
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                continue
-            newest = mtime if newest is None else max(newest, mtime)
+def last_activity(experiment: str, output: Path) -> float | None:
+    """Newest modification time among the files a running sweep keeps writing (Tune's snapshots and trial
+    results in its experiment, a path or --storage URI; the trainings' TensorBoard events); None if none."""
+    fs, tune_dir = filesystem(experiment)
+    times = [mtime for _, mtime in children(fs, tune_dir)]
+    times += [mtime for folder, _ in children(fs, tune_dir, folders=True)
+              for _, mtime in children(fs, folder, "result.json")]
+    for path in output.glob(f"{TENSORBOARD}/*/D=*/events.*"):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:
+            continue
+    times = [t for t in times if t is not None]
+    newest = max(times) if times else None
     return newest
 
 
@@ -190,7 +188,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     spec = read_spec(output, "status")   # a garbage, foreign or incomplete sweep.json is one line
     now = time.time() if now is None else now
     epsilon, tolerance = spec["epsilon"], spec["tolerance"]
-    trials = read_trials(output)
+    trials = read_trials(experiment(spec, output))
     running = [t for t in trials.values() if t.status in ("RUNNING", "PENDING")]
     done = [t for t in trials.values() if t.status == "TERMINATED" and t.best_mem_ratio is not None]
     failed = [t for t in trials.values() if t.status == "ERROR"]
@@ -200,7 +198,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
         from sweeps.bisection import EMMSearchState
         from sweeps.bisection import load_experiment_searcher
         try:
-            saved = load_experiment_searcher(str(output / TUNE_NAME))
+            saved = load_experiment_searcher(experiment(spec, output))
             state = EMMSearchState.from_dict(saved["state"])
             # answered by the ledger without a Tune trial (a restored trial that found its record is a Tune
             # trial marked from_ledger instead)
@@ -208,7 +206,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
         except (FileNotFoundError, ValueError, KeyError, TypeError):
             state, searcher_reused = None, []
 
-    activity = last_activity(output)
+    activity = last_activity(experiment(spec, output), output)
     table = output / "emm.csv"
     finished_search = state.finished if state is not None else (
         spec["factor"] == "data_size" and len({t.size for t in done}) >= len(spec["values"]))

@@ -19,6 +19,8 @@ from diffmem.train import CHECKPOINT, train
 from sweeps.disk import run_dir_of_this_process
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.results import interval_of
+from sweeps.spec import TENSORBOARD, TRAIN_NAME
+from sweeps.storage import filesystem, join, root, upload
 from sweeps.tblog import end_session, start_session, tensorboard_dir, trial_label, training_run
 
 
@@ -43,10 +45,22 @@ def trial_key(settings: dict, config: dict) -> tuple[str, dict, dict]:
     return training_key(resolved, context), resolved, context
 
 
-def trial_logdir(settings: dict, config: dict) -> Path:
+def trial_logdir(settings: dict, config: dict, run_dir: Path) -> Path:
     """Where a trial's TensorBoard events and sample grids go: OUTPUT/tensorboard/<grid point>/D=<size>[_seed=<s>]
-    (sweeps.tblog.training_run)."""
+    (sweeps.tblog.training_run); with --storage, the training's run folder, from which share_tensorboard sends
+    them to the storage (the sweep folder is the driver's alone, sweeps/storage.py)."""
+    if settings.get("storage"):
+        return run_dir / TENSORBOARD
     return tensorboard_dir(settings["output"]) / training_run(config)
+
+
+def share_tensorboard(settings: dict, config: dict, writer, logdir: Path) -> None:
+    """With --storage: the training's TensorBoard run so far, to URI/tensorboard/<run>, at each checkpoint and at
+    its end; the driver brings it into OUTPUT/tensorboard (sweeps.progress.FromStorage)."""
+    if settings.get("storage") and writer is not None:
+        writer.flush()
+        fs, path = filesystem(settings["storage"])
+        upload(logdir, fs, join(path, TENSORBOARD, training_run(config)))
 
 
 def where_this_trains() -> dict:
@@ -71,11 +85,19 @@ def _restore_into(checkpoint, run_dir: Path) -> None:
             shutil.copy2(Path(d) / target.name, target)
 
 
-def _run(settings: dict, config: dict, run_dir: Path, report, writer, record: bool) -> None:
+def _run(settings: dict, config: dict, run_dir: Path, report, writer, logdir: Path | None, record: bool) -> None:
     torch.set_num_threads(max(1, int(settings.get("threads_per_worker", 1))))
     begin_training(config, writer)
-    result = train(trial_config(settings, config), run_dir, report=report, writer=writer, log=lambda *_: None)
+
+    def report_and_share(metrics: dict, saved: Path | None) -> None:
+        if saved is not None:   # what a retry elsewhere would not have: the events up to this checkpoint
+            share_tensorboard(settings, config, writer, logdir)
+        report(metrics, saved)
+
+    result = train(trial_config(settings, config), run_dir, report=report_and_share, writer=writer,
+                   log=lambda *_: None)
     end_training(settings, config, result, writer, record)
+    share_tensorboard(settings, config, writer, logdir)
 
 
 def begin_training(config: dict, writer) -> None:
@@ -86,10 +108,10 @@ def begin_training(config: dict, writer) -> None:
 
 def end_training(settings: dict, config: dict, result, writer, record: bool) -> None:
     """After a trial's training: the end of its HParams session, and its record in the ledger the moment it
-    finishes, before Tune hears of it."""
+    finishes, before Tune hears of it (with --storage the driver records it: sweeps.progress.FromStorage)."""
     if writer is not None:
         end_session(writer, result.best_mem_ratio, settings["epsilon"], result.images_seen)
-    if record and settings.get("ledger"):
+    if record and settings.get("ledger") and not settings.get("storage"):
         key, resolved, context = trial_key(settings, config)   # the data fingerprint of the arrays it trained on
         Ledger(settings["ledger"]).put(key, resolved, context, result.history[-1], result.train_seconds)
 
@@ -124,8 +146,9 @@ class KnownResults:
 
 def _report_known(settings: dict, config: dict) -> bool:
     """A trial the ledger already holds (it finished before a killed driver's last snapshot): report the
-    record, marked from_ledger, instead of training again. Never with --no-reuse (settings["no_reuse"])."""
-    if settings.get("no_reuse") or not settings.get("ledger"):
+    record, marked from_ledger, instead of training again. Never with --no-reuse (settings["no_reuse"]), nor with
+    --storage, where the ledger is the driver's alone (such a trial trains again, from its checkpoint if any)."""
+    if settings.get("no_reuse") or not settings.get("ledger") or settings.get("storage"):
         return False
     known = KnownResults(settings)(config)
     if known is not None:   # the interval the training reported: from its ratio and the samples behind it
@@ -154,8 +177,9 @@ def emm_trial(config: dict, settings: dict) -> None:
             from sweeps.packing import train_in_pack
             train_in_pack(settings, config, run_dir, report)
             return
-        with SummaryWriter(str(trial_logdir(settings, config))) as writer:
-            _run(settings, config, run_dir, report, writer, record=True)
+        logdir = trial_logdir(settings, config, run_dir)
+        with SummaryWriter(str(logdir)) as writer:
+            _run(settings, config, run_dir, report, writer, logdir, record=True)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
 
@@ -175,9 +199,10 @@ def _ddp_worker(loop_config: dict) -> None:
             checkpoint = ray.train.Checkpoint.from_directory(str(saved.parent)) if saved is not None else None
             ray.train.report(metrics | node, checkpoint=checkpoint)
 
-        writer = SummaryWriter(str(trial_logdir(settings, config))) if rank == 0 else None
+        logdir = trial_logdir(settings, config, run_dir) if rank == 0 else None
+        writer = SummaryWriter(str(logdir)) if rank == 0 else None
         try:
-            _run(settings, config, run_dir, report, writer, record=rank == 0)
+            _run(settings, config, run_dir, report, writer, logdir, record=rank == 0)
         finally:
             if writer is not None:
                 writer.close()
@@ -204,7 +229,7 @@ def emm_trial_ddp(config: dict, settings: dict) -> None:
             resources_per_worker={"GPU": 1} if use_gpu else {"CPU": settings.get("threads_per_worker", 1)}),
         run_config=ray.train.RunConfig(
             name=f"train_{tune.get_context().get_trial_id()}",
-            storage_path=str(Path(settings["output"]) / "train"),
+            storage_path=join(root(settings.get("storage"), settings["output"]), TRAIN_NAME),
             callbacks=[TuneReportCallback()],
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
             # fail instead of waiting forever for workers that cannot be placed (a Ray 2.60 Train V2 hang)

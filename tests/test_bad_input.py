@@ -208,6 +208,12 @@ CASES = {
     "--pack-size 0": (["--pack-size", "0"], r"--pack-size 0 must be >= 1 \(trainings packed per worker"),
     "--pack-size with DDP": (["--pack-size", "2", "--workers-per-trial", "2"], r"--pack-size 2 packs trainings of "
                              r"one worker each; drop --workers-per-trial/--gpus-per-trial above 1"),
+    "--storage a relative path": (["--storage", "shared/sweeps"], r"--storage 'shared/sweeps' is not a URI; give one "
+                                  r"every node reaches, e\.g\. s3://bucket/sweeps"),
+    "--storage unknown scheme": (["--storage", "s4://bucket/x"], r"--storage s4://bucket/x: pyarrow cannot open it "
+                                 r"\(.*\); give a URI of s3://, gs://, abfs://, hdfs:// or file://"),
+    "--storage with packs": (["--storage", "file:///tmp/bucket", "--pack-size", "2"], r"--pack-size > 1 needs the "
+                             r"sweep folder on storage every node shares; drop --storage, or --pack-size"),
     "sweep.pack_size: two": (_sweep_yaml("  pack_size: two"), r"sweep.pack_size='two' in \S+ must be an integer "
                              r">= 1 \(trainings packed per worker\)"),
     "--seeds -3": (["--seeds", "-3"], r"--seeds -3 must be >= 1"),
@@ -262,6 +268,8 @@ CASES = {
                                         r"it cannot be read"),
     "--status: sweep.json damaged": (_damaged_spec(epsilon="x"), r"\S+sweep.json is damaged \('epsilon' is \"x\"\)"),
     "--status: sweep.json seeds 0": (_damaged_spec(seeds=0), r"\S+sweep.json is damaged \('seeds' is 0\)"),
+    "--status: sweep.json storage a path": (_damaged_spec(storage="/shared"),
+                                            r"\S+sweep.json is damaged \('storage' is \"/shared\"\)"),
 }
 TRAIN_CASES = {   # python -m diffmem.train (diffmem/cli.py)
     "train: model.channels=1": (_train("--set", "model.channels=1"), r"model.channels=1 is too small"),
@@ -349,9 +357,10 @@ def test_resume_starts_a_sweep_that_stopped_before_tune_saved_anything(tmp_path)
     """A sweep whose cluster could not be reached after its folder was written (tune/ empty) is started, not
     refused, by --resume; one Tune saved is restored."""
     folder = _sweep_folder(tmp_path)
-    assert not emm_search.started(folder)
+    spec = json.loads((folder / "sweep.json").read_text())
+    assert not emm_search.started(spec, folder)
     (folder / "tune" / "tuner.pkl").write_bytes(b"")   # what Tune writes first when it starts an experiment
-    assert emm_search.started(folder)
+    assert emm_search.started(spec, folder)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -368,18 +368,22 @@ def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp
     assert not orphan.exists() and mine.exists() and other.exists()
 
 
-def test_a_finished_trainings_checkpoints_are_removed_and_nothing_else(tmp_path):
+@pytest.mark.parametrize("as_uri", [False, True])
+def test_a_finished_trainings_checkpoints_are_removed_and_nothing_else(tmp_path, as_uri):
     """Issue 15.8: what CheckpointPruner removes from a finished trial's folder: what Tune's checkpoint_* folders
-    hold, and nothing else (the empty folders stay, for a restore after a killed driver)."""
-    from sweeps.disk import remove_checkpoints
+    hold, and nothing else (the empty folders stay, for a restore after a killed driver); the same through a
+    --storage URI (sweeps/storage.py)."""
+    from sweeps.storage import empty_checkpoints, filesystem
     trial = tmp_path / "width=8_D=20_abc"
     for name in ("checkpoint_000003", "checkpoint_000004"):
-        (trial / name).mkdir(parents=True)
+        (trial / name / "model").mkdir(parents=True)
         (trial / name / "training-state.pt").write_bytes(b"x" * 100)
+        (trial / name / "model" / "weights.pt").write_bytes(b"x" * 100)
     for name in ("result.json", "params.json", "checkpoint_notes.txt"):
         (trial / name).write_text("{}")
-    assert remove_checkpoints(trial) == 2
+    fs, root = filesystem(f"file://{tmp_path}" if as_uri else str(tmp_path))
+    assert empty_checkpoints(fs, f"{root}/{trial.name}") == 2
     assert sorted(p.name for p in trial.iterdir()) == ["checkpoint_000003", "checkpoint_000004",
                                                        "checkpoint_notes.txt", "params.json", "result.json"]
     assert not list(trial.glob("checkpoint_*/*"))
-    assert remove_checkpoints(tmp_path / "no such trial") == 0
+    assert empty_checkpoints(fs, f"{root}/no such trial") == 0

@@ -1,0 +1,61 @@
+"""Issue 13.4: a sweep whose trials keep everything on remote storage (--storage URI, pyarrow's file systems, Ray
+Tune's own remote storage), while the sweep folder is the driver's alone (sweeps/storage.py). file:// is the
+pyarrow file system that runs here without a network service; the URI's folder is not the sweep folder, so a
+trial that wrote into the sweep folder, or a driver that read Tune's experiment from it, would show."""
+from __future__ import annotations
+
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH = str(ROOT / "sweeps" / "emm_search.py")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_a_sweep_on_remote_storage_stops_resumes_and_keeps_its_folder_local(smoke_sweep, tmp_path):
+    out, bucket = tmp_path / "out", tmp_path / "bucket"
+    command = [sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "--no-dashboard",
+               "--storage", f"file://{bucket}", "--output", str(out)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not list(bucket.glob("tune/*/result.json")):
+        time.sleep(0.5)                  # a training has reported: Ctrl-C, then --resume from the URI
+    proc.send_signal(signal.SIGINT)
+    first, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, first[-3000:]
+    resumed = subprocess.run([sys.executable, SEARCH, "--resume", str(out), "--no-dashboard"], capture_output=True,
+                             text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+
+    # the trials' files are on the storage, and nothing of Tune's or Ray Train's in the sweep folder
+    assert list(bucket.glob("tune/*/result.json")) and list(bucket.glob("tune/*/checkpoint_*"))
+    assert not list(bucket.glob("tune/*/checkpoint_*/*"))        # emptied as each training finished, there
+    assert (bucket / "tune" / "tuner.pkl").is_file()
+    assert not (out / "tune").exists() and not (out / "train").exists()
+    # the driver recorded every training in its ledger, once, and brought each TensorBoard run home
+    trials = pd.read_csv(out / "trials.csv")
+    with sqlite3.connect(out / "ledger.sqlite") as db:
+        assert db.execute("select count(*) from trainings").fetchone()[0] == len(trials) >= 3
+    runs = sorted(p.relative_to(bucket / "tensorboard") for p in bucket.glob("tensorboard/*/D=*"))
+    assert len(runs) == len(trials)
+    for run in runs:
+        assert _files(out / "tensorboard" / run) == _files(bucket / "tensorboard" / run) != {}
+    # the same answer as the smoke sweep's (sweep folder only) for that grid point, and --status reads the URI
+    smoke = pd.read_csv(smoke_sweep[0] / "emm.csv").query("value == 'none'")
+    mine = pd.read_csv(out / "emm.csv")
+    assert mine[["emm", "low", "high"]].values.tolist() == smoke[["emm", "low", "high"]].values.tolist()
+    status = subprocess.run([sys.executable, SEARCH, "--status", str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert f"sweep random_labels in {out}: finished" in status.stdout, status.stdout + status.stderr
+    assert f"{len(trials)} done" in status.stdout
