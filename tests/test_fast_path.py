@@ -363,7 +363,8 @@ def test_gpu_check_script_runs_on_cpu_in_smoke_mode(tmp_path):
 @pytest.mark.slow
 def test_ddp_trial_resumes_from_its_checkpoint_after_a_worker_is_killed(tmp_path):
     """emm_trial_ddp under Tune: SIGKILL one Ray Train worker after the first checkpoint; Train's FailureConfig
-    restarts the worker group, which resumes from that checkpoint (ray.train.get_checkpoint) and finishes."""
+    restarts the worker group, which resumes from that checkpoint (ray.train.get_checkpoint) and finishes, and
+    reports what the in-process trial (emm_trial) reports."""
     import os
     import signal
     import threading
@@ -408,10 +409,15 @@ def test_ddp_trial_resumes_from_its_checkpoint_after_a_worker_is_killed(tmp_path
         grid = result["grid"]
         assert not grid.errors, grid.errors
         assert grid[0].metrics["images_seen"] >= grid[0].metrics["planned_images"] == 16000
+        # what the in-process trial reports (trials.csv's columns), from rank 0 through TuneReportCallback
+        keys = {"best_mem_ratio", "best_num_samples", "mem_ratio", "images_seen", "planned_images", "loss", "epoch",
+                "train_node_id", "train_node_ip"}
+        assert keys <= set(grid[0].metrics) and 0 <= grid[0].metrics["best_mem_ratio"] <= 1
     finally:
         ray.shutdown()
     # rank 0's TensorBoard files: one per start of the worker group; the second starts after a checkpoint
-    runs = sorted(trial_logdir(settings, config).glob("events.*"), key=lambda p: p.stat().st_mtime)
+    runs = sorted(trial_logdir(settings, config, tmp_path).glob("events.*"),   # no --storage: OUTPUT/tensorboard
+                  key=lambda p: p.stat().st_mtime)
     firsts = []
     for run in runs:
         events = EventAccumulator(str(run)).Reload()

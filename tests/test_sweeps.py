@@ -325,34 +325,6 @@ def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
     assert resumed_trainings(out) >= 1   # a retry began from its checkpoint
 
 
-@pytest.mark.slow
-def test_two_worker_ddp_trial_reports_like_the_in_process_one(tmp_path):
-    import ray
-    from ray import tune
-
-    from sweeps.trainable import emm_trial, emm_trial_ddp
-    base = load_config(DIGITS, {"model.channels": 8, "train.duration": "4kimg", "eval.every": "2kimg",
-                                "eval.num_samples": 32, "eval.batch_size": 32}).to_dict()
-    settings = {"base": base, "epsilon": 0.1, "output": str(tmp_path), "workers": 2, "gpus_per_worker": 0}
-    config = {"grid_index": 0, "grid_label": "ddp", "grid_value": None, "overrides": {}, "size": 20}
-    ray.init(num_cpus=2, resources={"trial_slot": 1}, include_dashboard=False)
-    try:
-        results = {}
-        for name, fn, resources in [("single", emm_trial, {"cpu": 1}),
-                                    ("ddp", emm_trial_ddp, {"cpu": 0, "trial_slot": 1})]:
-            trainable = tune.with_resources(tune.with_parameters(fn, settings=settings), resources)
-            grid = tune.Tuner(trainable, param_space=config,
-                              run_config=tune.RunConfig(name=name, storage_path=str(tmp_path), verbose=0)).fit()
-            assert not grid.errors, grid.errors
-            results[name] = grid[0].metrics
-    finally:
-        ray.shutdown()
-    keys = {"best_mem_ratio", "mem_ratio", "images_seen", "planned_images", "loss", "epoch"}
-    assert keys <= set(results["single"]) and keys <= set(results["ddp"])
-    assert results["single"]["planned_images"] == results["ddp"]["planned_images"] == 4000
-    assert 0 <= results["ddp"]["best_mem_ratio"] <= 1
-
-
 def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp_path):
     """Issue 15.8: a trial killed with SIGKILL leaves its diffmem-<kind>-<pid>-* folder; the next one removes it."""
     import os

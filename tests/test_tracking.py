@@ -59,6 +59,7 @@ def test_a_sweep_logs_every_training_and_its_emm_table_to_wandb_and_mlflow_offli
     from mlflow.tracking import MlflowClient
     out, database = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     run = subprocess.run([sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "unique",
+                          "--size-range", "10", "20",   # two grid points, a few trainings each
                           "--no-dashboard", "--output", str(out), "--wandb", "diffmem-test", "--mlflow", database],
                          capture_output=True, text=True, cwd=tmp_path, timeout=900,
                          env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
