@@ -43,8 +43,8 @@ def nearest_neighbours(generated: torch.Tensor, train: torch.Tensor, k: int = 2,
     """Exact k nearest training images of each generated image: (distances (N, k), indices (N, k)).
 
     float32, both sets centred on the training mean (same distances, smaller norms, less cancellation).
-    Per generated row only |t|^2 - 2 g.t decides the ranking (|g|^2 is added to the k winners at the end),
-    and it is one GEMM of augmented rows: [-2 g, 1] . [t, |t|^2]. So each (chunk_generated x chunk_train)
+    Per generated row only |t|^2 - 2 g.t decides the ranking (the k winners' distances are computed directly at
+    the end), and it is one GEMM of augmented rows: [-2 g, 1] . [t, |t|^2]. So each (chunk_generated x chunk_train)
     block of scores is a single matmul into a reused buffer, followed by the block-min top-k of _smallest:
     no elementwise pass over the scores besides that. Extra memory: a centred copy of the generated images
     (N x (D + 1)), one train chunk (chunk_train x (D + 1)) and one score block
@@ -58,7 +58,6 @@ def nearest_neighbours(generated: torch.Tensor, train: torch.Tensor, k: int = 2,
     mean = train.sum(0) / m
     gen = torch.empty(n, dim + 1, device=train.device)
     torch.sub(generated.reshape(n, -1).float().to(train.device), mean, out=gen[:, :dim])
-    gen_sq = torch.linalg.vector_norm(gen[:, :dim], dim=1).square_()
     gen[:, :dim].mul_(-2)
     gen[:, dim] = 1
     # a train chunk is padded to whole blocks with rows that score +inf ([0, ..., 0, inf]): never chosen
@@ -87,8 +86,16 @@ def nearest_neighbours(generated: torch.Tensor, train: torch.Tensor, k: int = 2,
                 best_d[g0:g0 + len(g)], order = torch.topk(torch.cat([best_d[g0:g0 + len(g)], d], 1), k,
                                                            dim=1, largest=False)
                 best_i[g0:g0 + len(g)] = torch.cat([best_i[g0:g0 + len(g)], i + start], 1).gather(1, order)
-    dists = (best_d + gen_sq[:, None]).clamp_min_(0).sqrt_()
-    return dists.to(out_device), best_i.to(out_device)
+    # The winners' distances directly, ||g - t||, not from the ranking's |g|^2 - 2 g.t + |t|^2: that cancels to
+    # float32 noise for a near copy (sqrt of the noise instead of ~0) and its rounding depends on how the GEMM
+    # blocked the rows, so the same sample in another evaluation batch would get another ratio. The k winners
+    # are then ordered by these distances (a tie within the ranking's rounding could have swapped them).
+    dists = torch.empty(n, k, device=train.device)
+    for g0 in range(0, n, chunk_generated):
+        g = generated[g0:g0 + chunk_generated].reshape(-1, 1, dim).float().to(train.device)
+        dists[g0:g0 + len(g)] = torch.linalg.vector_norm(g - train[best_i[g0:g0 + len(g)]], dim=2)
+    dists, order = torch.sort(dists, dim=1, stable=True)
+    return dists.to(out_device), best_i.gather(1, order).to(out_device)
 
 
 def distance_ratio(distances: torch.Tensor) -> torch.Tensor:
