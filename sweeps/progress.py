@@ -136,12 +136,9 @@ class FromStorage(tune.Callback):
     def _settings(self) -> dict:
         """The settings with where the sweep folder is now (a moved folder, sweeps.spec.sweep_here)."""
         from sweeps.spec import here
-        from sweeps.trainable import relocated
+        from sweeps.trainable import settings_moved_to
         output, _ = here()
-        old = self.settings["output"]
-        if output is None or output == old:
-            return self.settings
-        return {**self.settings, "output": output, "ledger": relocated(self.settings["ledger"], old, output)}
+        return self.settings if output is None else settings_moved_to(self.settings, output)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         settings, result = self._settings(), trial.last_result or {}

@@ -1,4 +1,4 @@
-"""Where a sweep's Tune experiment lives (README "Storage without a shared file system").
+"""Where a sweep's Tune experiment lives (README "Running the paper's study on a cluster", item 3).
 
 By default in the sweep folder: OUTPUT/tune (trial results and checkpoints) and OUTPUT/train (Ray Train's runs of
 DDP trainings), which every node of a cluster must then reach at the same path. With --storage URI they live

@@ -125,6 +125,11 @@ def relocated(path: str | None, old_output: str, new_output: str) -> str | None:
     return str(Path(new_output) / Path(path).relative_to(old_output)) if inside else path
 
 
+def settings_moved_to(settings: dict, output: str) -> dict:
+    """A sweep's trial settings with the sweep folder at `output` (its own ledger with it, a shared one staying)."""
+    return {**settings, "output": output, "ledger": relocated(settings["ledger"], settings["output"], output)}
+
+
 class KnownResults:
     """Asked by the searcher before it proposes a training: the ledger's record of that trial, if any."""
 
@@ -134,8 +139,7 @@ class KnownResults:
 
     def moved_to(self, output: str) -> None:
         """The sweep folder is now at `output` (a restored searcher's settings hold the old paths)."""
-        old = self.settings["output"]
-        self.settings = {**self.settings, "output": output, "ledger": relocated(self.settings["ledger"], old, output)}
+        self.settings = settings_moved_to(self.settings, output)
         self._ledger = None
 
     def __call__(self, config: dict) -> dict | None:
