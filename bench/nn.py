@@ -19,8 +19,8 @@ matrix would be N x M floats); faiss (IndexFlatL2, exact) counts building the in
 
 Memory: a child process measures how far one nearest_neighbours call raises the peak RSS
 (resource.getrusage, inputs allocated beforehand) at N generated x CIFAR-10's 50,000 training images, and
-compares it with the chunk bound (a centred copy of the generated images, one training chunk and one
-block of scores) and with one N x M float32 matrix, which it must stay below.
+compares it with the chunk bound (a centred copy of the generated images, one training chunk, one
+block of scores and the winners' differences) and with one N x M float32 matrix, which it must stay below.
 
     python bench/nn.py [--full] [--threads 1] [--json PATH]
 """
@@ -87,7 +87,8 @@ def chunk_bound_bytes(n: int, m: int, d: int) -> int:
     """Extra memory of nearest_neighbours by construction (float32, default chunks of 2,048)."""
     rows = min(2048, m)
     padded = -(-rows // _BLOCK) * _BLOCK
-    return 4 * (n * (d + 1) + padded * (d + 1) + min(2048, n) * padded) + 64 * n
+    winners = 2 * min(256, n) * 2 * d   # the k = 2 winners' rows gathered, and their differences (_WINNER_ROWS)
+    return 4 * (n * (d + 1) + padded * (d + 1) + min(2048, n) * padded + winners) + 64 * n
 
 
 def memory_child(n: int, m: int, d: int) -> None:

@@ -19,6 +19,7 @@ def to_pixels(images: torch.Tensor) -> torch.Tensor:
 
 
 _BLOCK = 64   # columns per block of the block-min prefilter in _smallest
+_WINNER_ROWS = 256   # generated rows per pass of the winners' direct distances (rows x k x D differences)
 
 
 def _smallest(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,7 +49,8 @@ def nearest_neighbours(generated: torch.Tensor, train: torch.Tensor, k: int = 2,
     block of scores is a single matmul into a reused buffer, followed by the block-min top-k of _smallest:
     no elementwise pass over the scores besides that. Extra memory: a centred copy of the generated images
     (N x (D + 1)), one train chunk (chunk_train x (D + 1)) and one score block
-    (chunk_generated x chunk_train); never (#generated x #train).
+    (chunk_generated x chunk_train), then the winners' differences (256 x k x D); never
+    (#generated x #train).
     """
     if len(train) < k:
         raise ValueError(f"need at least {k} training images for {k} nearest neighbours, got {len(train)}")
@@ -91,8 +93,8 @@ def nearest_neighbours(generated: torch.Tensor, train: torch.Tensor, k: int = 2,
     # blocked the rows, so the same sample in another evaluation batch would get another ratio. The k winners
     # are then ordered by these distances (a tie within the ranking's rounding could have swapped them).
     dists = torch.empty(n, k, device=train.device)
-    for g0 in range(0, n, chunk_generated):
-        g = generated[g0:g0 + chunk_generated].reshape(-1, 1, dim).float().to(train.device)
+    for g0 in range(0, n, _WINNER_ROWS):
+        g = generated[g0:g0 + _WINNER_ROWS].reshape(-1, 1, dim).float().to(train.device)
         dists[g0:g0 + len(g)] = torch.linalg.vector_norm(g - train[best_i[g0:g0 + len(g)]], dim=2)
     dists, order = torch.sort(dists, dim=1, stable=True)
     return dists.to(out_device), best_i.gather(1, order).to(out_device)
