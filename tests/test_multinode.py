@@ -39,6 +39,14 @@ def _sweep(cluster, out: Path, **popen) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out.parent, **popen)
 
 
+def _assert_smoke_table(out: Path, smoke_sweep):
+    """The EMM table of the sweep in `out` is the one-machine smoke sweep's for its grid point."""
+    columns = ["value", "emm", "low", "high", "censored"]
+    alone = pd.read_csv(smoke_sweep[0] / "emm.csv")
+    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns],
+                                  alone[alone.value == "none"][columns].reset_index(drop=True))
+
+
 def _results(trial_dir: Path) -> list[dict]:
     """Every result Tune recorded for one trial, in order."""
     path = trial_dir / "result.json"
@@ -62,36 +70,12 @@ def _running_with_checkpoint(out: Path, nodes: dict, proc: subprocess.Popen, tim
     return None
 
 
-@pytest.fixture(scope="module")
-def undisturbed(cluster, tmp_path_factory):
-    out = tmp_path_factory.mktemp("multinode") / "undisturbed"
-    proc = _sweep(cluster, out)
-    console, _ = proc.communicate(timeout=900)
-    assert proc.returncode == 0, console[-3000:]
-    return out
-
-
 @pytest.mark.slow
-def test_every_training_runs_on_a_worker_node_and_several_at_once(cluster, undisturbed):
-    trials = pd.read_csv(undisturbed / "trials.csv")
-    trained = trials[trials.status == "done"]
-    workers = {node.node_id for node in cluster.worker_nodes}
-    assert len(trained) >= 2 and trained.train_node_id.notna().all()
-    assert set(trained.train_node_id) <= workers, "a training ran on the head, which offers no trial_slot"
-    assert set(trained.train_node_id) == workers   # both worker nodes trained
-    # at once: two trainings on different nodes whose spans (first result's start .. last result) overlap
-    spans = []
-    for trial in (undisturbed / "tune").iterdir():
-        results = _results(trial)
-        if results:
-            first, last = results[0], results[-1]
-            spans.append((last["train_node_id"], first["timestamp"] - first["time_this_iter_s"], last["timestamp"]))
-    assert any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in spans for b in spans), spans
-
-
-@pytest.mark.slow
-def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_node(cluster, undisturbed,
-                                                                                     tmp_path):
+def test_trainings_run_on_worker_nodes_at_once_and_a_lost_node_costs_one_a_retry_from_its_checkpoint(
+        cluster, smoke_sweep, tmp_path):
+    """Every training runs on a worker node (the head offers no trial_slot), both workers train and at once; one
+    worker's raylet killed under a training with a checkpoint: it continues on the other node from there, and
+    the sweep ends with the EMM of the smoke sweep's grid point on one machine."""
     import time
 
     from ray._private import ray_constants
@@ -117,6 +101,19 @@ def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_n
         cluster.add_node(num_cpus=1, resources={"trial_slot": 1})   # a cluster of two workers again for what follows
     assert proc.returncode == 0, console[-3000:]
 
+    # placement: on worker nodes only, both of them, two trainings on different nodes whose spans (first result's
+    # start .. last result) overlap
+    trials = pd.read_csv(out / "trials.csv")
+    trained = trials[trials.status == "done"]
+    workers = set(nodes) | {node.node_id for node in cluster.worker_nodes}   # the node added after the loss too
+    assert len(trained) >= 2 and trained.train_node_id.notna().all()
+    assert set(trained.train_node_id) <= workers, "a training ran on the head, which offers no trial_slot"
+    spans = []
+    for trial_dir in (out / "tune").iterdir():
+        for first, last in [(r[0], r[-1]) for r in [_results(trial_dir)] if r]:
+            spans.append((first["train_node_id"], first["timestamp"] - first["time_this_iter_s"], last["timestamp"]))
+    assert {node for node, _, _ in spans} >= set(nodes)   # both first workers trained
+    assert any(a[0] != b[0] and a[1] < b[2] and b[1] < a[2] for a in spans for b in spans), spans
     # the training resumed on the other node from its checkpoint: its images seen never went back
     results = _results(trial)
     assert results[-1]["train_node_id"] != lost.node_id and results[-1]["train_node_id"] in nodes
@@ -124,10 +121,8 @@ def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_n
     assert seen == sorted(set(seen)), seen
     assert resumed_trainings(out) >= 1
     # the sweep's answer is the undisturbed one
-    columns = ["value", "emm", "low", "high", "censored"]
-    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], pd.read_csv(undisturbed / "emm.csv")[columns])
+    _assert_smoke_table(out, smoke_sweep)
     # nothing lost or trained twice: one Tune trial per training, and the ledger holds each training that ran
-    trials = pd.read_csv(out / "trials.csv")
     configs = [json.dumps(_results(t)[-1]["config"], sort_keys=True) for t in (out / "tune").iterdir() if _results(t)]
     assert len(configs) == len(set(configs))
     assert len(Ledger(out / "ledger.sqlite")) == (trials.status == "done").sum() == len(configs)
@@ -140,7 +135,7 @@ def test_a_lost_node_costs_its_training_a_retry_from_its_checkpoint_on_another_n
 
 
 @pytest.mark.slow
-def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(cluster, undisturbed, tmp_path):
+def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(cluster, smoke_sweep, tmp_path):
     """The head holds the cluster's state (GCS): without it the driver cannot go on. It exits once it has failed to
     reach the head for gcs_rpc_server_reconnect_timeout_s (Ray's default 60 s; 5 s here), and --resume with the
     --address of a new cluster continues the sweep from its folder: the training in flight from its checkpoint."""
@@ -167,6 +162,5 @@ def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(clu
     resumed = subprocess.run([sys.executable, SEARCH, "--resume", str(out), "--address", cluster.address],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    columns = ["value", "emm", "low", "high", "censored"]
-    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], pd.read_csv(undisturbed / "emm.csv")[columns])
+    _assert_smoke_table(out, smoke_sweep)
     assert resumed_trainings(out) >= 1   # the training in flight went on from its checkpoint, not from step 0
