@@ -165,18 +165,6 @@ def test_a_repeated_sweep_reuses_the_ledger_and_trains_nothing(smoke_sweep, tmp_
 
 
 @pytest.mark.slow
-def test_a_grid_point_that_always_fails_is_unresolved_and_the_others_finish(tmp_path):
-    out = tmp_path / "lr"
-    run = _search("--preset", "smoke", "--no-dashboard", "--factor", "learning_rate", "--values", "2e-3", "1e30",
-                  "--max-failures", "1", "--output", str(out), cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    emm = pd.read_csv(out / "emm.csv", dtype={"value": str}).set_index("value")
-    assert emm.loc["1e+30", "censored"] == "unresolved" and "loss became nan" in emm.loc["1e+30", "error"]
-    assert emm.loc["0.002", "censored"] != "unresolved" and emm.loc["0.002", "emm"] > 0
-    assert "unresolved: " in (out / "emm.md").read_text()
-
-
-@pytest.mark.slow
 def test_killed_driver_leaves_no_ray_behind_and_its_moved_folder_resumes_without_retraining(smoke_sweep, tmp_path):
     """kill -9 of the driver (a crash, no clean-up): Ray's processes and the trainings' temporary folders go with
     it. The folder, moved elsewhere, resumes there to the uninterrupted sweep's table with no training run twice."""

@@ -55,19 +55,29 @@ def wandb_run(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_a_sweep_logs_every_training_and_its_emm_table_to_wandb_and_mlflow_offline(tmp_path):
+def test_a_grid_point_that_always_fails_is_unresolved_the_other_finishes_and_both_are_tracked_offline(tmp_path):
+    """learning_rate 2e-3 (the digits' own) and 1e30 (NaN loss at once) at |D| in [10, 20]: the failing grid point
+    is retried, then unresolved with its error, the other finds its EMM; W&B and MLflow hold one run per training
+    (the failed ones FAILED, without metrics) and one with the EMM table."""
     from mlflow.tracking import MlflowClient
     out, database = tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run = subprocess.run([sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "unique",
-                          "--size-range", "10", "20",   # two grid points, a few trainings each
+    run = subprocess.run([sys.executable, SEARCH, "--preset", "smoke", "--factor", "learning_rate",
+                          "--values", "2e-3", "1e30", "--max-failures", "1", "--size-range", "10", "20",
                           "--no-dashboard", "--output", str(out), "--wandb", "diffmem-test", "--mlflow", database],
                          capture_output=True, text=True, cwd=tmp_path, timeout=900,
                          env={**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "Traceback" not in run.stdout + run.stderr and "could not log" not in run.stderr, run.stderr[-3000:]
+    frames = [line for line in (run.stdout + run.stderr).splitlines() if line.strip().startswith('File "')]
+    assert "could not log" not in run.stderr and not [f for f in frames if "wandb" in f or "mlflow" in f
+                                                        or "sweeps/tracking" in f], run.stderr[-3000:]
+    emm = pd.read_csv(out / "emm.csv", dtype={"value": str})
+    failing, working = (emm.set_index("value").loc[v] for v in ("1e+30", "0.002"))
+    assert failing.censored == "unresolved" and "loss became nan" in failing.error
+    assert working.censored != "unresolved" and working.emm > 0
+    assert "unresolved: " in (out / "emm.md").read_text()
     trials = pd.read_csv(out / "trials.csv")
-    emm = pd.read_csv(out / "emm.csv")
-    best = {(r.grid_label, int(r.size)): r.best_mem_ratio for r in trials.itertuples()}
+    assert set(trials.status) == {"done", "error"}
+    best = {(r.grid_label, int(r.size)): r.best_mem_ratio for r in trials.itertuples() if r.status == "done"}
 
     # MLflow: the sweep's experiment, one run per training with its hyperparameters and metrics, one EMM run
     client = MlflowClient(tracking_uri=database)
@@ -77,14 +87,19 @@ def test_a_sweep_logs_every_training_and_its_emm_table_to_wandb_and_mlflow_offli
     assert len(trainings) == len(trials) and len(runs) == len(trials) + 1
     for r in trainings:
         params = r.data.params
-        assert set(params) == {"grid point", "data.labels", "D"}, params
+        assert set(params) == {"grid point", "train.lr", "D"}, params
         key = (params["grid point"], int(float(params["D"])))
+        if key not in best:   # a failed training: its run failed, with nothing measured
+            assert r.info.status == "FAILED" and "best_mem_ratio" not in r.data.metrics
+            continue
+        assert r.info.status == "FINISHED"
         history = client.get_metric_history(r.info.run_id, "best_mem_ratio")
         assert history[-1].value == pytest.approx(best[key]) and history[-1].step == r.data.metrics["images_seen"]
     table_run = next(r for r in runs if r.data.tags.get("diffmem") == "emm")
-    assert table_run.info.run_name == "random_labels EMM"
+    assert table_run.info.run_name == "learning_rate EMM"
     for row in emm.itertuples():
-        assert table_run.data.metrics[f"emm/{row.value}"] == row.emm
+        if row.censored != "unresolved":
+            assert table_run.data.metrics[f"emm/{row.value}"] == row.emm
     artifacts = {a.path for a in client.list_artifacts(table_run.info.run_id)}
     assert {"emm.csv", "emm.md", "emm.png", "curves.png", "emm_table.json"} <= artifacts
 
@@ -94,13 +109,16 @@ def test_a_sweep_logs_every_training_and_its_emm_table_to_wandb_and_mlflow_offli
     runs = [wandb_run(f) for f in folders]
     assert {r["group"] for r in runs} == {out.name}
     for r in runs:
-        if r["name"] == "random_labels EMM":
-            assert r["config"]["factor"] == "random_labels"
-            assert {f"emm/{v}" for v in emm.value} <= set(r["history"])
+        if r["name"] == "learning_rate EMM":
+            assert r["config"]["factor"] == "learning_rate"
+            assert f"emm/{working.name}" in r["history"]
             continue
         key = (r["config"]["grid point"], int(r["config"]["|D|"]))
-        assert r["config"]["data.labels"] == key[0].split("=")[1] and "grid_index" not in r["config"]
-        assert r["history"]["best_mem_ratio"][-1] == pytest.approx(best[key])
+        assert r["config"]["train.lr"] == float(key[0].split("=")[1]) and "grid_index" not in r["config"]
+        if key in best:
+            assert r["history"]["best_mem_ratio"][-1] == pytest.approx(best[key])
+        else:
+            assert "best_mem_ratio" not in r["history"]
 
 
 def test_a_tracker_that_cannot_run_is_one_line_before_ray_starts(tmp_path, monkeypatch):
