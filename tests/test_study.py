@@ -58,7 +58,7 @@ def test_spearman_matches_the_pearson_correlation_of_ranks():
 
 def write_study(path: Path, **changes) -> Path:
     study = {"config": str(ROOT / "experiments" / "digits.yaml"), "preset": "smoke", "seeds": 1,
-             "size_range": [10, 40],
+             "size_range": [10, 20],
              "factors": [
                  {"factor": "class_labels", "values": ["none", "true"],
                   "finding": {"where": "Fig. 5", "direction": "rises", "verified": True, "paper": "labels raise it"}},
