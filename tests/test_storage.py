@@ -4,6 +4,7 @@ pyarrow file system that runs here without a network service; the URI's folder i
 trial that wrote into the sweep folder, or a driver that read Tune's experiment from it, would show."""
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import subprocess
@@ -13,9 +14,27 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import resumed_trainings
+
+from sweeps.reaper import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = str(ROOT / "sweeps" / "emm_search.py")
+
+
+def _running_with_checkpoint(proc: subprocess.Popen, bucket: Path) -> list[int]:
+    """Trial processes of the sweep whose trial has a checkpoint on the storage: Tune runs each in a working
+    folder named as its trial."""
+    saved = {p.parent.name for p in bucket.glob("tune/*/checkpoint_000000")}
+    found = []
+    for pid in descendants(proc.pid):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::") and \
+                    Path(os.readlink(f"/proc/{pid}/cwd")).name in saved:   # an actor (its title), in a trial
+                found.append(pid)
+        except OSError:   # it ended meanwhile
+            pass
+    return found
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -23,15 +42,23 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_a_sweep_on_remote_storage_stopped_by_sigterm_resumes_and_keeps_its_folder_local(smoke_sweep, tmp_path):
+def test_a_sweep_on_remote_storage_retries_a_killed_training_stops_resumes_and_keeps_its_folder_local(
+        smoke_sweep, tmp_path):
     out, bucket = tmp_path / "out", tmp_path / "bucket"
     command = [sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "--no-dashboard",
                "--storage", f"file://{bucket}", "--output", str(out)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None and not list(bucket.glob("tune/*/result.json")):
-        time.sleep(0.5)     # a training has reported: SIGTERM (a scheduler's stop), then --resume from the URI
-    proc.send_signal(signal.SIGTERM)
+    # A training's process killed once its trial has a checkpoint on the storage (as an OOM kill): Tune retries it
+    # from that checkpoint, read back from the URI.
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (trials := _running_with_checkpoint(proc, bucket)):
+        time.sleep(0.2)
+    assert trials, "no running training with a checkpoint to kill"
+    for pid in trials:
+        os.kill(pid, signal.SIGKILL)
+    while time.time() < deadline and proc.poll() is None and "retry 1 of" not in (out / "sweep.log").read_text():
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)   # then a scheduler's stop, and --resume from the URI
     first, _ = proc.communicate(timeout=300)
     # SIGTERM is taken as Ctrl-C: Tune saves its state, the tables written are whole and say they are partial
     assert proc.returncode == 143, first[-3000:]
@@ -57,6 +84,7 @@ def test_a_sweep_on_remote_storage_stopped_by_sigterm_resumes_and_keeps_its_fold
     smoke = pd.read_csv(smoke_sweep[0] / "emm.csv").query("value == 'none'")
     mine = pd.read_csv(out / "emm.csv")
     assert mine[["emm", "low", "high"]].values.tolist() == smoke[["emm", "low", "high"]].values.tolist()
+    assert resumed_trainings(out) >= 1   # a retry began from its checkpoint, not from step 0
     status = subprocess.run([sys.executable, SEARCH, "--status", str(out)], capture_output=True, text=True,
                             timeout=120)
     assert f"sweep random_labels in {out}: finished" in status.stdout, status.stdout + status.stderr

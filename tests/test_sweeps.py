@@ -8,7 +8,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import resumed_trainings
 from diffmem.config import ConfigError, load_config
 from sweeps.factors import FACTORS, get_factor, grid_points, skip_mask
 
@@ -256,41 +255,6 @@ def test_a_driver_killed_while_ray_starts_leaves_no_ray_behind(tmp_path):
         time.sleep(1)
     left = [p for p, s in seen.items() if (st := _stat(p)) and st[1] == s]
     assert not left, f"Ray processes left after the driver was killed during start-up: {left}"
-
-
-@pytest.mark.slow
-def test_a_killed_training_resumes_from_its_checkpoint(smoke_sweep, tmp_path):
-    import os
-    import signal
-
-    from sweeps.reaper import descendants
-    out = tmp_path / "worker-killed"   # the fixture's first grid point: half its trainings, the same path
-    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--no-dashboard", "--values", "none",
-                             "--output", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
-    def running_with_checkpoint():
-        """Trial processes whose trial has a checkpoint: Tune runs each in a working folder named as its trial."""
-        saved = {p.parent.name for p in (out / "tune").glob("*/checkpoint_000000")}
-        found = []
-        for pid in descendants(proc.pid):
-            try:
-                if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::") and \
-                        Path(os.readlink(f"/proc/{pid}/cwd")).name in saved:   # an actor (its title), in a trial
-                    found.append(pid)
-            except OSError:   # it ended meanwhile
-                pass
-        return found
-
-    deadline = time.time() + 180
-    while time.time() < deadline and not (trials := running_with_checkpoint()):
-        time.sleep(0.2)
-    assert trials, "no running training with a checkpoint to kill"
-    for pid in trials:
-        os.kill(pid, signal.SIGKILL)                        # the worker dies mid-training, like an OOM kill
-    assert proc.wait(timeout=600) == 0
-    columns = ["value", "emm", "low", "high", "censored"]
-    alone = pd.read_csv(smoke_sweep[0] / "emm.csv")
-    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], alone[alone.value == "none"][columns])
-    assert resumed_trainings(out) >= 1   # a retry began from its checkpoint
 
 
 def test_a_killed_trainings_temporary_folder_is_removed_by_the_next_training(tmp_path):
