@@ -29,7 +29,7 @@ from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machin
                             parse_override, parse_value, read_yaml, validate_with_data)
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
 from sweeps import tracking  # noqa: E402
-from sweeps.ray_cluster import check_address, check_local_capacity, start_ray, trial_resources  # noqa: E402
+from sweeps.ray_cluster import check_address, check_local_capacity, metrics_url, start_ray, trial_resources  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 from sweeps.spec import (LEDGER_FILE, LOG_FILE, SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TENSORBOARD,  # noqa: E402
                          TUNE_NAME, pack_servers, pack_size, read_spec, sweep_here, sweep_seeds, sweep_storage,
@@ -406,8 +406,8 @@ def started(spec: dict, output: Path) -> bool:
 def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, dashboard: bool = False):
     from ray import tune
 
-    from sweeps.progress import (CheckpointPruner, FromStorage, ProgressPrinter, SweepTensorBoard, trial_dirname,
-                                 trial_name)
+    from sweeps.progress import (CheckpointPruner, FromStorage, ProgressPrinter, SweepMetrics, SweepTensorBoard,
+                                 trial_dirname, trial_name)
     from sweeps.searcher import EMMSearcher, search_algorithm
     from sweeps.storage import experiment, root
     from sweeps.trainable import KnownResults, emm_trial, emm_trial_ddp, named
@@ -421,7 +421,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, das
                                   resume_errored=True)
     run_config = tune.RunConfig(
         name=TUNE_NAME, storage_path=root(sweep_storage(spec), output), verbose=0,
-        callbacks=[ProgressPrinter(spec["epsilon"]),
+        callbacks=[ProgressPrinter(spec["epsilon"]), SweepMetrics(output.name),
                    SweepTensorBoard(spec["grid_points"], spec["size_range"],
                                     f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec)),
                    *([FromStorage(settings)] if sweep_storage(spec) else []),
@@ -556,7 +556,9 @@ def run(args, spec: dict, output: Path) -> int:
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
               + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
               f"output {output}")
-        print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}", flush=True)
+        print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}")
+        print(f"Metrics: {metrics_url()}  (Prometheus text: this sweep's ray_diffmem_* gauges beside Ray's own; "
+              f"the dashboard's Metrics tab plots them where Prometheus and Grafana run)", flush=True)
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
         restore = bool(args.resume) and started(spec, output)
         tuner = make_tuner(spec, output, max_concurrent, restore=restore, dashboard=not args.no_dashboard)

@@ -28,6 +28,56 @@ def trial_dirname(trial) -> str:
 
 
 PROGRESS_EVERY_S = 60   # a line on the running trainings when nothing else was printed for this long
+METRICS_EVERY_S = 5     # the gauges' refresh; Ray exports them every few seconds anyway
+TRIAL_STATES = {"TERMINATED": "finished", "RUNNING": "running", "ERROR": "failed", "PENDING": "pending",
+                "PAUSED": "pending"}
+
+
+class SweepMetrics(tune.Callback):
+    """The sweep's progress as Prometheus gauges from the driver (ray.util.metrics), served at its node's metrics
+    port with Ray's own metrics (the address printed at start; Ray's Prometheus scrapes it, and the dashboard's
+    Metrics tab and Grafana plot it): ray_diffmem_trainings{sweep, state} counts the sweep's trainings finished,
+    from the ledger, running, pending and failed; ray_diffmem_training_images_seen and
+    ray_diffmem_training_best_ratio{sweep, training} follow each training (README "What you see")."""
+
+    def __init__(self, sweep: str, every: float = METRICS_EVERY_S):
+        self.sweep, self.every = sweep, every
+        self._gauges, self._last = None, 0.0
+
+    def __getstate__(self) -> dict:   # tune/tuner.pkl keeps the settings, not Ray's metric objects
+        return {"sweep": self.sweep, "every": self.every}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["sweep"], state.get("every", METRICS_EVERY_S))
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.time() - self._last >= self.every:
+            self.publish(trials)
+
+    def on_experiment_end(self, trials, **info):
+        self.publish(trials)
+
+    def publish(self, trials) -> None:
+        from ray.util.metrics import Gauge
+        self._last = time.time()
+        if self._gauges is None:
+            self._gauges = (
+                Gauge("diffmem_trainings", "the sweep's trainings by state", tag_keys=("sweep", "state")),
+                Gauge("diffmem_training_images_seen", "images a training has seen", tag_keys=("sweep", "training")),
+                Gauge("diffmem_training_best_ratio", "a training's best memorization ratio so far",
+                      tag_keys=("sweep", "training")))
+        counts, images, best = self._gauges
+        states = {name: 0 for name in (*TRIAL_STATES.values(), "from_ledger")}
+        for t in trials:
+            r = t.last_result or {}
+            states["from_ledger" if r.get("from_ledger") else TRIAL_STATES.get(t.status, "pending")] += 1
+            tags = {"sweep": self.sweep, "training": trial_label(t.config)}
+            if r.get("images_seen") is not None and not r.get("from_ledger"):
+                images.set(r["images_seen"], tags=tags)
+            if r.get("best_mem_ratio") is not None and not r.get("from_ledger"):
+                best.set(r["best_mem_ratio"], tags=tags)
+        for state, count in states.items():
+            counts.set(count, tags={"sweep": self.sweep, "state": state})
 
 
 class ProgressPrinter(tune.Callback):
@@ -53,7 +103,7 @@ class ProgressPrinter(tune.Callback):
         self.last_line = time.time()
         print(f"[{self.last_line - self.started:6.0f} s] {text}", flush=True)
 
-    def on_step(self, iteration, trials, **info):
+    def on_step_end(self, iteration, trials, **info):
         if time.time() - self.last_line < self.every:
             return
         running = [t for t in trials if t.status == "RUNNING"]

@@ -159,6 +159,14 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
     return trials_at_once(max_concurrent, capacity * pack_size)
 
 
+def metrics_url() -> str:
+    """Where the driver's node serves its metrics (ray.util.metrics, sweeps.progress.SweepMetrics) for Prometheus."""
+    import ray
+    here = ray.get_runtime_context().get_node_id()
+    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+
+
 def trial_resources(ddp: bool, pack_size: int = 1) -> dict:
     """What one Tune trial reserves. Every training takes one `trial_slot`, the custom resource a node offers once
     per training it can hold (a local cluster: one per core or GPU group; a cluster: one per node, and a node

@@ -392,11 +392,13 @@ def memorization_trainable(config):
 
 
 @pytest.mark.slow
-def test_end_to_end_through_ray_tune(tmp_path):
+def test_end_to_end_through_ray_tune(tmp_path, capsys):
     ray = pytest.importorskip("ray")
     import sys
 
     from ray import cloudpickle, tune
+
+    from sweeps.progress import ProgressPrinter
 
     # pytest imports this file as a top-level module the Ray workers cannot import: ship it by value
     cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -408,11 +410,14 @@ def test_end_to_end_through_ray_tune(tmp_path):
         tuner = tune.Tuner(
             tune.with_resources(memorization_trainable, {"cpu": 1}),
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=-1, max_concurrent_trials=2),
-            run_config=tune.RunConfig(storage_path=str(tmp_path.resolve()), name="emm_e2e", verbose=0))
+            run_config=tune.RunConfig(storage_path=str(tmp_path.resolve()), name="emm_e2e", verbose=0,
+                                      callbacks=[ProgressPrinter(0.1, every=0)]))
         results = tuner.fit()
     finally:
         ray.shutdown()
     assert not results.errors
+    # Tune calls the printer's periodic hook (on_step_end; it has no on_step) while trainings run
+    assert "trainings finished; running: " in capsys.readouterr().out
     rows = searcher.state.summary()
     for row, value in zip(rows, (1, 2)):
         true_emm = {1: 120, 2: 450}[value]

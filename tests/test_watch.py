@@ -265,10 +265,10 @@ def test_a_progress_line_names_the_running_trainings_between_finished_ones(capsy
                             last_result={})
     done = SimpleNamespace(status="TERMINATED", config={"grid_label": "width=8", "size": 30}, last_result={})
     quiet = ProgressPrinter(0.1, every=3600)
-    quiet.on_step(0, [running, fresh, done])
+    quiet.on_step_end(0, [running, fresh, done])
     assert capsys.readouterr().out == ""                       # said something less than an hour ago
     printer = ProgressPrinter(0.1, every=0)
-    printer.on_step(0, [running, fresh, done])
+    printer.on_step_end(0, [running, fresh, done])
     line = capsys.readouterr().out
     assert line.count("\n") == 1 and "\r" not in line and "\x1b" not in line
     assert line.endswith("1 trainings finished; running: width=16|D|=40 (8,000 of 16,000 images, best ratio so far "
@@ -526,9 +526,11 @@ def test_explore_runs_three_tiny_trials_and_the_study_reopens(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_dashboard_names_each_running_training(tmp_path):
+def test_the_dashboard_names_each_running_training_and_the_metrics_follow_the_sweep(tmp_path):
     """Issue 15.3: through the dashboard's HTTP API (Ray's state API, /api/v0/actors), the actor of each running
-    training carries its grid point and |D| as its repr name, one actor per training."""
+    training carries its grid point and |D| as its repr name, one actor per training. At the metrics address
+    printed at start (what Prometheus scrapes, the Metrics tab's source), the sweep's progress: its trainings by
+    state, and each training's images seen and best ratio."""
     import signal
     import threading
     proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "unique", "--output",
@@ -538,12 +540,21 @@ def test_the_dashboard_names_each_running_training(tmp_path):
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     token = Path.home() / ".ray" / "auth_token"
     headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.is_file() else {}
-    names, url, deadline = {}, None, time.time() + 600
+    names, url, metrics, deadline = {}, None, {}, time.time() + 600
+    gauge = re.compile(r'^ray_(diffmem_\w+)\{[^}]*(?:state|training)="([^"]+)"[^}]*\} (\S+)$', re.M)
     try:
-        while time.time() < deadline and proc.poll() is None and len(names) < 3:
+        while time.time() < deadline and proc.poll() is None and not (len(names) >= 3 and _finished(metrics)):
             time.sleep(1)
             url = url or next((m.group(1) for line in list(lines)
                                if (m := re.match(r"Ray dashboard: (http://\S+)", line))), None)
+            address = next((m.group(1) for line in list(lines) if (m := re.match(r"Metrics: (http://\S+)", line))),
+                           None)
+            if address:
+                try:
+                    with urllib.request.urlopen(address, timeout=10) as answer:
+                        metrics.update({(m[1], m[2]): float(m[3]) for m in gauge.finditer(answer.read().decode())})
+                except OSError:
+                    pass
             if url is None:
                 continue
             try:
@@ -562,3 +573,15 @@ def test_the_dashboard_names_each_running_training(tmp_path):
     for name in names.values():                     # e.g. random_labels=unique|D|=40
         assert re.fullmatch(r"random_labels=(none|unique)\|D\|=\d+", name or ""), names
     assert len(set(names.values())) == len(names)   # a fresh actor per training: no name shown twice
+    assert _finished(metrics), metrics
+    trainings = {key: value for key, value in metrics.items() if key[0] == "diffmem_training_images_seen"}
+    assert trainings and all(re.fullmatch(r"random_labels=(none|unique)\|D\|=\d+", t) for _, t in trainings), metrics
+    assert all(0 < seen <= 16000 for seen in trainings.values())    # smoke: 16 kimg per training
+    assert all(0 <= metrics[("diffmem_training_best_ratio", t)] <= 1 for _, t in trainings if
+               ("diffmem_training_best_ratio", t) in metrics)
+    assert ("diffmem_trainings", "running") in metrics and ("diffmem_trainings", "failed") in metrics
+
+
+def _finished(metrics: dict) -> bool:
+    """The sweep's gauges say a training has finished."""
+    return metrics.get(("diffmem_trainings", "finished"), 0) >= 1
