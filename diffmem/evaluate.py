@@ -27,7 +27,7 @@ import torch
 from diffmem.config import EvalConfig
 from diffmem.data import TrainingSet
 from diffmem.edm import edm_sampler
-from diffmem.memorization import distance_ratio, is_copy, nearest_neighbours, to_pixels
+from diffmem.memorization import nn_ratio_from_distances, is_copy, nearest_neighbours, to_pixels
 from diffmem.precision import full_precision
 from diffmem.sequential import SequentialTest
 
@@ -134,7 +134,7 @@ def evaluate_denoiser(denoiser, train_set: TrainingSet, cfg: EvalConfig, device=
         if samples is not None:   # rank 0: score the new samples
             with full_precision(device):
                 d, idx = nearest_neighbours(to_pixels(samples).float() if cfg.quantize else samples, train_px, k=2)
-                nn_ratio = distance_ratio(d)
+                nn_ratio = nn_ratio_from_distances(d)
             parts.append(samples.cpu()), ratios.append(nn_ratio.cpu()), indices.append(idx.cpu())
             copies += int(is_copy(nn_ratio, cfg.threshold).sum())
             decision = test.decide(look, copies) if test is not None else None

@@ -100,24 +100,24 @@ def nearest_neighbours(generated: torch.Tensor, train: torch.Tensor, k: int = 2,
     return dists.to(out_device), best_i.gather(1, order).to(out_device)
 
 
-def distance_ratio(distances: torch.Tensor) -> torch.Tensor:
+def nn_ratio_from_distances(distances: torch.Tensor) -> torch.Tensor:
     """(N, 2) distances to NN1, NN2 -> ||x - NN1|| / ||x - NN2|| (0 for an exact copy, ~1 for a new image)."""
     return distances[:, 0] / distances[:, 1].clamp_min(torch.finfo(distances.dtype).tiny)
 
 
-def nearest_neighbour_ratio(generated: torch.Tensor, train: torch.Tensor, **chunks) -> torch.Tensor:
-    """Per generated image, ||x - NN1|| / ||x - NN2||."""
-    return distance_ratio(nearest_neighbours(generated, train, k=2, **chunks)[0])
+def nn_ratio(generated: torch.Tensor, train: torch.Tensor, **chunks) -> torch.Tensor:
+    """Per generated image, its NN ratio ||x - NN1|| / ||x - NN2|| (paper.md §1)."""
+    return nn_ratio_from_distances(nearest_neighbours(generated, train, k=2, **chunks)[0])
 
 
-def is_copy(nn_ratio, threshold: float = 1 / 3):
+def is_copy(ratio, threshold: float = 1 / 3):
     """The criterion (paper.md §1): a generated image is a copy when its NN ratio is strictly below the threshold.
     Elementwise on a tensor of ratios, or on one float."""
-    return nn_ratio < threshold
+    return ratio < threshold
 
 
 def memorization_ratio(generated: torch.Tensor, train: torch.Tensor, threshold: float = 1 / 3, **chunks) -> float:
     """Share of generated images that are copies."""
-    return is_copy(nearest_neighbour_ratio(generated, train, **chunks), threshold).float().mean().item()
+    return is_copy(nn_ratio(generated, train, **chunks), threshold).float().mean().item()
 
 

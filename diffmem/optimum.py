@@ -207,7 +207,7 @@ def main(argv=None) -> int:
         train_set = training_set(cfg.data)
         optimum = EmpiricalOptimalDenoiser(train_set.images, train_set.labels)   # conditional if cfg has labels
         result = evaluate_denoiser(optimum, train_set, cfg.eval)
-        picture = nn_grid_picture(result, train_set)   # distance ratios under the columns, copies framed
+        picture = nn_grid_picture(result, train_set)   # NN ratios under the columns, copies framed
         save_png(run_dir / "samples.png", picture)
         writer.add_image("samples/generated_nn1_nn2", picture, cfg.data.size, dataformats="HWC")
         samples = len(result.nn_ratio)

@@ -1,5 +1,5 @@
 """Pictures of an evaluation that say what they show: samples, their nearest and second-nearest training
-images, and each sample's distance ratio ||x - NN1|| / ||x - NN2|| written under its column; a copy (ratio below
+images, and each sample's NN ratio ||x - NN1|| / ||x - NN2|| written under its column; a copy (ratio below
 eval.threshold) is framed in red, its ratio written in red."""
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _font(size: int):
 
 
 def nn_grid_picture(result: Evaluation, train_set: TrainingSet, n: int = 16) -> np.ndarray:
-    """grid_array's sample | NN1 | NN2 rows, with row names on the left and a row of distance ratios below
+    """grid_array's sample | NN1 | NN2 rows, with row names on the left and a row of NN ratios below
     (a sample is a copy when its ratio is below eval.threshold, 1/3 in the paper). (H, W, 3) uint8."""
     from PIL import Image, ImageDraw
     rows = nn_grid_rows(result, train_set, n)
@@ -64,6 +64,6 @@ def nn_ratio_markdown(result: Evaluation, n: int = 16) -> str:
     head = "| column | " + " | ".join(str(j + 1) for j in range(len(ratios))) + " |"
     rule = "|---" * (len(ratios) + 1) + "|"
     body = "| d1/d2 | " + " | ".join(f"{r:.3f}" for r in ratios) + " |"
-    return (f"Distance ratio ||x - NN1|| / ||x - NN2|| of the samples in the picture (a copy when below "
+    return (f"NN ratio ||x - NN1|| / ||x - NN2|| of the samples in the picture (a copy when below "
             f"eval.threshold, 1/3 in the paper); memorization ratio over all {len(result.nn_ratio)} samples: "
             f"{result.ratio:.4f}\n\n{head}\n{rule}\n{body}")

@@ -412,7 +412,7 @@ def _log_evaluation(writer, run_dir, log, metrics, result, data) -> None:
                 writer.add_scalar(f"memorization/{name}", metrics[name], step)
         writer.add_scalar("memorization/num_samples", metrics["num_samples"], step)   # adaptive: the samples used
         writer.add_scalar("train/images_per_sec", metrics["images_per_sec"], step)
-    # the picture carries each sample's distance ratio under its column, copies framed; TensorBoard and samples.png
+    # the picture carries each sample's NN ratio under its column, copies framed; TensorBoard and samples.png
     picture = nn_grid_picture(result, data) if writer is not None or run_dir is not None else None
     if writer is not None:
         writer.add_image("samples/generated_nn1_nn2", picture, step, dataformats="HWC")

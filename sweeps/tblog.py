@@ -2,7 +2,7 @@
 
 - `<grid point>/D=<size>`: one run per training (written by the trial, sweeps/trainable.py and diffmem.train):
   loss, lr, memorization ratio (and the ends of its 95 % interval), images/s against images seen; the sample |
-  NN1 | NN2 grid with each sample's distance ratio; and an HParams session: the grid point, the factor's config
+  NN1 | NN2 grid with each sample's NN ratio; and an HParams session: the grid point, the factor's config
   keys and |D| as hyperparameters (and the seed, with --seeds K > 1), `hparams/best_mem_ratio` and
   `hparams/memorized` (0/1) as metrics. With several seeds a training's run is `<grid point>/D=<size>_seed=<s>`
   (`training_run`).

@@ -9,7 +9,7 @@ from diffmem.config import DataConfig, EvalConfig, load_config
 from diffmem.data import balanced_order, load_dataset, training_set
 from diffmem.edm import EDMPrecond, VPPrecond, edm_sampler
 from diffmem.evaluate import evaluate_denoiser
-from diffmem.memorization import memorization_ratio, nearest_neighbour_ratio, nearest_neighbours
+from diffmem.memorization import memorization_ratio, nn_ratio, nearest_neighbours
 from diffmem.optimum import EmpiricalOptimalDenoiser
 
 
@@ -105,13 +105,13 @@ def test_memorization_ratio_on_hand_made_cases():
     train = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 30.0]])
     copy = train[1:2] + torch.tensor([[0.01, 0.0]])              # a near copy of image 1
     midpoint = (train[0:1] + train[1:2]) / 2                     # equidistant from images 0 and 1: ratio 1
-    ratios = nearest_neighbour_ratio(torch.cat([copy, midpoint]), train)
+    ratios = nn_ratio(torch.cat([copy, midpoint]), train)
     assert ratios[0] < 0.01 and ratios[1] == pytest.approx(1.0)
     assert memorization_ratio(torch.cat([copy, midpoint]), train) == 0.5
     # strictly below the threshold: a point with ratio exactly 1/3 does not count
     line = torch.tensor([[0.0, 0.0], [4.0, 0.0], [-4.0, 0.0]])
     edge = torch.tensor([[1.0, 0.0]])                            # d1 = 1, d2 = 3: ratio exactly 1/3
-    assert nearest_neighbour_ratio(edge, line)[0].item() == pytest.approx(1 / 3)
+    assert nn_ratio(edge, line)[0].item() == pytest.approx(1 / 3)
     assert memorization_ratio(edge, line, threshold=1 / 3) == 0.0
     assert memorization_ratio(edge, line, threshold=0.34) == 1.0
 

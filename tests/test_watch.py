@@ -184,7 +184,7 @@ def test_event_files_hold_the_sweeps_tags(tmp_path):
     assert len(_events(out / "tensorboard" / "summary").Scalars("emm/width=8/memorization_ratio")) == 3
 
 
-def test_sample_grid_carries_the_distance_ratio():
+def test_sample_grid_carries_the_nn_ratio():
     from diffmem.pictures import nn_ratio_markdown
     from diffmem.evaluate import Evaluation
     picture = _fake_picture([0.05, 0.5, 0.9])
