@@ -185,7 +185,7 @@ def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict
     if configs is None:
         searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                                tolerance=spec["tolerance"], max_concurrent=max_concurrent,
-                               known_results=KnownResults(settings), max_failures=1, seeds=1,
+                               known_results=KnownResults(settings), seeds=1,
                                base_seed=spec["base"]["train"]["seed"])
         search, samples = search_algorithm(searcher, max_concurrent), -1
     else:

@@ -27,7 +27,7 @@ bracket over the allowed sizes that is narrowed by bisection in log |D|:
   assumptions like any initial range: they are tested before the bracket
   concludes, and expansion goes on past them, so the guarantees above hold whatever the neighbours say (a
   misleading neighbour costs trainings, never a wrong answer on a monotone curve).
-- A failed training frees its size for re-proposal; after `max_failures` failures at the same size the
+- A failed training frees its size for re-proposal; after `unresolved_after` failures at the same size the
   grid point is `unresolved` and stops.
 
 Seed replicates (`seeds` = K, `emm_search.py --seeds K`): each grid point gets K independent searches, one
@@ -96,7 +96,7 @@ class SearchSettings:
     hi_index: int
     epsilon: float = 0.1           # memorized iff best ratio >= 1 - epsilon (paper: 0.1)
     tolerance: float = 0.1         # resolved when high / low <= 1 + tolerance
-    max_failures: int = 2          # failures at one size before the grid point is unresolved
+    unresolved_after: int = 2      # failed trainings at one size before the grid point is unresolved
     expand_factor: float = 2.0     # growth per expansion step beyond the initial range
 
     @classmethod
@@ -122,8 +122,8 @@ class SearchSettings:
             raise ValueError(f"epsilon must lie in (0, 1), got {self.epsilon}")
         if self.tolerance <= 0:
             raise ValueError(f"tolerance must be > 0, got {self.tolerance}")
-        if self.max_failures < 1:
-            raise ValueError(f"max_failures must be >= 1, got {self.max_failures}")
+        if self.unresolved_after < 1:
+            raise ValueError(f"unresolved_after must be >= 1, got {self.unresolved_after}")
         if self.expand_factor <= 1:
             raise ValueError(f"expand_factor must be > 1, got {self.expand_factor}")
 
@@ -156,13 +156,18 @@ class SearchSettings:
         return {"allowed_sizes": list(self.allowed_sizes),
                 "size_range": [self.allowed_sizes[self.lo_index], self.allowed_sizes[self.hi_index]],
                 "epsilon": self.epsilon, "tolerance": self.tolerance,
-                "max_failures": self.max_failures, "expand_factor": self.expand_factor}
+                "unresolved_after": self.unresolved_after, "expand_factor": self.expand_factor}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SearchSettings":
         return cls.build(d["allowed_sizes"], tuple(d["size_range"]), epsilon=d["epsilon"],
-                         tolerance=d["tolerance"], max_failures=d["max_failures"],
+                         tolerance=d["tolerance"], unresolved_after=_unresolved_after(d),
                          expand_factor=d["expand_factor"])
+
+
+def _unresolved_after(settings: dict) -> int:
+    """A saved state's unresolved_after: states saved before the rename (same format) call it max_failures."""
+    return settings["unresolved_after"] if "unresolved_after" in settings else settings["max_failures"]
 
 
 def _nearest_index(sizes, target: float, candidates: range | None = None) -> int:
@@ -310,7 +315,7 @@ class SizeBracket:
         self._release(size)
         self.failures[size] = self.failures.get(size, 0) + 1
         # a late failure of a leftover probe does not undo a finished grid point
-        if self.status == OPEN and self.failures[size] >= self.settings.max_failures:
+        if self.status == OPEN and self.failures[size] >= self.settings.unresolved_after:
             self.error = f"size {size} failed {self.failures[size]} times; last error: {error or 'unknown'}"
 
     def cancel(self, size: int) -> None:
@@ -394,7 +399,7 @@ class EMMSearchState:
     """One SizeBracket per grid point and seed, plus the planner that shares free workers among them."""
 
     def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
-                 max_failures: int = 2, expand_factor: float = 2.0, seeds: int = 1):
+                 unresolved_after: int = 2, expand_factor: float = 2.0, seeds: int = 1):
         """grid_points: dicts with at least "label" and "value" (other keys, e.g. overrides, are kept).
         seeds: independent searches per grid point, one per training seed (module docstring)."""
         self.grid_points = [copy.deepcopy(dict(g)) for g in grid_points]
@@ -407,7 +412,7 @@ class EMMSearchState:
             raise ValueError(f"seeds must be an integer >= 1, got {seeds!r}")
         self.seeds = seeds
         self.settings = SearchSettings.build(allowed_sizes, size_range, epsilon=epsilon, tolerance=tolerance,
-                                             max_failures=max_failures, expand_factor=expand_factor)
+                                             unresolved_after=unresolved_after, expand_factor=expand_factor)
         self.brackets = [SizeBracket(self.settings) for _ in range(len(self.grid_points) * seeds)]
 
     # ---- brackets, grid points and seeds ----
@@ -600,7 +605,7 @@ class EMMSearchState:
                              f"{d.get('version')!r}; this code reads version {FORMAT_VERSION}")
         s = d["settings"]
         state = cls(d["grid_points"], s["allowed_sizes"], tuple(s["size_range"]), epsilon=s["epsilon"],
-                    tolerance=s["tolerance"], max_failures=s["max_failures"],
+                    tolerance=s["tolerance"], unresolved_after=_unresolved_after(s),
                     expand_factor=s["expand_factor"], seeds=d.get("seeds", 1))   # saved before seeds: one
         if len(d["brackets"]) != len(state.brackets):
             raise ValueError(f"{len(d['brackets'])} brackets saved for {len(state.grid_points)} grid points "

@@ -436,7 +436,7 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, das
         return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
-                           known_results=None if spec["no_reuse"] else KnownResults(settings), max_failures=1,
+                           known_results=None if spec["no_reuse"] else KnownResults(settings),
                            seeds=sweep_seeds(spec), base_seed=spec["base"]["train"]["seed"])
     tune_config = tune.TuneConfig(search_alg=search_algorithm(searcher, max_concurrent), num_samples=-1,
                                   trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,

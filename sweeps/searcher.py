@@ -65,8 +65,10 @@ class EMMSearcher(Searcher):
 
     def __init__(self, grid_points, allowed_sizes, size_range, epsilon: float = 0.1, tolerance: float = 0.1,
                  max_concurrent: int = 2, metric: str = "best_mem_ratio", mode: str = "max",
-                 max_failures: int = 2, known_results=None, seeds: int = 1, base_seed: int | None = None):
-        """known_results: optional callable, trial config -> the ledger's record of that training or None;
+                 unresolved_after: int = 1, known_results=None, seeds: int = 1, base_seed: int | None = None):
+        """unresolved_after: failed trainings at one size before the grid point is unresolved; 1 under Tune, whose
+        FailureConfig (--max-failures) has already retried a training before it reports the failure here.
+        known_results: optional callable, trial config -> the ledger's record of that training or None;
         a training the ledger holds is observed at once instead of being run again.
         seeds: searches per grid point, one per training seed; base_seed: the sweep's train.seed (needed
         with seeds > 1)."""
@@ -81,7 +83,7 @@ class EMMSearcher(Searcher):
         self.max_concurrent = int(max_concurrent)
         self.base_seed = base_seed
         self.state = EMMSearchState(grid_points, allowed_sizes, size_range, epsilon=epsilon,
-                                    tolerance=tolerance, max_failures=max_failures, seeds=seeds)
+                                    tolerance=tolerance, unresolved_after=unresolved_after, seeds=seeds)
         self._running: dict[str, tuple[int, int]] = {}    # trial_id -> (bracket index, size)
         self._completed: set[str] = set()                 # ids whose completion was counted
         self._plan: list[tuple[int, int]] = []            # planned for the free slots, not yet launched

@@ -141,6 +141,13 @@ def test_state_rejects_unknown_format_version():
         EMMSearchState.from_dict(d)
 
 
+def test_a_state_saved_before_the_rename_of_max_failures_restores():
+    """Searcher snapshots of sweeps started before unresolved_after had its name (same format version) resume."""
+    d = EMMSearchState(grid([1]), SIZES, (100, 2000), unresolved_after=3).to_dict()
+    d["settings"]["max_failures"] = d["settings"].pop("unresolved_after")
+    assert EMMSearchState.from_dict(d).settings.unresolved_after == 3
+
+
 def test_non_monotone_noise_uses_largest_memorized_size_below_smallest_failure():
     state = EMMSearchState(grid([1]), SIZES, (100, 1000))
     for size, ratio in [(300, 0.95), (200, 0.5), (100, 0.97), (150, 0.92)]:   # 300 memorizes above a failure
@@ -182,7 +189,7 @@ def test_irregular_allowed_sizes_and_snapping():
 
 
 def test_failures_make_a_grid_point_unresolved_while_others_finish():
-    state = EMMSearchState(grid([1, 2]), SIZES, (100, 2000), max_failures=2)
+    state = EMMSearchState(grid([1, 2]), SIZES, (100, 2000), unresolved_after=2)
     curve = step_curve(1234)
     for _ in range(100):
         if state.finished:
@@ -276,7 +283,7 @@ def test_searcher_adopts_restarted_trial_by_its_config():
 
 
 def test_searcher_error_and_missing_metric_count_as_failures():
-    searcher = make_searcher(max_failures=2)
+    searcher = make_searcher(unresolved_after=2)
     config = searcher.suggest("a")
     searcher.on_trial_complete("a", error=True)
     again = searcher.suggest("b")
@@ -343,7 +350,7 @@ def test_property_random_orders_failures_and_restores(case):
     rng = random.Random(case["seed"])
     allowed, thresholds = case["allowed"], case["thresholds"]
     state = EMMSearchState([{"label": str(t), "value": t} for t in thresholds], allowed, case["range"],
-                           tolerance=case["tolerance"], max_failures=2)
+                           tolerance=case["tolerance"], unresolved_after=2)
     running = []                       # (grid_index, size) in flight
     observed = {g: set() for g in range(len(thresholds))}
     steps, bound = 0, 20 * len(allowed) * len(thresholds) + 50
