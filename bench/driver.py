@@ -104,7 +104,7 @@ def simulated_trial(config: dict, settings: dict) -> None:
     tune.report(metrics | where_this_trains())
     result = TrainResult(best_mem_ratio=metrics["best_mem_ratio"], images_seen=metrics["images_seen"],
                          steps=metrics["step"], stopped_early=metrics["images_seen"] < PLANNED_IMAGES,
-                         history=[metrics], train_seconds=0.0)
+                         history=[metrics], step_seconds=0.0)
     end_training(settings, config, result, writer=None, record=True)
 
 

@@ -51,7 +51,7 @@ def run_sweep(output: Path, extra: list[str]) -> tuple[float, int]:
 def breakdown(output: Path, wall: float, slots: int) -> dict:
     trials = pd.read_csv(output / "trials.csv")
     trained = trials[trials.status != "reused"]
-    steps, evals, trial = trained.step_seconds.sum(), trained.eval_seconds.sum(), trained.train_seconds.sum()
+    steps, evals, trial = trained.step_seconds.sum(), trained.eval_seconds.sum(), trained.wall_seconds.sum()
     capacity = slots * wall
     return {"wall_s": wall, "slots": slots, "trainings": len(trained), "trainings_per_min": 60 * len(trained) / wall,
             "training_steps": steps / capacity, "evaluation": evals / capacity,

@@ -105,7 +105,7 @@ class _Run:
         s = self.state
         return TrainResult(s["best"], s["images_seen"], s["step"],
                            self.stopped() and s["images_seen"] < self.prep.plan.total,
-                           s["history"], s["train_seconds"])
+                           s["history"], s["step_seconds"])
 
     def check_finite(self):
         check_loss(self.loss_sum, self.loss_count, self.state, self.cfg.train.lr)
@@ -290,7 +290,7 @@ class Pack:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        run.state["train_seconds"] += (now - run.tic) - (self.paused - run.paused_at_tic)
+        run.state["step_seconds"] += (now - run.tic) - (self.paused - run.paused_at_tic)
         run.tic, run.paused_at_tic = now, self.paused
 
     def _write_back(self, k: int, run: _Run) -> None:

@@ -60,7 +60,7 @@ class TrainResult:
     steps: int
     stopped_early: bool
     history: list = field(default_factory=list)   # one dict per evaluation
-    train_seconds: float = 0.0
+    step_seconds: float = 0.0       # inside training steps (no evaluation, no start-up)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -161,7 +161,7 @@ def prepare(cfg: Config, train_set: TrainingSet | None, device: torch.device, ra
     opt = torch.optim.Adam(denoiser.parameters(), lr=t.lr, betas=ADAM_BETAS, eps=ADAM_EPS, weight_decay=t.weight_decay)
     noise_rng = torch.Generator(device=device).manual_seed(t.seed)   # the same stream on every rank
     order = torch.randperm(n, generator=torch.Generator().manual_seed(t.seed)).to(device)  # one shuffle, every epoch
-    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+    state = {"step": 0, "images_seen": 0, "best": 0.0, "history": [], "step_seconds": 0.0, "eval_seconds": 0.0}
     return Prepared(data, images, labels, schedule(cfg, n), denoiser, ema, opt, noise_rng, order, state)
 
 
@@ -178,6 +178,8 @@ def load_checkpoint(path: Path, run: Prepared, world: int, rank: int, device: to
         if cuda_rng is not None and device.type == "cuda":   # dropout draws from the GPU's generator
             torch.cuda.set_rng_state(cuda_rng, device)
     run.state = ckpt["state"]
+    if "train_seconds" in run.state:   # a checkpoint written before step_seconds had its name
+        run.state["step_seconds"] = run.state.pop("train_seconds")
     return run.state
 
 
@@ -281,7 +283,7 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
                 last_loss = last_loss / world
             if device.type == "cuda":
                 torch.cuda.synchronize(device)   # the clock stops when the GPU, not the host, is done
-            state["train_seconds"] += time.perf_counter() - tic
+            state["step_seconds"] += time.perf_counter() - tic
             metrics = None
             # Every worker samples its share of the seeds; rank 0 gathers them and scores (others get None).
             eval_tic = time.perf_counter()
@@ -304,9 +306,9 @@ def _train(cfg: Config, run_dir, report, writer, log, train_set=None) -> TrainRe
             if report is not None:
                 report(metrics, saved)
             tic = time.perf_counter()
-    state["train_seconds"] += time.perf_counter() - tic
+    state["step_seconds"] += time.perf_counter() - tic
     return TrainResult(state["best"], state["images_seen"], state["step"], stopped() and state["images_seen"] < total,
-                       state["history"], state["train_seconds"])
+                       state["history"], state["step_seconds"])
 
 
 def check_loss(loss_sum: torch.Tensor, loss_count: int, state: dict, lr: float) -> None:
@@ -333,7 +335,7 @@ def snapshot_metrics(state: dict, result, plan: Schedule, loss: float, lr: float
             "mem_ratio_high": interval[1], "num_samples": samples, "best_mem_ratio": state["best"],
             "best_mem_ratio_low": best_low, "best_mem_ratio_high": best_high,
             "best_num_samples": state.get("best_samples", 0), "eval_stopped_early": int(result.stopped_early),
-            "images_per_sec": seen / max(state["train_seconds"], 1e-9), "step_seconds": state["train_seconds"],
+            "images_per_sec": seen / max(state["step_seconds"], 1e-9), "step_seconds": state["step_seconds"],
             "eval_seconds": state["eval_seconds"]}
 
 
@@ -491,7 +493,7 @@ def main(argv=None) -> int:
               f"[{last['best_mem_ratio_low']:.4f}, {last['best_mem_ratio_high']:.4f}] (95 % Wilson interval over "
               f"{last['best_num_samples']} samples) over {len(result.history)} evaluations, "
               f"{result.images_seen} images, "
-              f"{result.train_seconds:.1f} s"
+              f"{result.step_seconds:.1f} s"
               f"{' (stopped early)' if result.stopped_early else ''}; run folder {run_dir}")
         return 0
 

@@ -27,8 +27,10 @@ from pathlib import Path
 
 from diffmem.config import ConfigError
 
-LEDGER_VERSION = 3   # 2: the key holds the data fingerprint, device type and torch version (column `context`)
+LEDGER_VERSION = 4   # 2: the key holds the data fingerprint, device type and torch version (column `context`)
 #                      3: best_num_samples, the samples behind best_mem_ratio (the adaptive evaluation may stop early)
+#                      4: train_seconds renamed step_seconds (the time inside training steps; a version-3 ledger is
+#                         renamed in place when opened, its records kept)
 # best_mem_ratio's 95 % interval is not a column: the ratio is copies / best_num_samples, so
 # sweeps.results.interval_of gives back the very interval the training reported, and a ledger-answered trial
 # shows the same interval as a trained one.
@@ -37,10 +39,24 @@ CREATE TABLE meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE trainings (
     key TEXT PRIMARY KEY, best_mem_ratio REAL NOT NULL, best_num_samples INTEGER NOT NULL,
     images_seen INTEGER NOT NULL,
-    planned_images INTEGER NOT NULL, train_seconds REAL NOT NULL, size INTEGER NOT NULL,
+    planned_images INTEGER NOT NULL, step_seconds REAL NOT NULL, size INTEGER NOT NULL,
     config TEXT NOT NULL, context TEXT NOT NULL, code_version TEXT NOT NULL, finished_at REAL NOT NULL);
 """
 SQLITE_MAGIC = b"SQLite format 3\0"
+
+
+def _upgrade_from_3(db: sqlite3.Connection) -> None:
+    """Version 3 -> 4 in one write transaction: the column train_seconds is step_seconds (what it always held).
+    The version is read again under the write lock, so two processes opening the ledger at once upgrade it once."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        if db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0] == "3":
+            db.execute("ALTER TABLE trainings RENAME COLUMN train_seconds TO step_seconds")
+            db.execute("UPDATE meta SET value = '4' WHERE name = 'version'")
+        db.commit()
+    except BaseException:
+        db.rollback()
+        raise
 NEW_PATH = "pass a --ledger path where no file exists (a new ledger is only ever created there)"
 
 
@@ -154,6 +170,11 @@ class Ledger:
                 if row is None:
                     raise ConfigError(f"ledger {path} is a SQLite file but not a diffmem ledger (no version); "
                                       f"{NEW_PATH}")
+                if row[0] == "3":
+                    db.rollback()
+                    _upgrade_from_3(db)
+                    db.execute("BEGIN")
+                    row = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
                 if row[0] != str(LEDGER_VERSION):
                     raise ConfigError(f"ledger {path} has format version {row[0]}, this code writes "
                                       f"{LEDGER_VERSION}; pass another --ledger path")
@@ -181,13 +202,13 @@ class Ledger:
             row = db.execute("SELECT * FROM trainings WHERE key = ?", (key,)).fetchone()
         return dict(row) if row else None
 
-    def put(self, key: str, resolved_config: dict, context: dict, metrics: dict, train_seconds: float) -> None:
+    def put(self, key: str, resolved_config: dict, context: dict, metrics: dict, step_seconds: float) -> None:
         """Record one finished training (the first record of a key wins: they are equal by construction)."""
         with closing(self._connect()) as db, db:   # the inner one commits, or rolls back on error
             db.execute("INSERT OR IGNORE INTO trainings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (key, float(metrics["best_mem_ratio"]), int(metrics["best_num_samples"]),
                         int(metrics["images_seen"]),
-                        int(metrics["planned_images"]), float(train_seconds), int(resolved_config["data"]["size"]),
+                        int(metrics["planned_images"]), float(step_seconds), int(resolved_config["data"]["size"]),
                         json.dumps(resolved_config, sort_keys=True), json.dumps(context, sort_keys=True),
                         code_version(), time.time()))
 

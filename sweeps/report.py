@@ -124,7 +124,7 @@ def _emm_table(emm, epsilon: float) -> str:
                     f"<td>[{_num(r.low) if _num(r.low) is not None else '-'}, "
                     f"{_num(r.high) if _num(r.high) is not None else '-'})</td>"
                     f"<td>{int(r.trials)}</td><td>{reused}</td><td>{int(r.training_images):,}</td>"
-                    f"<td>{float(r.train_seconds):.0f}</td></tr>")
+                    f"<td>{float(r.wall_seconds):.0f}</td></tr>")
     caption = f"EMM: largest |D| with memorization ratio &ge; {1 - epsilon:.2f}"
     return (f'<div class="wide"><table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table></div>'
             f'<p class="meta">{html.escape(spread_note(emm))}</p>')

@@ -21,10 +21,10 @@ if TYPE_CHECKING:   # pandas is imported where tables are built, never at module
 # do not overlap.
 EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "seeds", "seed_emms", "interval_low",
                "interval_high", "distinguishable_from_previous", "trials", "reused", "training_images",
-               "train_seconds", "error"]
+               "wall_seconds", "error"]
 TRIAL_COLUMNS = ["grid_label", "value", "size", "seed", "best_mem_ratio", "best_mem_ratio_low",
                  "best_mem_ratio_high", "best_num_samples", "memorized", "stopped_early", "images_seen",
-                 "planned_images", "train_seconds", "step_seconds", "eval_seconds", "train_node_ip", "train_node_id",
+                 "planned_images", "wall_seconds", "step_seconds", "eval_seconds", "train_node_ip", "train_node_id",
                  "trial_id", "status", "error"]
 
 
@@ -72,7 +72,7 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                      "memorized": memorized(best, epsilon) if best == best else None,
                      "stopped_early": bool(images < planned) if images == images else None,
                      "images_seen": images, "planned_images": planned,
-                     "train_seconds": r.get("time_total_s", float("nan")),   # the whole trial, as Tune timed it
+                     "wall_seconds": r.get("time_total_s", float("nan")),   # the whole trial, as Tune timed it
                      "step_seconds": r.get("step_seconds", float("nan")),   # inside training steps
                      "eval_seconds": r.get("eval_seconds", float("nan")),   # sampling and nearest neighbours
                      # where it trained last (a retry after a lost node: the node that finished it)
@@ -131,7 +131,7 @@ def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.Data
                      "distinguishable_from_previous": None if i == 0 else not _overlap(summary[i - 1], point),
                      "trials": point["trials"] - reused, "reused": reused,
                      "training_images": int(point["images"]),
-                     "train_seconds": round(float(mine.train_seconds.sum()), 1),
+                     "wall_seconds": round(float(mine.wall_seconds.sum()), 1),
                      "error": errors.iloc[-1] if len(errors) else (point.get("error") or "")})
     return pd.DataFrame(rows, columns=EMM_COLUMNS)
 
@@ -179,7 +179,7 @@ def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
     for _, r in emm.iterrows():
         lines.append(f"| {r.value} | {format_emm(r)} | {r.seed_emms} | {interval_text(r)} | {versus_previous(r)} | "
                      f"[{_int(r.low)}, {_int(r.high)}) | {r.trials} | {r.reused} | {r.training_images:,} | "
-                     f"{r.train_seconds:.0f} |")
+                     f"{r.wall_seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
 

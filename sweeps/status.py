@@ -105,12 +105,12 @@ def _take_result(record: TrialRecord, result: dict) -> None:
 
 
 def ledger_seconds(path: str | None) -> list[float]:
-    """Training times of the trainings a ledger holds (empty if there is none)."""
+    """The time inside training steps of each training a ledger holds (empty if there is none)."""
     if not path or not Path(path).is_file():
         return []
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            return [float(s) for (s,) in db.execute("SELECT train_seconds FROM trainings")]
+            return [float(s) for (s,) in db.execute("SELECT step_seconds FROM trainings")]
     except sqlite3.Error:
         return []
 
@@ -282,7 +282,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     seconds = [t.seconds for t in done if t.seconds and not t.from_ledger]
     source = "these trainings"
     if not seconds:
-        seconds, source = ledger_seconds(spec.get("ledger")), "the ledger"
+        seconds, source = ledger_seconds(spec.get("ledger")), "the ledger's, training steps alone: a low bound"
     mean = sum(seconds) / len(seconds) if seconds else None
     reused = sum(t.from_ledger for t in done) + len(searcher_reused)
     lines.append(f"finished trainings: {len(done) + len(searcher_reused)}"

@@ -113,7 +113,7 @@ def end_training(settings: dict, config: dict, result, writer, record: bool) -> 
         end_session(writer, result.best_mem_ratio, settings["epsilon"], result.images_seen)
     if record and settings.get("ledger") and not settings.get("storage"):
         key, resolved, context = trial_key(settings, config)   # the data fingerprint of the arrays it trained on
-        Ledger(settings["ledger"]).put(key, resolved, context, result.history[-1], result.train_seconds)
+        Ledger(settings["ledger"]).put(key, resolved, context, result.history[-1], result.step_seconds)
 
 
 def relocated(path: str | None, old_output: str, new_output: str) -> str | None:

@@ -73,8 +73,24 @@ def test_incompatible_ledger_is_refused(tmp_path):
     Ledger(path)
     with sqlite3.connect(path) as db:
         db.execute("UPDATE meta SET value = '1' WHERE name = 'version'")
-    with pytest.raises(ConfigError, match="format version 1, this code writes 3; pass another --ledger path"):
+    with pytest.raises(ConfigError, match="format version 1, this code writes 4; pass another --ledger path"):
         Ledger(path)
+
+
+def test_a_version_3_ledger_is_upgraded_in_place_and_keeps_its_records(tmp_path):
+    """Version 3 called the time inside training steps train_seconds; opening it renames the column once."""
+    path = tmp_path / "v3.sqlite"
+    cfg = load_config("experiments/digits.yaml").to_dict()
+    key = training_key(cfg, CONTEXT)
+    Ledger(path).put(key, cfg, CONTEXT, METRICS, 12.5)
+    with sqlite3.connect(path) as db:   # back to version 3, as that code wrote it
+        db.execute("ALTER TABLE trainings RENAME COLUMN step_seconds TO train_seconds")
+        db.execute("UPDATE meta SET value = '3' WHERE name = 'version'")
+    ledger = Ledger(path)
+    assert len(ledger) == 1 and ledger.get(key)["step_seconds"] == 12.5 and "train_seconds" not in ledger.get(key)
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == ("4",)
+    assert Ledger(path).get(key)["best_mem_ratio"] == 0.95   # opened again: nothing to upgrade
 
 
 def test_searcher_observes_what_the_ledger_holds_instead_of_training():
@@ -241,7 +257,7 @@ def test_key_holds_the_device_type_and_the_torch_version(monkeypatch):
     # a config outside sweeps ('auto' as it is): resolved as diffmem.train resolves it, on this machine
     auto = load_config("experiments/digits.yaml")
     assert key_context(auto)["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert sweeps.ledger.LEDGER_VERSION == 3
+    assert sweeps.ledger.LEDGER_VERSION == 4
 
 
 def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):

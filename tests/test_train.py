@@ -34,7 +34,11 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(Interrupted):
         train(cfg, tmp_path / "split", report=crash_after_first_checkpoint, log=lambda *_: None)
     assert _weights(tmp_path / "split")[2]["images_seen"] < whole.images_seen
+    saved = torch.load(tmp_path / "split" / CHECKPOINT, weights_only=False)   # as written before step_seconds
+    saved["state"]["train_seconds"] = seconds = saved["state"].pop("step_seconds")   # had its name: it resumes
+    torch.save(saved, tmp_path / "split" / CHECKPOINT)
     resumed = train(cfg, tmp_path / "split", log=lambda *_: None)
+    assert resumed.step_seconds > seconds > 0 and "train_seconds" not in _weights(tmp_path / "split")[2]
 
     (m1, e1, s1), (m2, e2, s2) = _weights(tmp_path / "whole"), _weights(tmp_path / "split")
     for a, b in [(m1, m2), (e1, e2)]:

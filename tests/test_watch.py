@@ -100,7 +100,7 @@ def make_sweep(output: Path, finished: bool) -> Path:
                      "best_mem_ratio": ratio,
                      "best_mem_ratio_low": low, "best_mem_ratio_high": high, "memorized": ratio >= 0.9,
                      "stopped_early": False, "images_seen": 16000,
-                     "planned_images": 16000, "train_seconds": 30.0, "trial_id": f"t{k:07d}", "status": "done"})
+                     "planned_images": 16000, "wall_seconds": 30.0, "trial_id": f"t{k:07d}", "status": "done"})
         run = output / "tensorboard" / GRID[g]["label"] / f"D={size}"
         config = {"grid_label": GRID[g]["label"], "overrides": GRID[g]["overrides"], "size": size}
         with SummaryWriter(str(run)) as writer:
