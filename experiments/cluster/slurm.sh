@@ -78,10 +78,10 @@ EOF
 
 start_node 0 --head --node-ip-address="$HEAD_IP" --port="$PORT"
 wait_for_nodes 1
-for ((i = 1; i < ${#NODES[@]}; i++)); do
-  start_node "$i" --address="$ADDRESS"
+for ((i = 1; i < ${#NODES[@]}; i++)); do   # one node at a time, as Ray's own SLURM recipe staggers them: raylets
+  start_node "$i" --address="$ADDRESS"     # registering at once can overload the head ("node timed out during
+  wait_for_nodes $((i + 1))                # startup", Ray's fixed 30 s), seen with two nodes on 2 cores
 done
-wait_for_nodes "${#NODES[@]}"
 echo "Ray cluster of ${#NODES[@]} nodes at $ADDRESS (${NODES[*]}), $GPUS GPUs and $CPUS CPUs each"
 
 "$PYTHON" sweeps/emm_search.py --address "$ADDRESS" "$@" &
