@@ -4,6 +4,7 @@ pyarrow file system that runs here without a network service; the URI's folder i
 trial that wrote into the sweep folder, or a driver that read Tune's experiment from it, would show."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -14,24 +15,22 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import resumed_trainings
-
 from sweeps.reaper import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = str(ROOT / "sweeps" / "emm_search.py")
 
 
-def _running_with_checkpoint(proc: subprocess.Popen, bucket: Path) -> list[int]:
-    """Trial processes of the sweep whose trial has a checkpoint on the storage: Tune runs each in a working
-    folder named as its trial."""
+def _running_with_checkpoint(proc: subprocess.Popen, bucket: Path) -> dict[int, str]:
+    """Trial processes of the sweep whose trial has a checkpoint on the storage, with their trial's folder name:
+    Tune runs each in a working folder named as its trial."""
     saved = {p.parent.name for p in bucket.glob("tune/*/checkpoint_000000")}
-    found = []
+    found = {}
     for pid in descendants(proc.pid):
         try:
-            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::") and \
-                    Path(os.readlink(f"/proc/{pid}/cwd")).name in saved:   # an actor (its title), in a trial
-                found.append(pid)
+            trial = Path(os.readlink(f"/proc/{pid}/cwd")).name
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::") and trial in saved:   # an actor
+                found[pid] = trial                                                                 # in a trial
         except OSError:   # it ended meanwhile
             pass
     return found
@@ -51,10 +50,11 @@ def test_a_sweep_on_remote_storage_retries_a_killed_training_stops_resumes_and_k
     # A training's process killed once its trial has a checkpoint on the storage (as an OOM kill): Tune retries it
     # from that checkpoint, read back from the URI.
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None and not (trials := _running_with_checkpoint(proc, bucket)):
+    while time.time() < deadline and proc.poll() is None and not (trials_killed := _running_with_checkpoint(proc,
+                                                                                                            bucket)):
         time.sleep(0.2)
-    assert trials, "no running training with a checkpoint to kill"
-    for pid in trials:
+    assert trials_killed, "no running training with a checkpoint to kill"
+    for pid in trials_killed:
         os.kill(pid, signal.SIGKILL)
     while time.time() < deadline and proc.poll() is None and "retry 1 of" not in (out / "sweep.log").read_text():
         time.sleep(0.2)
@@ -84,7 +84,11 @@ def test_a_sweep_on_remote_storage_retries_a_killed_training_stops_resumes_and_k
     smoke = pd.read_csv(smoke_sweep[0] / "emm.csv").query("value == 'none'")
     mine = pd.read_csv(out / "emm.csv")
     assert mine[["emm", "low", "high"]].values.tolist() == smoke[["emm", "low", "high"]].values.tolist()
-    assert resumed_trainings(out) >= 1   # a retry began from its checkpoint, not from step 0
+    # the killed training went on from its checkpoint, not from step 0: the images it reported never repeat
+    for trial in set(trials_killed.values()):
+        lines = (bucket / "tune" / trial / "result.json").read_text().splitlines()
+        seen = [json.loads(line)["images_seen"] for line in lines if line.strip()]
+        assert len(seen) >= 2 and seen == sorted(set(seen)), seen
     status = subprocess.run([sys.executable, SEARCH, "--status", str(out)], capture_output=True, text=True,
                             timeout=120)
     assert f"sweep random_labels in {out}: finished" in status.stdout, status.stdout + status.stderr
