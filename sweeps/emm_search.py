@@ -556,9 +556,10 @@ def run(args, spec: dict, output: Path) -> int:
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
               + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
               f"output {output}")
-        print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}")
-        print(f"Metrics: {metrics_url()}  (Prometheus text: this sweep's ray_diffmem_* gauges beside Ray's own; "
-              f"the dashboard's Metrics tab plots them where Prometheus and Grafana run)", flush=True)
+        print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}", flush=True)
+        if metrics := metrics_url():
+            print(f"Metrics: {metrics}  (Prometheus text: this sweep's ray_diffmem_* gauges beside Ray's own; "
+                  f"the dashboard's Metrics tab plots them where Prometheus and Grafana run)", flush=True)
         # a folder whose sweep stopped before Tune saved anything (e.g. no cluster at --address) starts afresh
         restore = bool(args.resume) and started(spec, output)
         tuner = make_tuner(spec, output, max_concurrent, restore=restore, dashboard=not args.no_dashboard)

@@ -159,11 +159,14 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
     return trials_at_once(max_concurrent, capacity * pack_size)
 
 
-def metrics_url() -> str:
-    """Where the driver's node serves its metrics (ray.util.metrics, sweeps.progress.SweepMetrics) for Prometheus."""
+def metrics_url() -> str | None:
+    """Where the driver's node serves its metrics (ray.util.metrics, sweeps.progress.SweepMetrics) for Prometheus;
+    None where Ray does not say."""
     import ray
     here = ray.get_runtime_context().get_node_id()
-    node = next(n for n in ray.nodes() if n["NodeID"] == here)
+    node = next((n for n in ray.nodes() if n.get("NodeID") == here), {})
+    if not node.get("MetricsExportPort"):
+        return None
     return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
