@@ -122,6 +122,9 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
     # the dashboard's Train tab answers 500 without it (Ray 2.60): DDP trainings' runs and workers listed there
     os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")   # Ray's messages on the console (a lost node) without colour codes
+    # Tune's last word, where it wrote its state (OUTPUT/tune, or the --storage URI): the sweep says where its
+    # results are in its own closing line
+    logging.getLogger("ray.tune.tune").addFilter(_Drop("Wrote the latest version of all result files"))
     import ray
     if address:
         try:

@@ -140,6 +140,7 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     assert list(out.glob("tune/*/result.json")) and not list(out.glob("tune/*/checkpoint_*/*"))
     # the console says nothing false (issue 15.4): no trial count of 2**63 - 1, TensorBoard pointed at the sweep's own
     assert "Number of trials" not in stdout and "driver_artifacts" not in stdout, stdout[:3000]
+    assert "Wrote the latest version" not in stdout, stdout[-3000:]   # Tune's INFO line at the end
     assert f"TensorBoard: tensorboard --logdir {out.resolve() / 'tensorboard'}" in stdout
     log = (out / "sweep.log").read_text()     # the console transcript, kept (issue 15.2)
     assert "sweep random_labels over" in log and "best ratio" in log and "| unique |" in log
