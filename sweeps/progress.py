@@ -29,8 +29,7 @@ def trial_dirname(trial) -> str:
 
 PROGRESS_EVERY_S = 60   # a line on the running trainings when nothing else was printed for this long
 METRICS_EVERY_S = 5     # the gauges' refresh; Ray exports them every few seconds anyway
-TRIAL_STATES = {"TERMINATED": "finished", "RUNNING": "running", "ERROR": "failed", "PENDING": "pending",
-                "PAUSED": "pending"}
+TRIAL_STATES = {"TERMINATED": "finished", "RUNNING": "running", "ERROR": "failed"}   # any other: pending
 
 
 class SweepMetrics(tune.Callback):
@@ -67,14 +66,17 @@ class SweepMetrics(tune.Callback):
                 Gauge("diffmem_training_best_ratio", "a training's best memorization ratio so far",
                       tag_keys=("sweep", "training")))
         counts, images, best = self._gauges
-        states = {name: 0 for name in (*TRIAL_STATES.values(), "from_ledger")}
+        states = dict.fromkeys(("finished", "from_ledger", "running", "pending", "failed"), 0)
         for t in trials:
             r = t.last_result or {}
-            states["from_ledger" if r.get("from_ledger") else TRIAL_STATES.get(t.status, "pending")] += 1
+            if r.get("from_ledger"):   # answered, not trained: no training to follow
+                states["from_ledger"] += 1
+                continue
+            states[TRIAL_STATES.get(t.status, "pending")] += 1
             tags = {"sweep": self.sweep, "training": trial_label(t.config)}
-            if r.get("images_seen") is not None and not r.get("from_ledger"):
+            if r.get("images_seen") is not None:
                 images.set(r["images_seen"], tags=tags)
-            if r.get("best_mem_ratio") is not None and not r.get("from_ledger"):
+            if r.get("best_mem_ratio") is not None:
                 best.set(r["best_mem_ratio"], tags=tags)
         for state, count in states.items():
             counts.set(count, tags={"sweep": self.sweep, "state": state})
