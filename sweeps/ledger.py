@@ -43,6 +43,7 @@ CREATE TABLE trainings (
     config TEXT NOT NULL, context TEXT NOT NULL, code_version TEXT NOT NULL, finished_at REAL NOT NULL);
 """
 SQLITE_MAGIC = b"SQLite format 3\0"
+NEW_PATH = "pass a --ledger path where no file exists (a new ledger is only ever created there)"
 
 
 def _upgrade_from_3(db: sqlite3.Connection) -> None:
@@ -57,7 +58,6 @@ def _upgrade_from_3(db: sqlite3.Connection) -> None:
     except BaseException:
         db.rollback()
         raise
-NEW_PATH = "pass a --ledger path where no file exists (a new ledger is only ever created there)"
 
 
 SCIENCE = Path(__file__).resolve().parent.parent / "diffmem"
