@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import SEARCH, resumed_trainings
+from conftest import SEARCH, assert_smoke_table, resumed_trainings
 
 # The head notices a lost node after health_check_period_ms x failure_threshold (Ray's defaults: 3 s x 5 after
 # a first delay): shorter here so the test waits seconds, not half a minute, for what a real cluster also does.
@@ -37,14 +37,6 @@ def cluster():
 def _sweep(cluster, out: Path, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, SEARCH, *SWEEP, "--address", cluster.address, "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out.parent, **popen)
-
-
-def _assert_smoke_table(out: Path, smoke_sweep):
-    """The EMM table of the sweep in `out` is the one-machine smoke sweep's for its grid point."""
-    columns = ["value", "emm", "low", "high", "censored"]
-    alone = pd.read_csv(smoke_sweep[0] / "emm.csv")
-    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns],
-                                  alone[alone.value == "none"][columns].reset_index(drop=True))
 
 
 def _results(trial_dir: Path) -> list[dict]:
@@ -121,7 +113,7 @@ def test_trainings_run_on_worker_nodes_at_once_and_a_lost_node_costs_one_a_retry
     assert seen == sorted(set(seen)), seen
     assert resumed_trainings(out) >= 1
     # the sweep's answer is the undisturbed one
-    _assert_smoke_table(out, smoke_sweep)
+    assert_smoke_table(out, smoke_sweep)
     # nothing lost or trained twice: one Tune trial per training, and the ledger holds each training that ran
     configs = [json.dumps(_results(t)[-1]["config"], sort_keys=True) for t in (out / "tune").iterdir() if _results(t)]
     assert len(configs) == len(set(configs))
@@ -162,5 +154,5 @@ def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(clu
     resumed = subprocess.run([sys.executable, SEARCH, "--resume", str(out), "--address", cluster.address],
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
-    _assert_smoke_table(out, smoke_sweep)
+    assert_smoke_table(out, smoke_sweep)
     assert resumed_trainings(out) >= 1   # the training in flight went on from its checkpoint, not from step 0

@@ -13,7 +13,7 @@ import torch
 
 from diffmem.config import ConfigError, load_config
 from diffmem.packed import Member, train_packed
-from conftest import resumed_trainings
+from conftest import assert_smoke_table, resumed_trainings
 from diffmem.train import CHECKPOINT, TrainingDiverged, train
 
 DIGITS = "experiments/digits.yaml"
@@ -189,9 +189,7 @@ def test_a_packed_sweep_survives_its_lost_pack_server_and_finds_the_same_table(s
     assert killed, "no pack server was running"
     assert proc.returncode == 0, stdout[-3000:]
     assert "4 trainings at once in packs of up to 2" in stdout
-    columns = ["value", "emm", "low", "high", "censored"]
-    alone = pd.read_csv(smoke_sweep[0] / "emm.csv")
-    pd.testing.assert_frame_equal(pd.read_csv(out / "emm.csv")[columns], alone[alone.value == "none"][columns])
+    assert_smoke_table(out, smoke_sweep)
     trials = pd.read_csv(out / "trials.csv")
     assert len(Ledger(out / "ledger.sqlite")) == len(trials)   # each training recorded once, none lost
 

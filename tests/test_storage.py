@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from conftest import assert_smoke_table
 from sweeps.reaper import descendants
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -81,9 +82,7 @@ def test_a_sweep_on_remote_storage_retries_a_killed_training_stops_resumes_and_k
     for run in runs:
         assert _files(out / "tensorboard" / run) == _files(bucket / "tensorboard" / run) != {}
     # the same answer as the smoke sweep's (sweep folder only) for that grid point, and --status reads the URI
-    smoke = pd.read_csv(smoke_sweep[0] / "emm.csv").query("value == 'none'")
-    mine = pd.read_csv(out / "emm.csv")
-    assert mine[["emm", "low", "high"]].values.tolist() == smoke[["emm", "low", "high"]].values.tolist()
+    assert_smoke_table(out, smoke_sweep)
     # the killed training went on from its checkpoint, not from step 0: the images it reported never repeat
     for trial in set(trials_killed.values()):
         lines = (bucket / "tune" / trial / "result.json").read_text().splitlines()
