@@ -145,7 +145,7 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
                      f"{_direction_text(f)} | {where} | {rho} | {r['verdict']} |")
     for n in study.get("not_run", []):
         table.append(f"| {n['factor']} | - | not measured here: {n['reason']} | {_direction_text(n['finding'])} | "
-                     f"{n['finding']['where']} | - | paper scale: `{n['config']}` |")
+                     f"{n['finding']['where']} | - | paper scale: `{n['paper_config']}` |")
     summary = "\n".join(table)
     lines = ["# The paper's findings, measured (sweeps/study.py)", "", *header, "", "## Summary", "", summary, "",
              "## The verdict rule", "", VERDICT_RULE, ""]
@@ -163,9 +163,15 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
             lines.append(f"| {row['value']} | {format_emm(SimpleNamespace(**row))} | {row['seed_emms']} | "
                          f"{interval_text(SimpleNamespace(**row))} | {row['trials']} | {row['reused']} |")
         lines += ["", f"Verdict: **{r['verdict']}**" + ("" if r["rho"] is None else f" (rho {r['rho']:+.2f})"), ""]
+        if r["verdict"].startswith(INCONCLUSIVE):
+            lines += [f"Why not shown here: the intervals the verdict rule compares overlap, so an effect of "
+                      f"{r['factor']}, if there is one, is below the seeds' spread at this scale.", ""]
+        lines += [f"At paper scale: `python sweeps/emm_search.py --config {r['paper_config']} --factor "
+                  f"{r['factor']}` (on a cluster: README, \"Running the paper's study on a cluster\").", ""]
     for n in study.get("not_run", []):
         lines += [f"### {n['factor']} (not measured here)", "", f"Paper ({n['finding']['where']}): "
-                  f"{n['finding']['paper']}", "", f"Why not here: {n['reason']} At paper scale: `{n['config']}`.", ""]
+                  f"{n['finding']['paper']}", "", f"Why not here: {n['reason']} At paper scale: "
+                  f"`{n['paper_config']}`.", ""]
     done = [r for r in results if r["rows"]]
     trained = sum(row["trials"] for r in done for row in r["rows"])
     reused = sum(row["reused"] for r in done for row in r["rows"])

@@ -39,9 +39,10 @@ STATE_FILE = "study.json"
 STATE_FORMAT, STATE_VERSION = "diffmem.study", 1
 EMM_SEARCH = ROOT / "sweeps" / "emm_search.py"
 STUDY_KEYS = {"config", "preset", "seeds", "size_range", "epsilon", "tolerance", "set", "factors", "not_run"}
-FACTOR_KEYS = {"factor", "values", "size_range", "set", "finding", "note"}
+FACTOR_KEYS = {"factor", "values", "size_range", "set", "finding", "note", "paper_config"}
 FINDING_KEYS = {"where", "direction", "verified", "paper"}
-NOT_RUN_KEYS = {"factor", "reason", "config", "finding"}
+NOT_RUN_KEYS = {"factor", "reason", "paper_config", "finding"}
+DESCRIPTIVE_KEYS = {"finding", "note", "paper_config"}   # what the page says of a factor, not how its sweep runs
 
 
 def _keys(d, allowed: set, required: set, where: str) -> None:
@@ -84,10 +85,25 @@ def read_study(path: Path) -> dict:
             raise ConfigError(f"{where}.values must list at least two values of {entry['factor']} (a direction "
                               f"needs two)")
         _finding(entry["finding"], f"{where}.finding")
+        _paper_config(entry["paper_config"], where)
     for i, entry in enumerate(study.get("not_run") or []):
         _keys(entry, NOT_RUN_KEYS, NOT_RUN_KEYS, f"not_run[{i}] of {path}")
         _finding(entry["finding"], f"not_run[{i}].finding of {path}")
+        _paper_config(entry["paper_config"], f"not_run[{i}] of {path}")
     return study
+
+
+def _paper_config(name, where: str) -> None:
+    """The config that runs the factor at paper scale, named from the checkout's root as the page prints it."""
+    if not isinstance(name, str) or not (ROOT / name).is_file():
+        raise ConfigError(f"{where}.paper_config {name!r} is not a file of the checkout; name one such as "
+                          f"experiments/paper/conditioning.yaml")
+
+
+def sweeps_of(study: dict) -> dict:
+    """The part of a study that decides what its sweeps run: everything but the factors' descriptions."""
+    return {**{k: v for k, v in study.items() if k != "not_run"},
+            "factors": [{k: v for k, v in e.items() if k not in DESCRIPTIVE_KEYS} for e in study["factors"]]}
 
 
 def config_path(study_file: Path, study: dict) -> Path:
@@ -128,7 +144,8 @@ def sweep_argv(study: dict, entry: dict, folder: Path, ledger: Path, args) -> li
 
 def read_state(output: Path, study: dict) -> dict:
     """OUTPUT/study.json: which factors finished, the seconds spent; a study started from another study file is
-    refused (its factors' sweeps were made with other settings)."""
+    refused (its factors' sweeps were made with other settings), one whose descriptions (findings, notes, paper
+    configs) changed continues with the new ones."""
     path = output / STATE_FILE
     if not path.exists():
         if output.exists() and any(output.iterdir()):
@@ -141,11 +158,12 @@ def read_state(output: Path, study: dict) -> dict:
         raise ConfigError(f"{path} is unreadable ({type(e).__name__}); choose another --output") from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT or state.get("version") != STATE_VERSION:
         raise ConfigError(f"{path} was not written by this version of sweeps/study.py; choose another --output")
-    if state["study"] != study:
-        changed = next((e["factor"] for e, o in zip(study["factors"], state["study"]["factors"]) if e != o), None)
+    ours, theirs = sweeps_of(study), sweeps_of(state["study"])
+    if ours != theirs:
+        changed = next((e["factor"] for e, o in zip(ours["factors"], theirs["factors"]) if e != o), None)
         raise ConfigError(f"the study file differs from the one {output} was started with"
                           + (f" (factor {changed})" if changed else "") + "; restore it, or give a new --output")
-    return state
+    return {**state, "study": study}
 
 
 def write_state(output: Path, state: dict) -> None:

@@ -56,16 +56,43 @@ def test_spearman_matches_the_pearson_correlation_of_ranks():
     assert spearman([1, 2, 2, 3]) == pytest.approx(pearson)
 
 
+def test_the_page_says_why_an_effect_is_not_shown_and_names_the_paper_scale_config(tmp_path):
+    """An inconclusive factor is an effect below the seeds' spread, and says so; every factor names the config
+    and command that run it at paper scale; a factor the digits cannot express gives its reason."""
+    from sweeps.findings import factor_result, write_page
+    from sweeps.study import read_study
+    study = read_study(write_study(tmp_path / "study.yaml"))
+    study["factors"][1]["finding"]["direction"] = "rises"
+    csv = "value,emm,low,high,censored,interval_low,interval_high,seed_emms,trials,reused\n"
+    (tmp_path / "labels.csv").write_text(csv + "none,20,20,30,,20,30,20,3,0\ntrue,40,40,50,,40,50,40,3,0\n")
+    (tmp_path / "embedding.csv").write_text(csv + "positional,20,20,40,,20,40,20,3,0\nfourier,30,30,50,,30,50,30,3,0\n")
+    results = [factor_result(study["factors"][0], tmp_path / "labels.csv"),
+               factor_result(study["factors"][1], tmp_path / "embedding.csv")]
+    assert [r["verdict"] for r in results] == [AGREES, INCONCLUSIVE + " (direction unverified)"]
+    write_page(tmp_path, study, results, ["header"])
+    page = (tmp_path / "findings.md").read_text()
+    labels, embedding = page.split("### class_labels")[1].split("### time_embedding")
+    assert "Why not shown here" not in labels
+    assert "an effect of time_embedding, if there is one, is below the seeds' spread at this scale" in embedding
+    assert "At paper scale: `python sweeps/emm_search.py --config experiments/paper/conditioning.yaml --factor " \
+           "class_labels`" in labels
+    assert "--config experiments/paper/model_configuration.yaml --factor time_embedding`" in embedding
+    assert "Why not here: no second source of digits. At paper scale: " \
+           "`experiments/paper/intra_class_diversity.yaml`" in page
+
+
 def write_study(path: Path, **changes) -> Path:
     study = {"config": str(ROOT / "experiments" / "digits.yaml"), "preset": "smoke", "seeds": 1,
              "size_range": [10, 20],
              "factors": [
                  {"factor": "class_labels", "values": ["none", "true"],
+                  "paper_config": "experiments/paper/conditioning.yaml",
                   "finding": {"where": "Fig. 5", "direction": "rises", "verified": True, "paper": "labels raise it"}},
                  {"factor": "time_embedding", "values": ["positional", "fourier"],
+                  "paper_config": "experiments/paper/model_configuration.yaml",
                   "finding": {"where": "Fig. 3", "direction": "unknown", "paper": "no numbers"}}],
              "not_run": [{"factor": "mix_rate", "reason": "no second source of digits.",
-                          "config": "experiments/paper/intra_class_diversity.yaml",
+                          "paper_config": "experiments/paper/intra_class_diversity.yaml",
                           "finding": {"where": "Fig. 2(c)", "direction": "unknown", "paper": "-"}}]}
     study.update(changes)
     path.write_text(yaml.safe_dump(study))
@@ -73,13 +100,18 @@ def write_study(path: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"factors": [{"factor": "widht", "values": [8, 16],
+    ({"factors": [{"factor": "widht", "values": [8, 16], "paper_config": "experiments/cifar10.yaml",
                    "finding": {"where": "-", "direction": "rises", "paper": "-"}}]},
      "unknown factor 'widht'; did you mean 'width'?"),
-    ({"factors": [{"factor": "width", "values": [8, 16], "finding": {"where": "-", "direction": "up", "paper": "-"}}]},
+    ({"factors": [{"factor": "width", "values": [8, 16], "paper_config": "experiments/cifar10.yaml",
+                   "finding": {"where": "-", "direction": "up", "paper": "-"}}]},
      "direction 'up' must be one of rises, falls"),
-    ({"factors": [{"factor": "width", "values": [8], "finding": {"where": "-", "direction": "rises", "paper": "-"}}]},
+    ({"factors": [{"factor": "width", "values": [8], "paper_config": "experiments/cifar10.yaml",
+                   "finding": {"where": "-", "direction": "rises", "paper": "-"}}]},
      "must list at least two values"),
+    ({"factors": [{"factor": "width", "values": [8, 16], "paper_config": "experiments/paper/widht.yaml",
+                   "finding": {"where": "-", "direction": "rises", "paper": "-"}}]},
+     "paper_config 'experiments/paper/widht.yaml' is not a file of the checkout"),
     ({"seed": 2}, "unknown key 'seed'"),
     ({"config": "nowhere.yaml"}, "config nowhere.yaml named in"),
 ])
@@ -114,6 +146,15 @@ def test_a_study_continues_only_with_its_own_study_file(tmp_path):
     changed = read_study(write_study(tmp_path / "study.yaml", seeds=2))
     with pytest.raises(ConfigError, match="differs from the one .* was started with; restore it, or give a new"):
         read_state(out, changed)
+    # what the page says of a factor is not how its sweep runs: a corrected finding continues, and is the one used
+    reworded = read_study(write_study(tmp_path / "study.yaml"))
+    reworded["factors"][0]["finding"]["paper"] = "labels raise it (Fig. 5, corrected)"
+    reworded["factors"][1]["paper_config"] = "experiments/cifar10.yaml"
+    assert read_state(out, reworded)["study"] == reworded
+    moved = read_study(write_study(tmp_path / "study.yaml"))
+    moved["factors"][0]["values"] = ["true", "none"]
+    with pytest.raises(ConfigError, match=r"\(factor class_labels\)"):
+        read_state(out, moved)
 
 
 def _trainings(ledger: Path) -> int:
@@ -147,7 +188,8 @@ def test_a_smoke_study_shares_its_ledger_resumes_after_ctrl_c_and_writes_the_pag
     assert "resuming time_embedding" in proc.stdout and "class_labels" not in proc.stdout.split("\n")[0]
     page = (out / "findings.md").read_text()
     for words in ("| class_labels | none, true |", "| time_embedding | positional, fourier |",
-                  "no direction on record", "| mix_rate | - | not measured here", "## The verdict rule"):
+                  "no direction on record", "| mix_rate | - | not measured here", "## The verdict rule",
+                  "At paper scale: `python sweeps/emm_search.py --config experiments/paper/conditioning.yaml"):
         assert words in page, words
     assert (out / "findings.png").stat().st_size > 10_000
     # shared ledger: time_embedding=positional is the basic setup, answered by class_labels=none's trainings
