@@ -387,6 +387,7 @@ def _remove_empty(folder: Path) -> None:
 
 
 STOPPED, STOPPED_BY_SIGTERM = 130, 143   # exit statuses of a sweep stopped before its end (128 + signal number)
+REFUSED = 2                               # bad input: one line naming the fix
 def _reuse_actors(spec: dict, dashboard: bool) -> bool:
     """A one-worker CPU trial runs in its Tune actor: reusing that process for the next trial saves its start
     (Python, torch and the dataset: ~2 s per trial, measured on 2 cores with Ray 2.60). Not where the dashboard
@@ -472,6 +473,7 @@ def collect(spec: dict, output: Path, result_grid) -> tuple:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    created, new_ledger = [], False   # what a new sweep made, undone if it is refused before it starts
     try:
         if args.list_factors:
             print(list_factors(read_yaml(args.config).get("sweep") or {}))
@@ -504,7 +506,8 @@ def main(argv=None) -> int:
             spec["ledger"] = str(Path(args.ledger or output / LEDGER_FILE).expanduser().resolve())
             spec["no_reuse"] = args.no_reuse
             spec["output"] = str(output.resolve())   # where it was made: --resume follows a moved folder
-            if os.path.lexists(spec["ledger"]):
+            new_ledger = not os.path.lexists(spec["ledger"])
+            if not new_ledger:
                 Ledger(spec["ledger"])   # an existing file must be a whole diffmem ledger of this version
             created = make_output(output)
             try:
@@ -526,9 +529,21 @@ def main(argv=None) -> int:
     with open(output / LOG_FILE, "a") as log:   # the console, kept beside the results (appended on --resume)
         sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
         try:
-            return run(args, spec, output)
+            rc = run(args, spec, output)
         finally:
             sys.stdout, sys.stderr = sys.stdout.stream, sys.stderr.stream
+    if rc == REFUSED and not args.resume and not started(spec, output):
+        unmake_output(output, spec, created, new_ledger)
+    return rc
+
+
+def unmake_output(output: Path, spec: dict, created: list[Path], new_ledger: bool) -> None:
+    """A new sweep refused once Ray answered (a cluster that can never place one of its trainings) leaves nothing
+    behind, so the same command runs once the cluster is fixed; a ledger that was there before stays."""
+    for path in [output / SPEC_FILE, output / LOG_FILE] + ([Path(spec["ledger"])] if new_ledger else []):
+        path.unlink(missing_ok=True)
+    for folder in created:
+        _remove_empty(folder)
 
 
 def run(args, spec: dict, output: Path) -> int:
@@ -565,9 +580,9 @@ def run(args, spec: dict, output: Path) -> int:
         tuner = make_tuner(spec, output, max_concurrent, restore=restore, dashboard=not args.no_dashboard)
         result_grid = tuner.fit()
         emm, trials, finished = collect(spec, output, result_grid)
-    except ConfigError as e:
+    except ConfigError as e:   # before Tune started: nothing trained
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return REFUSED
     except KeyboardInterrupt:   # before Tune took over the signal (Ray starting): nothing measured yet
         print(f"stopped before the sweep began; start it with --resume {output}", file=sys.stderr)
         return STOPPED_BY_SIGTERM if terminated else STOPPED

@@ -149,17 +149,29 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
             url = context.dashboard_url or "127.0.0.1:8265"
             print(f"Ray dashboard: http://{url}  (token auth: header 'Authorization: Bearer' + "
                   f"~/.ray/auth_token, or start with RAY_AUTH_MODE=disabled)")
-    resources = ray.cluster_resources()
-    if gpus_per_worker:
-        capacity = int(resources.get("GPU", 0)) // workers
-    else:
-        capacity = int(resources.get("CPU", 1)) // workers
-    capacity = min(capacity, int(resources.get("trial_slot", 0)))   # every training takes a slot (trial_resources)
-    if capacity < 1:
-        raise ConfigError(f"the cluster cannot hold one training of {workers} worker{'s' * (workers > 1)} "
-                          f"(resources {resources}); start its worker nodes with --resources='{{\"trial_slot\": 1}}' "
-                          f"and enough CPUs/GPUs")
-    return trials_at_once(max_concurrent, capacity * pack_size)
+    return trials_at_once(max_concurrent, cluster_capacity(ray.nodes(), workers, gpus_per_worker) * pack_size)
+
+
+def cluster_capacity(nodes: list[dict], workers: int, gpus_per_worker: int) -> int:
+    """How many trainings of `workers` workers the cluster's live nodes (ray.nodes()) hold at once: a training
+    takes a node's `trial_slot` (trial_resources) and runs on that node, so each node holds as many as its slots
+    and its own GPUs (or CPUs) allow. None: one line naming the fix, before anything waits on a placement that
+    can never happen."""
+    nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
+    kind, need = ("GPU", workers * gpus_per_worker) if gpus_per_worker else ("CPU", workers)
+    capacity = sum(min(int(r.get("trial_slot", 0)), int(r.get(kind, 0)) // need) for r in nodes)
+    if capacity >= 1:
+        return capacity
+    slotted = [r for r in nodes if r.get("trial_slot", 0) >= 1]
+    if not slotted:
+        raise ConfigError("no node of the cluster offers a trial_slot, which every training takes; start its worker "
+                          "nodes with --resources='{\"trial_slot\": 1}' (experiments/cluster/)")
+    largest = max(int(r.get(kind, 0)) for r in slotted)
+    flag = "--gpus-per-trial" if gpus_per_worker else "--workers-per-trial"
+    fix = f"use {flag} <= {largest}, or add" if largest else "add"
+    raise ConfigError(f"{flag} {need} but the largest node with a trial_slot has {largest} {kind}"
+                      f"{'s' * (largest != 1)} and a training runs on one node; {fix} nodes with {need} {kind}"
+                      f"{'s' * (need != 1)} and a trial_slot")
 
 
 def metrics_url() -> str | None:

@@ -126,11 +126,40 @@ def test_trainings_run_on_worker_nodes_at_once_and_a_lost_node_costs_one_a_retry
     assert "running (" in status   # the retried training is listed as running, at its checkpoint's images
 
 
+def _node(alive=True, **resources) -> dict:
+    return {"Alive": alive, "Resources": resources}
+
+
+def test_a_training_is_placed_on_one_node_and_a_cluster_that_holds_none_says_what_to_start():
+    """What start_ray reads of ray.nodes(): per node, as many trainings as its trial slots and its own GPUs (CPUs)
+    allow; a lost node counts nothing."""
+    from diffmem.config import ConfigError
+    from sweeps.ray_cluster import cluster_capacity
+    head, a100 = _node(CPU=8), _node(CPU=96, GPU=8, trial_slot=1)
+    assert cluster_capacity([head, a100, a100, _node(False, CPU=96, GPU=8, trial_slot=1)], 8, 1) == 2
+    assert cluster_capacity([head, a100], 4, 1) == 1                  # one slot: one training, whatever its GPUs
+    assert cluster_capacity([_node(CPU=2, trial_slot=2)], 1, 0) == 2  # a local cluster: one slot per core
+    assert cluster_capacity([_node(CPU=2, trial_slot=1)], 2, 0) == 1
+    # 16 GPUs in all, but no node holds a training of 16
+    with pytest.raises(ConfigError, match=r"^--gpus-per-trial 16 but the largest node with a trial_slot has 8 GPUs "
+                                          r"and a training runs on one node; use --gpus-per-trial <= 8, or add"):
+        cluster_capacity([head, a100, a100], 16, 1)
+    with pytest.raises(ConfigError, match=r"^--workers-per-trial 2 but the largest node with a trial_slot has 1 "
+                                          r"CPU .*; use --workers-per-trial <= 1"):
+        cluster_capacity([_node(CPU=1, trial_slot=1), _node(CPU=1, trial_slot=1)], 2, 0)
+    with pytest.raises(ConfigError, match=r"has 0 GPUs and a training runs on one node; add nodes with 1 GPU and a "):
+        cluster_capacity([_node(CPU=4, trial_slot=1)], 1, 1)
+    with pytest.raises(ConfigError, match=r"^no node of the cluster offers a trial_slot.*--resources='"):
+        cluster_capacity([head, _node(False, CPU=96, GPU=8, trial_slot=1)], 8, 1)
+
+
 @pytest.mark.slow
 def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(cluster, smoke_sweep, tmp_path):
     """The head holds the cluster's state (GCS): without it the driver cannot go on. It exits once it has failed to
     reach the head for gcs_rpc_server_reconnect_timeout_s (Ray's default 60 s; 5 s here), and --resume with the
-    --address of a new cluster continues the sweep from its folder: the training in flight from its checkpoint."""
+    --address of a new cluster continues the sweep from its folder: the training in flight from its checkpoint.
+    Before its worker node joins, the same cluster shows how a sweep meets a cluster that can never place one of
+    its trainings: one line naming the fix, exit 2, within a minute, nothing trained."""
     import time
 
     from ray._common.utils import reset_ray_address
@@ -139,6 +168,21 @@ def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(clu
         "num_cpus": 1, "include_dashboard": False,
         "_system_config": {**FAST_HEALTH_CHECKS, "gcs_rpc_server_reconnect_timeout_s": 5}})
     reset_ray_address()
+    gpu_node = None
+    for extra, words in [([], "no node of the cluster offers a trial_slot"),
+                         (["--gpus-per-trial", "2"], "--gpus-per-trial 2 but the largest node with a trial_slot has "
+                                                     "1 GPU and a training runs on one node")]:
+        if extra:   # a worker node with a slot and (as Ray is told) one GPU
+            gpu_node = doomed.add_node(num_cpus=1, num_gpus=1, resources={"trial_slot": 1})
+            doomed.wait_for_nodes()
+        began = time.time()
+        refused = subprocess.run([sys.executable, SEARCH, *SWEEP, "--address", doomed.address, *extra, "--output",
+                                  str(tmp_path / "refused")], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and time.time() - began < 60, refused.stderr[-2000:]
+        *joining, last = refused.stderr.splitlines()   # before it, only Ray's own lines of joining the cluster
+        assert last.startswith(f"error: {words}") and all("\tINFO " in line for line in joining), refused.stderr
+        assert not (tmp_path / "refused").exists()   # nothing written: the same command runs once the cluster is fixed
+    doomed.remove_node(gpu_node)
     worker = doomed.add_node(num_cpus=1, resources={"trial_slot": 1})
     doomed.wait_for_nodes()
     out = tmp_path / "head-lost"
