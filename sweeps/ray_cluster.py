@@ -5,8 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from diffmem.config import ConfigError
+
+# The cluster launcher's config on the head of a cluster it started (what Ray Tune reads to tell an autoscaling
+# cluster, ray.tune.execution.cluster_info), and the resource Ray gives the head node alone
+LAUNCHER_CONFIG = "~/ray_bootstrap_config.yaml"
+HEAD = "node:__internal_head__"
 
 
 def check_local_capacity(gpus_per_trial: int, workers_per_trial: int) -> None:
@@ -149,20 +155,26 @@ def start_ray(address: str | None, dashboard: bool, workers: int = 1, gpus_per_w
             url = context.dashboard_url or "127.0.0.1:8265"
             print(f"Ray dashboard: http://{url}  (token auth: header 'Authorization: Bearer' + "
                   f"~/.ray/auth_token, or start with RAY_AUTH_MODE=disabled)")
-    return trials_at_once(max_concurrent, cluster_capacity(ray.nodes(), workers, gpus_per_worker) * pack_size)
+    return trials_at_once(max_concurrent, cluster_capacity(ray.nodes(), workers, gpus_per_worker,
+                                                            launcher_nodes() if address else []) * pack_size)
 
 
-def cluster_capacity(nodes: list[dict], workers: int, gpus_per_worker: int) -> int:
-    """How many trainings of `workers` workers the cluster's live nodes (ray.nodes()) hold at once: a training
-    takes a node's `trial_slot` (trial_resources) and runs on that node, so each node holds as many as its slots
-    and its own GPUs (or CPUs) allow. None: one line naming the fix, before anything waits on a placement that
-    can never happen."""
-    nodes = [n["Resources"] for n in nodes if n.get("Alive", True)]
+def cluster_capacity(nodes: list[dict], workers: int, gpus_per_worker: int, launcher: list[dict] = ()) -> int:
+    """How many trainings of `workers` workers the cluster holds at once: a training takes a node's `trial_slot`
+    (trial_resources) and runs on that node, so each node holds as many as its slots and its own GPUs (or CPUs)
+    allow. `nodes` are ray.nodes(); `launcher`, the worker nodes an autoscaling cluster may start (launcher_nodes),
+    counted beside the head instead of the workers up now. None: one line naming the fix, before anything waits
+    on a placement that can never happen."""
+    live = [n["Resources"] for n in nodes if n.get("Alive", True)]
     kind, need = ("GPU", workers * gpus_per_worker) if gpus_per_worker else ("CPU", workers)
-    capacity = sum(min(int(r.get("trial_slot", 0)), int(r.get(kind, 0)) // need) for r in nodes)
+
+    def held(resources: list[dict]) -> int:
+        return sum(min(int(r.get("trial_slot", 0)), int(r.get(kind, 0)) // need) for r in resources)
+
+    capacity = max(held(live), held([r for r in live if HEAD in r] + list(launcher)) if launcher else 0)
     if capacity >= 1:
         return capacity
-    slotted = [r for r in nodes if r.get("trial_slot", 0) >= 1]
+    slotted = [r for r in live + list(launcher) if r.get("trial_slot", 0) >= 1]
     if not slotted:
         raise ConfigError("no node of the cluster offers a trial_slot, which every training takes; start its worker "
                           "nodes with --resources='{\"trial_slot\": 1}' (experiments/cluster/)")
@@ -172,6 +184,21 @@ def cluster_capacity(nodes: list[dict], workers: int, gpus_per_worker: int) -> i
     raise ConfigError(f"{flag} {need} but the largest node with a trial_slot has {largest} {kind}"
                       f"{'s' * (largest != 1)} and a training runs on one node; {fix} nodes with {need} {kind}"
                       f"{'s' * (need != 1)} and a trial_slot")
+
+
+def launcher_nodes(path: str = LAUNCHER_CONFIG) -> list[dict]:
+    """The worker nodes the cluster launcher's autoscaler may start (each type max_workers times, with the
+    resources its config gives), read from the config it leaves on the head; [] elsewhere. An autoscaling
+    cluster may have no worker up when the sweep starts (aws-a100.yaml: min_workers 0): its trainings wait,
+    and the autoscaler starts nodes for them."""
+    import yaml
+    file = Path(path).expanduser()
+    if not file.is_file():
+        return []
+    config = yaml.safe_load(file.read_text()) or {}
+    head = config.get("head_node_type")
+    return [dict(t.get("resources") or {}) for name, t in (config.get("available_node_types") or {}).items()
+            if name != head for _ in range(int(t.get("max_workers", config.get("max_workers", 0))))]
 
 
 def metrics_url() -> str | None:

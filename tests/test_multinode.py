@@ -153,6 +153,24 @@ def test_a_training_is_placed_on_one_node_and_a_cluster_that_holds_none_says_wha
         cluster_capacity([head, _node(False, CPU=96, GPU=8, trial_slot=1)], 8, 1)
 
 
+def test_an_autoscaling_cluster_holds_the_trainings_its_launcher_may_start():
+    """aws-a100.yaml starts no worker until trainings wait (min_workers 0): as the config the launcher leaves on the
+    head says, the head alone holds 8 trainings of 8 GPUs, the workers up now counted once among them."""
+    from diffmem.config import ConfigError
+    from sweeps.ray_cluster import HEAD, cluster_capacity, launcher_nodes
+    aws = Path(__file__).resolve().parent.parent / "experiments" / "cluster" / "aws-a100.yaml"
+    may_start = launcher_nodes(str(aws))
+    assert may_start == [{"CPU": 96, "GPU": 8, "trial_slot": 1}] * 8 and launcher_nodes("/nonexistent.yaml") == []
+    head, a100 = _node(CPU=8, **{HEAD: 1}), _node(CPU=96, GPU=8, trial_slot=1)
+    with pytest.raises(ConfigError, match="no node of the cluster offers a trial_slot"):
+        cluster_capacity([head], 8, 1)                                   # without the launcher's word
+    assert cluster_capacity([head], 8, 1, may_start) == 8
+    assert cluster_capacity([head, a100, a100], 8, 1, may_start) == 8
+    assert cluster_capacity([head], 4, 1, may_start) == 8            # one slot a node
+    with pytest.raises(ConfigError, match="--gpus-per-trial 16 but the largest node with a trial_slot has 8 GPUs"):
+        cluster_capacity([head], 16, 1, may_start)
+
+
 @pytest.mark.slow
 def test_a_lost_head_ends_the_driver_and_resume_continues_on_another_cluster(cluster, smoke_sweep, tmp_path):
     """The head holds the cluster's state (GCS): without it the driver cannot go on. It exits once it has failed to
