@@ -271,8 +271,8 @@ def measure(points: int, max_concurrent: int, max_trials: int | None, profile: b
                          profiler)
         state = load_experiment_state(str(folder / TUNE_NAME))
         rows = state.summary()
-        found = sum(r["low"] is not None and r["high"] is not None
-                    and r["low"] <= true_emm(i, spec["allowed_sizes"]) < r["high"] for i, r in enumerate(rows))
+        found = sum(r["emm"] is not None and r["high"] is not None
+                    and r["emm"] <= true_emm(i, spec["allowed_sizes"]) < r["high"] for i, r in enumerate(rows))
         recorded = len(Ledger(ledger))
         ours |= {"capped": bool(max_trials) and not state.finished, "finished": state.finished, "resolved": found,
                  "ledger_records": recorded}

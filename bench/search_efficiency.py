@@ -173,7 +173,7 @@ def run_search(curves, workers: int, early_stop: bool, t0: float, tau: float, se
     rows = state.summary()
     for row, (label, curve) in zip(rows, curves):   # the search must find the truth (monotone curves)
         true_emm = max(n for n in ALLOWED_SIZES if curve(n) >= 1 - EPSILON)
-        assert row["low"] <= true_emm < row["high"], (label, row["low"], row["high"], true_emm)
+        assert row["emm"] <= true_emm < row["high"], (label, row["emm"], row["high"], true_emm)
     return {"trainings": sum(r["trials"] for r in rows), "images": sum(r["images"] for r in rows),
             "rounds": rounds, "emm": [r["emm"] for r in rows], "high": [r["high"] for r in rows]}
 

@@ -50,7 +50,7 @@ def run_sweep(output: Path, extra: list[str]) -> tuple[float, int]:
 
 def breakdown(output: Path, wall: float, slots: int) -> dict:
     trials = pd.read_csv(output / "trials.csv")
-    trained = trials[trials.status != "reused"]
+    trained = trials[trials.status != "from_ledger"]
     steps, evals, trial = trained.step_seconds.sum(), trained.eval_seconds.sum(), trained.wall_seconds.sum()
     capacity = slots * wall
     return {"wall_s": wall, "slots": slots, "trainings": len(trained), "trainings_per_min": 60 * len(trained) / wall,
@@ -90,7 +90,7 @@ def main(argv=None) -> dict:
 
 def compare_packed(extra: list[str], k: int, alone: dict, kept: Path | None) -> dict:
     """The same sweep with --pack-size k, right after the one-at-a-time run on the same machine."""
-    columns = ["value", "emm", "low", "high", "censored"]
+    columns = ["value", "emm", "high", "censored"]
     with tempfile.TemporaryDirectory(prefix="bench-sweep-packed-") as tmp:
         output = (kept.parent / f"{kept.name}-packed{k}" if kept else Path(tmp) / "out").resolve()
         wall, at_once = run_sweep(output, [*extra, "--pack-size", str(k)])

@@ -325,7 +325,7 @@ class SizeBracket:
     # ---- reporting and persistence ----
     def summary(self) -> dict:
         status = self.status
-        return {"emm": self.low, "low": self.low, "high": self.high,
+        return {"emm": self.low, "high": self.high,
                 "censored": status if status in (AT_LEAST_MAX, BELOW_MIN, UNRESOLVED) else "",
                 "status": status,
                 "trials": len(self.observations) + sum(self.failures.values()),
@@ -361,7 +361,7 @@ def seed_median(replicates: list[dict]) -> dict:
     (interval_level gives its nominal level), the status, and the sums of what they cost. With one seed: that
     seed's summary, plus the interval (its bracket) and the replicates."""
     k = (len(replicates) - 1) // 2                  # the lower median's rank
-    lows = sorted(-math.inf if r["low"] is None else r["low"] for r in replicates)
+    lows = sorted(-math.inf if r["emm"] is None else r["emm"] for r in replicates)
     highs = sorted(math.inf if r["high"] is None else r["high"] for r in replicates)
     statuses = [r["status"] for r in replicates]
     if OPEN in statuses:
@@ -375,7 +375,7 @@ def seed_median(replicates: list[dict]) -> dict:
     else:
         status = RESOLVED
     low, high = _finite(lows[k]), _finite(highs[k])
-    return {"emm": low, "low": low, "high": high,
+    return {"emm": low, "high": high,
             "censored": status if status in (AT_LEAST_MAX, BELOW_MIN, UNRESOLVED) else "", "status": status,
             "seeds": len(replicates), "interval_low": _finite(lows[0]), "interval_high": _finite(highs[-1]),
             "trials": sum(r["trials"] for r in replicates), "images": sum(r["images"] for r in replicates),
@@ -646,8 +646,8 @@ SEARCHER_STATE_FILES = "searcher-state-*.pkl"   # Ray's Searcher.CKPT_FILE_TMPL 
 
 def load_experiment_searcher(experiment: str) -> dict:
     """What EMMSearcher saved in the newest snapshot of a Tune experiment (searcher-state-<time>.pkl, which
-    holds our JSON), an absolute path or a --storage URI (sweeps/storage.py): "state", "reused" (the [bracket
-    index, size] the ledger answered without a trial; EMMSearchState.replicate gives the bracket's grid index
+    holds our JSON), an absolute path or a --storage URI (sweeps/storage.py): "state", "from_ledger" (the
+    [bracket index, size] the ledger answered without a trial; EMMSearchState.replicate gives the bracket's grid index
     and seed), ..."""
     from sweeps.storage import children, filesystem, read_text
     fs, path = filesystem(experiment)

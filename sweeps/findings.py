@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from sweeps.results import _atomic, _overlap, format_emm, interval_text, plain_log_axis
+from sweeps.results import _atomic, _overlap, format_emm, interval_text, plain_log_axis, read_emm_csv
 
 DIRECTIONS = ("rises", "falls", "non-monotone", "none", "unknown")
 AGREES, DIFFERS, INCONCLUSIVE = "agrees", "differs", "inconclusive at this spread"
@@ -46,7 +46,7 @@ def _above(a: dict, b: dict) -> bool:
 def point_emm(row: dict) -> float | None:
     """The median EMM as a number for the trend: '>= hi' counts as hi, '< lo' as lo / 2, open or unresolved None."""
     if row["censored"] == ">=max":
-        return row["low"]
+        return row["emm"]
     if row["censored"] == "<min":
         return row["high"] / 2
     return row["emm"]
@@ -98,11 +98,10 @@ def verdict(direction: str, rows: list[dict]) -> str:
 
 def read_rows(emm_csv: Path) -> list[dict]:
     """emm.csv as dicts, with empty cells as None."""
-    import pandas as pd   # not at the top: study.py --help starts in under a second
-    frame = pd.read_csv(emm_csv, keep_default_na=True, dtype={"value": str})
+    frame = read_emm_csv(emm_csv, keep_default_na=True, dtype={"value": str})
     rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
     for r in rows:
-        for key in ("emm", "low", "high", "interval_low", "interval_high", "trials", "reused"):
+        for key in ("emm", "high", "interval_low", "interval_high", "trainings", "from_ledger"):
             if r[key] is not None:
                 r[key] = int(r[key])
     return rows
@@ -161,7 +160,7 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
         lines += ["| value | EMM | per seed | interval | trainings | from ledger |", "|---|---|---|---|---|---|"]
         for row in r["rows"]:
             lines.append(f"| {row['value']} | {format_emm(SimpleNamespace(**row))} | {row['seed_emms']} | "
-                         f"{interval_text(SimpleNamespace(**row))} | {row['trials']} | {row['reused']} |")
+                         f"{interval_text(SimpleNamespace(**row))} | {row['trainings']} | {row['from_ledger']} |")
         lines += ["", f"Verdict: **{r['verdict']}**" + ("" if r["rho"] is None else f" (rho {r['rho']:+.2f})"), ""]
         if r["verdict"].startswith(INCONCLUSIVE):
             lines += [f"Why not shown here: the intervals the verdict rule compares overlap, so an effect of "
@@ -173,11 +172,12 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
                   f"{n['finding']['paper']}", "", f"Why not here: {n['reason']} At paper scale: "
                   f"`{n['paper_config']}`.", ""]
     done = [r for r in results if r["rows"]]
-    trained = sum(row["trials"] for r in done for row in r["rows"])
-    reused = sum(row["reused"] for r in done for row in r["rows"])
+    trained = sum(row["trainings"] for r in done for row in r["rows"])
+    from_ledger = sum(row["from_ledger"] for r in done for row in r["rows"])
     lines += ["## What it cost", "",
-              f"{trained} trainings ran; separate sweeps would have run {trained + reused}: the shared ledger answered "
-              f"{reused} (the basic setup and other repeated configurations at a size and seed already trained).", ""]
+              f"{trained} trainings ran; separate sweeps would have run {trained + from_ledger}: the shared ledger "
+              f"answered {from_ledger} (the basic setup and other repeated configurations at a size and seed already "
+              f"trained).", ""]
     page = "\n".join(lines)
     _atomic(output / "findings.md", lambda p: p.write_text(page))
     plot_findings(output / "findings.png", results)

@@ -98,7 +98,7 @@ def deciding_trainings(trials, emm_row, grid_label: str, epsilon: float) -> list
     that memorized, smallest that did not); without a bracket end, the nearest ratio on that side."""
     mine = trials[(trials.grid_label == grid_label) & trials.best_mem_ratio.notna()]
     picked = []
-    for end, memorized in ((_num(emm_row.get("low")), True), (_num(emm_row.get("high")), False)):
+    for end, memorized in ((_num(emm_row.get("emm")), True), (_num(emm_row.get("high")), False)):
         side = mine[mine.memorized.astype(str).str.lower() == str(memorized).lower()]
         if not len(side):
             continue
@@ -111,19 +111,18 @@ def deciding_trainings(trials, emm_row, grid_label: str, epsilon: float) -> list
 def _emm_table(emm, epsilon: float) -> str:
     from sweeps.results import format_emm, interval_text, spread_note, versus_previous
     head = ("<tr><th>value</th><th>EMM</th><th>per seed</th><th>interval</th><th>vs previous</th>"
-            "<th>bracket [low, high)</th><th>trainings</th><th>from ledger</th><th>training images</th>"
+            "<th>bracket [EMM, high)</th><th>trainings</th><th>from ledger</th><th>training images</th>"
             "<th>seconds</th></tr>")
     rows = []
     for _, r in emm.iterrows():
         censored = isinstance(r.censored, str) and r.censored
-        reused = int(r.reused) if "reused" in r and r.reused == r.reused else 0
         rows.append(f"<tr><td>{html.escape(str(r.value))}</td>"
                     f"<td{' class=censored' if censored else ''}>{html.escape(format_emm(r))}</td>"
                     f"<td>{html.escape(str(r.seed_emms))}</td><td>{html.escape(interval_text(r))}</td>"
                     f"<td>{html.escape(versus_previous(r))}</td>"
-                    f"<td>[{_num(r.low) if _num(r.low) is not None else '-'}, "
+                    f"<td>[{_num(r.emm) if _num(r.emm) is not None else '-'}, "
                     f"{_num(r.high) if _num(r.high) is not None else '-'})</td>"
-                    f"<td>{int(r.trials)}</td><td>{reused}</td><td>{int(r.training_images):,}</td>"
+                    f"<td>{int(r.trainings)}</td><td>{int(r.from_ledger)}</td><td>{int(r.training_images):,}</td>"
                     f"<td>{float(r.wall_seconds):.0f}</td></tr>")
     caption = f"EMM: largest |D| with memorization ratio &ge; {1 - epsilon:.2f}"
     return (f'<div class="wide"><table class="emm"><caption>{caption}</caption>{head}{"".join(rows)}</table></div>'
@@ -131,7 +130,6 @@ def _emm_table(emm, epsilon: float) -> str:
 
 
 def sweep_section(output: Path) -> str:
-    import pandas as pd
     from sweeps.spec import read_spec
     spec = read_spec(output, "report")   # a garbage, foreign or incomplete sweep.json is one line
     factor, epsilon = spec["factor"], spec["epsilon"]
@@ -150,11 +148,11 @@ def sweep_section(output: Path) -> str:
                      'Where it stands:</p>')
         parts.append(f"<pre>{html.escape(status)}</pre>")
         return f'<section class="sweep">{"".join(parts)}</section>'
-    emm = pd.read_csv(output / "emm.csv", keep_default_na=False, na_values=[""])
-    trials = pd.read_csv(output / "trials.csv", keep_default_na=False, na_values=[""])
+    from sweeps.results import format_emm, read_emm_csv, read_trials_csv
+    emm = read_emm_csv(output / "emm.csv", keep_default_na=False, na_values=[""])
+    trials = read_trials_csv(output / "trials.csv", keep_default_na=False, na_values=[""])
     if "seeds" not in emm:   # written before --seeds: one seed, its bracket as the interval, no comparison
-        from sweeps.results import format_emm
-        emm = emm.assign(seeds=1, seed_emms=[format_emm(r) for _, r in emm.iterrows()], interval_low=emm.low,
+        emm = emm.assign(seeds=1, seed_emms=[format_emm(r) for _, r in emm.iterrows()], interval_low=emm.emm,
                          interval_high=emm.high, distinguishable_from_previous="")
     parts.append(_emm_table(emm, epsilon))
     for name, title in (("emm.png", f"EMM against {factor} (bracket, with several seeds their interval, as error "
@@ -169,7 +167,7 @@ def sweep_section(output: Path) -> str:
                  '<p class="meta">Rows: generated samples, their nearest (NN1) and second-nearest (NN2) training '
                  f"images; d1/d2 under each column is ||x − NN1|| / ||x − NN2|| (a copy below {threshold}). "
                  "Last evaluation of each training.</p>")
-    from sweeps.results import ratio_text
+    from sweeps.results import FROM_LEDGER, ratio_text
     from sweeps.tblog import seed_tag, tensorboard_dir, training_run
     for _, row in emm.iterrows():
         label = f"{factor}={row.value}" if factor != "data_size" else "data_size"
@@ -182,8 +180,8 @@ def sweep_section(output: Path) -> str:
             caption = f"{label}, |D| = {size}{f', {tag}' if tag else ''}: best ratio {best}, {verdict}"
             grid = last_sample_grid(tensorboard_dir(output) / training_run(config))
             if grid is None:
-                why = ("answered by the results ledger: trained by an earlier sweep"
-                       if t.get("status") == "reused" else "no sample grid in its TensorBoard run")
+                why = ("from the results ledger: trained by an earlier sweep"
+                       if t.get("status") == FROM_LEDGER else "no sample grid in its TensorBoard run")
                 parts.append(f'<p class="note">{html.escape(caption)} &mdash; {why}.</p>')
                 continue
             png, step, ratio = grid

@@ -16,16 +16,37 @@ if TYPE_CHECKING:   # pandas is imported where tables are built, never at module
     import pandas as pd
 
 
-# emm, low, high, censored: the seeds' median (sweeps.bisection.seed_median); seeds, seed_emms, interval_low,
-# interval_high: their spread; distinguishable_from_previous: the intervals of this and the previous grid point
-# do not overlap.
-EMM_COLUMNS = ["factor", "value", "emm", "low", "high", "censored", "seeds", "seed_emms", "interval_low",
-               "interval_high", "distinguishable_from_previous", "trials", "reused", "training_images",
+# emm, high, censored: the seeds' median (sweeps.bisection.seed_median), its bracket [emm, high); seeds,
+# seed_emms, interval_low, interval_high: their spread; distinguishable_from_previous: the intervals of this and
+# the previous grid point do not overlap; trainings: run by this sweep, from_ledger: answered by the ledger.
+EMM_COLUMNS = ["factor", "value", "emm", "high", "censored", "seeds", "seed_emms", "interval_low",
+               "interval_high", "distinguishable_from_previous", "trainings", "from_ledger", "training_images",
                "wall_seconds", "error"]
+# emm.csv's columns before they had one name each (README, "Files of a sweep"): renamed on reading
+OLD_EMM_COLUMNS = {"trials": "trainings", "reused": "from_ledger", "train_seconds": "wall_seconds"}
+FROM_LEDGER = "from_ledger"   # a training the results ledger answered (trials.csv status; emm.csv's count)
 TRIAL_COLUMNS = ["grid_label", "value", "size", "seed", "best_mem_ratio", "best_mem_ratio_low",
                  "best_mem_ratio_high", "best_num_samples", "memorized", "stopped_early", "images_seen",
                  "planned_images", "wall_seconds", "step_seconds", "eval_seconds", "train_node_ip", "train_node_id",
                  "trial_id", "status", "error"]
+
+
+def read_emm_csv(path: Path, **read_csv) -> pd.DataFrame:
+    """An emm.csv, written by this version or an earlier one (OLD_EMM_COLUMNS; its 'low' was the EMM again)."""
+    import pandas as pd
+    frame = pd.read_csv(path, **read_csv).rename(columns=OLD_EMM_COLUMNS).drop(columns=["low"], errors="ignore")
+    if "from_ledger" not in frame:   # before the ledger
+        frame["from_ledger"] = 0
+    return frame
+
+
+def read_trials_csv(path: Path, **read_csv) -> pd.DataFrame:
+    """A trials.csv, written by this version or an earlier one (status 'reused' for 'from_ledger', train_seconds
+    for wall_seconds)."""
+    import pandas as pd
+    frame = pd.read_csv(path, **read_csv).rename(columns={"train_seconds": "wall_seconds"})
+    frame["status"] = frame["status"].replace("reused", FROM_LEDGER)
+    return frame
 
 
 def _atomic(path: Path, write) -> None:
@@ -79,7 +100,7 @@ def trials_table(frame: pd.DataFrame, grid_points: list[dict], epsilon: float) -
                      "train_node_ip": r.get("train_node_ip"), "train_node_id": r.get("train_node_id"),
                      "trial_id": r.get("trial_id"),
                      # a restored trial the ledger answered (sweeps.trainable._report_known): trained before
-                     "status": "error" if r.get("error") else ("reused" if r.get("from_ledger") == 1 else "done")})
+                     "status": "error" if r.get("error") else (FROM_LEDGER if r.get("from_ledger") == 1 else "done")})
     table = pd.DataFrame(rows, columns=TRIAL_COLUMNS)
     order = {p["label"]: i for i, p in enumerate(grid_points)}
     return table.sort_values(["grid_label", "seed", "size"],
@@ -94,7 +115,7 @@ def _seed_of(row) -> int:
 
 def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float) -> pd.DataFrame:
     """Every training the search observed, in order: run by this sweep (details from Tune's results) or
-    answered by the results ledger (status 'reused': trained before, by this or another sweep), either by the
+    from the results ledger (status 'from_ledger': trained before, by this or another sweep), either by the
     searcher without a trial (its interval from the ratio and the samples the searcher keeps with it) or by a
     restored trial that found its record (Tune's row, marked from_ledger)."""
     import pandas as pd
@@ -111,7 +132,7 @@ def trials_from_search(summary: list[dict], frame: pd.DataFrame, epsilon: float)
                 rows.append({"grid_label": point["label"], "value": point["value"], "size": size, "seed": seed,
                              "best_mem_ratio": ratio, "best_mem_ratio_low": low, "best_mem_ratio_high": high,
                              "best_num_samples": samples or math.nan,
-                             "memorized": memorized, "status": "reused"})
+                             "memorized": memorized, "status": FROM_LEDGER})
     return pd.DataFrame(rows, columns=TRIAL_COLUMNS)
 
 
@@ -122,14 +143,14 @@ def emm_table(factor: str, summary: list[dict], trials: pd.DataFrame) -> pd.Data
     rows = []
     for i, point in enumerate(summary):
         mine = trials[trials.grid_label == point["label"]]
-        reused = int((mine.status == "reused").sum())
+        from_ledger = int((mine.status == FROM_LEDGER).sum())
         errors = mine.error.dropna() if "error" in mine else []
-        rows.append({"factor": factor, "value": point["value"], "emm": point["emm"], "low": point["low"],
-                     "high": point["high"], "censored": point["censored"], "seeds": point["seeds"],
+        rows.append({"factor": factor, "value": point["value"], "emm": point["emm"], "high": point["high"],
+                     "censored": point["censored"], "seeds": point["seeds"],
                      "seed_emms": " ".join(seed_emm_text(r) for r in point["replicates"]),
                      "interval_low": point["interval_low"], "interval_high": point["interval_high"],
                      "distinguishable_from_previous": None if i == 0 else not _overlap(summary[i - 1], point),
-                     "trials": point["trials"] - reused, "reused": reused,
+                     "trainings": point["trials"] - from_ledger, "from_ledger": from_ledger,
                      "training_images": int(point["images"]),
                      "wall_seconds": round(float(mine.wall_seconds.sum()), 1),
                      "error": errors.iloc[-1] if len(errors) else (point.get("error") or "")})
@@ -140,7 +161,7 @@ def seed_emm_text(replicate: dict) -> str:
     """One seed's EMM in a word: '50', '>=320', '<10', 'open' or 'unresolved'."""
     from sweeps.bisection import AT_LEAST_MAX, BELOW_MIN, RESOLVED
     if replicate["status"] == AT_LEAST_MAX:
-        return f">={replicate['low']}"
+        return f">={replicate['emm']}"
     if replicate["status"] == BELOW_MIN:
         return f"<{replicate['high']}"
     return str(replicate["emm"]) if replicate["status"] == RESOLVED else replicate["status"]
@@ -164,8 +185,8 @@ def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) 
     low = int(below["size"].iloc[-1]) if len(below) else None
     from sweeps.bisection import AT_LEAST_MAX, BELOW_MIN, RESOLVED, seed_median
     status = AT_LEAST_MAX if high is None else (BELOW_MIN if low is None else RESOLVED)
-    curve = {"emm": low, "low": low, "high": high, "status": status, "trials": len(done),
-             "images": float(done[done.status != "reused"].images_seen.sum()),
+    curve = {"emm": low, "high": high, "status": status, "trials": len(done),
+             "images": float(done[done.status != FROM_LEDGER].images_seen.sum()),
              "observations": list(zip(done["size"], done.best_mem_ratio, done.memorized.astype(bool),
                                       done.best_num_samples)),
              "pending": [], "error": None}
@@ -178,7 +199,7 @@ def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
              "| seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in emm.iterrows():
         lines.append(f"| {r.value} | {format_emm(r)} | {r.seed_emms} | {interval_text(r)} | {versus_previous(r)} | "
-                     f"[{_int(r.low)}, {_int(r.high)}) | {r.trials} | {r.reused} | {r.training_images:,} | "
+                     f"[{_int(r.emm)}, {_int(r.high)}) | {r.trainings} | {r.from_ledger} | {r.training_images:,} | "
                      f"{r.wall_seconds:.0f} |")
     return "\n".join(lines) + "\n"
 
@@ -210,7 +231,7 @@ def versus_previous(row) -> str:
 
 def format_emm(row) -> str:
     if row.censored == ">=max":
-        return f">= {_int(row.low)}"
+        return f">= {_int(row.emm)}"
     if row.censored == "<min":
         return f"< {_int(row.high)}"
     if row.censored == "unresolved":

@@ -88,7 +88,7 @@ class EMMSearcher(Searcher):
         self._completed: set[str] = set()                 # ids whose completion was counted
         self._plan: list[tuple[int, int]] = []            # planned for the free slots, not yet launched
         self.known_results = known_results
-        self.reused: list[tuple[int, int]] = []           # (bracket index, size) answered by the ledger
+        self.from_ledger: list[tuple[int, int]] = []      # (bracket index, size) the ledger answered
 
     # ---- Tune hooks ----
     def set_max_concurrency(self, max_concurrent: int) -> bool:
@@ -115,7 +115,7 @@ class EMMSearcher(Searcher):
                 return config
             # the ledger already holds this training: observe it (costing nothing) and plan again
             self.state.observe(bracket, size, known[self.metric], images=0.0, samples=known["best_num_samples"])
-            self.reused.append(probe)
+            self.from_ledger.append(probe)
             self._plan.clear()
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -181,7 +181,7 @@ class EMMSearcher(Searcher):
         return {"format": SAVE_FORMAT, "version": SAVE_VERSION, "metric": self.metric,
                 "state": self.state.to_dict(),
                 "running": {tid: list(p) for tid, p in self._running.items()},
-                "completed": sorted(self._completed), "reused": [list(p) for p in self.reused]}
+                "completed": sorted(self._completed), "from_ledger": [list(p) for p in self.from_ledger]}
 
     def load_dict(self, d: dict) -> None:
         if d.get("format") != SAVE_FORMAT or d.get("version") != SAVE_VERSION:
@@ -192,7 +192,8 @@ class EMMSearcher(Searcher):
         self.state = EMMSearchState.from_dict(d["state"])
         self._running = {tid: (int(g), int(s)) for tid, (g, s) in d["running"].items()}
         self._completed = set(d["completed"])
-        self.reused = [(int(g), int(s)) for g, s in d.get("reused", [])]
+        # "reused": its name in snapshots before one vocabulary (issue 14.5)
+        self.from_ledger = [(int(g), int(s)) for g, s in d.get("from_ledger", d.get("reused", []))]
         self._plan = []
 
     def _next_probe(self, free: int) -> tuple[int, int] | None:

@@ -176,7 +176,7 @@ def _seed_lines(replicate: dict, bracket, seed: int | None) -> list[str]:
                        for s, r, m, n in sorted(replicate["observations"]))
     if seed is None:
         return [f"{'':30s}{ratios}"] if ratios else []
-    known = f"[{_fmt_int(replicate['low'])}, {_fmt_int(replicate['high'])})"
+    known = f"[{_fmt_int(replicate['emm'])}, {_fmt_int(replicate['high'])})"
     if replicate["status"] == "open":
         known += _searching(bracket)
     return [f"{'':30s}seed {seed}: {replicate['status']} {known}" + (f"; {ratios}" if ratios else "")]
@@ -193,7 +193,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     done = [t for t in trials.values() if t.status == "TERMINATED" and t.best_mem_ratio is not None]
     failed = [t for t in trials.values() if t.status == "ERROR"]
 
-    state, searcher_reused = None, []
+    state, searcher_from_ledger = None, []
     if spec["factor"] != "data_size":
         from sweeps.bisection import EMMSearchState
         from sweeps.bisection import load_experiment_searcher
@@ -202,9 +202,9 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
             state = EMMSearchState.from_dict(saved["state"])
             # answered by the ledger without a Tune trial (a restored trial that found its record is a Tune
             # trial marked from_ledger instead)
-            searcher_reused = [(int(g), int(s)) for g, s in saved.get("reused", [])]
+            searcher_from_ledger = [(int(g), int(s)) for g, s in saved.get("from_ledger", saved.get("reused", []))]
         except (FileNotFoundError, ValueError, KeyError, TypeError):
-            state, searcher_reused = None, []
+            state, searcher_from_ledger = None, []
 
     activity = last_activity(experiment(spec, output), output)
     table = output / "emm.csv"
@@ -237,12 +237,12 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     if state is not None:
         for index, point in enumerate(state.summary()):
             brackets = state.seed_brackets(index)
-            known = f"[{_fmt_int(point['low'])}, {_fmt_int(point['high'])})"
+            known = f"[{_fmt_int(point['emm'])}, {_fmt_int(point['high'])})"
             if point["status"] == "open" and state.seeds == 1:
                 known += _searching(brackets[0])
             mine_running = [t for t in running if t.grid_label == point["label"]]
             emm = _fmt_int(point["emm"]) if point["status"] != "open" else "?"
-            from_ledger = (sum(state.replicate(b)[0] == index for b, _ in searcher_reused)
+            from_ledger = (sum(state.replicate(b)[0] == index for b, _ in searcher_from_ledger)
                            + sum(t.from_ledger for t in done if t.grid_label == point["label"]))
             lines.append(f"{point['label']:28s} {point['status']:11s} {known:22s} {emm:>5s}  "
                          f"{len(point['observations'])} done"
@@ -284,9 +284,9 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     if not seconds:
         seconds, source = ledger_seconds(spec.get("ledger")), "the ledger's, training steps alone: a low bound"
     mean = sum(seconds) / len(seconds) if seconds else None
-    reused = sum(t.from_ledger for t in done) + len(searcher_reused)
-    lines.append(f"finished trainings: {len(done) + len(searcher_reused)}"
-                 + (f" ({reused} answered by the ledger)" if reused else "")
+    from_ledger = sum(t.from_ledger for t in done) + len(searcher_from_ledger)
+    lines.append(f"finished trainings: {len(done) + len(searcher_from_ledger)}"
+                 + (f" ({from_ledger} from the ledger)" if from_ledger else "")
                  + (f", {len(failed)} failed" if failed else "")
                  + (f"; mean {_fmt_seconds(mean)} per training ({source})" if mean else ""))
 

@@ -116,7 +116,7 @@ def test_searcher_observes_what_the_ledger_holds_instead_of_training():
         n += 1
     assert set(launched) == {1}                  # nothing trained again for grid point 0
     summary = searcher.state.summary()
-    assert summary[0]["emm"] == 300 and summary[1]["emm"] == 120 and searcher.reused
+    assert summary[0]["emm"] == 300 and summary[1]["emm"] == 120 and searcher.from_ledger
 
 
 @st.composite
@@ -171,7 +171,7 @@ def test_property_searcher_never_asks_for_what_the_ledger_holds(case):
     for row, threshold in zip(searcher.state.summary(), thresholds):
         truth = max([s for s in allowed if s <= threshold], default=None)
         if row["censored"] == "":
-            assert row["low"] == truth or (row["low"] < truth < row["high"] and row["high"] / row["low"] <= 1.1 + 1e-9)
+            assert row["emm"] == truth or (row["emm"] < truth < row["high"] and row["high"] / row["emm"] <= 1.1 + 1e-9)
         elif row["censored"] == "<min":
             assert truth is None or truth < 20
         else:
@@ -312,12 +312,12 @@ def test_from_ledger_counts_answers_of_the_searcher_and_of_restored_trials():
         trials.append(result)
     summary = searcher.state.summary()
     sizes = [s for s, *_ in summary[0]["observations"]]
-    assert 30 in sizes and 40 in sizes and searcher.reused == [(0, 30)]
+    assert 30 in sizes and 40 in sizes and searcher.from_ledger == [(0, 30)]
     table = trials_from_search(summary, pd.DataFrame(trials), 0.1)
-    assert set(table[table["size"].isin([30, 40])].status) == {"reused"}
+    assert set(table[table["size"].isin([30, 40])].status) == {"from_ledger"}
     emm = emm_table("p", summary, table)
     trained = len(sizes) - 2
-    assert emm.reused[0] == 2 and emm.trials[0] == trained and emm.training_images[0] == 16000 * trained
+    assert emm.from_ledger[0] == 2 and emm.trainings[0] == trained and emm.training_images[0] == 16000 * trained
     assert f"| {trained} | 2 |" in markdown_table(emm, 0.1)
 
 
@@ -329,10 +329,10 @@ def test_status_counts_the_ledger_answers(tmp_path):
     out = make_sweep(tmp_path / "sweep", finished=False)
     state_file = next((out / "tune").glob("searcher-state-*.pkl"))
     saved = _json.loads(state_file.read_text())
-    saved["reused"] = [[0, 20], [0, 30]]          # answered by the ledger without a trial
+    saved["from_ledger"] = [[0, 20], [0, 30]]          # answered by the ledger without a trial
     state_file.write_text(_json.dumps(saved))
     text = sweep_status(out)
-    assert "finished trainings: 6 (2 answered by the ledger)" in text, text
+    assert "finished trainings: 6 (2 from the ledger)" in text, text
     assert "3 done (2 from the ledger), 0 running" in text, text
 
 

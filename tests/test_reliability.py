@@ -159,13 +159,13 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
         return pd.read_csv(tmp_path / name / "emm.csv"), pd.read_csv(tmp_path / name / "trials.csv")
 
     emm, trials = sweep("no-reuse", "--no-reuse")
-    assert (emm.trials[0], emm.reused[0]) == (1, 0) and emm.training_images[0] > 0
+    assert (emm.trainings[0], emm.from_ledger[0]) == (1, 0) and emm.training_images[0] > 0
     assert list(trials.status) == ["done"] and trials.best_mem_ratio[0] != 0.123
     assert list((tmp_path / "no-reuse" / "tensorboard" / "data_size" / "D=10").glob("events.*"))   # it trained
 
     emm, trials = sweep("reuse")
-    assert (emm.trials[0], emm.reused[0], emm.training_images[0]) == (0, 1, 0)
-    assert list(trials.status) == ["reused"] and trials.best_mem_ratio[0] == 0.123
+    assert (emm.trainings[0], emm.from_ledger[0], emm.training_images[0]) == (0, 1, 0)
+    assert list(trials.status) == ["from_ledger"] and trials.best_mem_ratio[0] == 0.123
     assert "| 0 | 1 |" in (tmp_path / "reuse" / "emm.md").read_text()
     assert len(Ledger(ledger)) == 1          # the first record of a key wins
 

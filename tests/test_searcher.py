@@ -64,7 +64,7 @@ def assert_matches_truth(row, true_emm, allowed, tolerance=0.1):
     elif true_emm == allowed[-1]:
         assert row["censored"] == AT_LEAST_MAX and row["emm"] == allowed[-1]
     else:
-        low, high = row["low"], row["high"]
+        low, high = row["emm"], row["high"]
         assert row["censored"] == "" and row["status"] == RESOLVED
         assert low <= true_emm < high, row
         assert high <= (1 + tolerance) * low or allowed.index(high) == allowed.index(low) + 1
@@ -153,7 +153,7 @@ def test_non_monotone_noise_uses_largest_memorized_size_below_smallest_failure()
     for size, ratio in [(300, 0.95), (200, 0.5), (100, 0.97), (150, 0.92)]:   # 300 memorizes above a failure
         state.observe(0, size, ratio)
     row = state.summary()[0]
-    assert (row["low"], row["high"]) == (150, 200)
+    assert (row["emm"], row["high"]) == (150, 200)
     assert all(s not in (100, 150, 200, 300) for _, s in state.propose(4))
 
 
@@ -185,7 +185,7 @@ def test_irregular_allowed_sizes_and_snapping():
             seen.append(s)
             state.start(g, s)
             state.observe(g, s, 0.95 if s <= 150 else 0.2)
-    assert (state.summary()[0]["low"], state.summary()[0]["high"]) == (150, 400)
+    assert (state.summary()[0]["emm"], state.summary()[0]["high"]) == (150, 400)
 
 
 def test_failures_make_a_grid_point_unresolved_while_others_finish():
@@ -428,7 +428,7 @@ def test_end_to_end_through_ray_tune(tmp_path, capsys):
     rows = searcher.state.summary()
     for row, value in zip(rows, (1, 2)):
         true_emm = {1: 120, 2: 450}[value]
-        assert row["censored"] == "" and row["low"] <= true_emm < row["high"] <= 1.5 * row["low"]
+        assert row["censored"] == "" and row["emm"] <= true_emm < row["high"] <= 1.5 * row["emm"]
     assert len(results) == sum(r["trials"] for r in rows)
     assert all(r["images"] == 10 * sum(s for s, *_ in r["observations"]) for r in rows)
     # Tune saved the searcher on its snapshots; the newest one holds the final state

@@ -20,14 +20,14 @@ BASE_SEED = 1024
 
 def seed_run(low, high, status=RESOLVED, trials=2):
     """One seed's SizeBracket.summary(), as far as seed_median reads it."""
-    return {"emm": low, "low": low, "high": high, "status": status, "trials": trials, "images": 10.0 * trials,
+    return {"emm": low, "high": high, "status": status, "trials": trials, "images": 10.0 * trials,
             "observations": [], "pending": [], "error": "boom" if status == UNRESOLVED else None}
 
 
 # ---------------------------------------------------------------------------------- the rule
 def test_the_emm_is_the_lower_median_of_the_seeds_and_the_interval_their_extremes():
     three = seed_median([seed_run(60, 70), seed_run(40, 50), seed_run(50, 60)])
-    assert (three["emm"], three["low"], three["high"]) == (50, 50, 60)
+    assert (three["emm"], three["high"]) == (50, 60) and "low" not in three
     assert (three["interval_low"], three["interval_high"], three["status"], three["censored"]) == (40, 70, RESOLVED, "")
     assert three["trials"] == 6 and three["images"] == 60.0 and three["seeds"] == 3
     four = seed_median([seed_run(40, 50), seed_run(70, 80), seed_run(50, 60), seed_run(60, 70)])
@@ -36,8 +36,8 @@ def test_the_emm_is_the_lower_median_of_the_seeds_and_the_interval_their_extreme
     spread = [seed_run(50, 60), seed_run(50, 100), seed_run(70, 80)]
     median = seed_median(spread)
     for truths in itertools.product(range(50, 60), range(50, 100), range(70, 80)):
-        assert median["low"] <= sorted(truths)[1] < median["high"]
-    assert (median["low"], median["high"]) == (50, 80)
+        assert median["emm"] <= sorted(truths)[1] < median["high"]
+    assert (median["emm"], median["high"]) == (50, 80)
 
 
 def test_one_seed_is_that_seeds_summary():
@@ -45,7 +45,7 @@ def test_one_seed_is_that_seeds_summary():
                 seed_run(40, 120, UNRESOLVED), seed_run(40, None, OPEN)):
         row = seed_median([run])
         assert {k: row[k] for k in run} == run
-        assert (row["interval_low"], row["interval_high"], row["seeds"]) == (run["low"], run["high"], 1)
+        assert (row["interval_low"], row["interval_high"], row["seeds"]) == (run["emm"], run["high"], 1)
         assert row["censored"] == (run["status"] if run["status"] not in (RESOLVED, OPEN) else "")
     assert interval_level(1) == 0 and interval_level(3) == 0.75 and interval_level(5) == 1 - 1 / 16
 
@@ -188,7 +188,7 @@ def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_mo
     searcher, trained = sweep(3)
     # seed 0 is answered by the one-seed sweep's trainings wherever it asks for the same sizes; planning three
     # seeds at once (and when its neighbours' answers arrive, bisection.py start_range) may ask for a few others
-    reused = [(searcher.state.replicate(b), size) for b, size in searcher.reused]
+    reused = [(searcher.state.replicate(b), size) for b, size in searcher.from_ledger]
     assert {seed for (_, seed), _ in reused} == {0} and len(reused) >= 2
     assert {s for _, s in trained} == {0, 1, 2}
     assert [row["replicates"][0]["emm"] for row in searcher.state.summary()] == \
@@ -226,13 +226,13 @@ def test_the_emm_table_gives_the_spread_and_says_which_neighbours_are_apart():
     near = finished_summary()[0] | {"label": "p=2", "value": 2}       # the same seeds' answers as p=0
     summary = summary + [near]
     trials = trials_from_search(summary, pd.DataFrame(), 0.1)
-    assert sorted(set(trials.seed)) == [0, 1, 2] and (trials.status == "reused").all()
+    assert sorted(set(trials.seed)) == [0, 1, 2] and (trials.status == "from_ledger").all()
     emm = emm_table("p", summary, trials)
     assert list(emm.seed_emms) == ["40 50 60", "100 110 120", "40 50 60"]
     assert list(emm.seeds) == [3, 3, 3] and list(emm.emm) == [50, 110, 50]
     assert (list(emm.interval_low), list(emm.interval_high)) == ([40, 100, 40], [70, 130, 70])
     assert list(emm.distinguishable_from_previous) == [None, True, True]
-    assert emm.trials.sum() == 0 and emm.reused.sum() == len(trials)
+    assert emm.trainings.sum() == 0 and emm.from_ledger.sum() == len(trials)
     text = markdown_table(emm, 0.1)
     assert "| 1 | 110 | 100 110 120 | [100, 130) | distinguishable | [110, 120) |" in text, text
     assert "nominal 75% for the median seed's EMM" in text
@@ -319,9 +319,9 @@ def test_a_two_seed_sweep_trains_only_the_new_seed_over_a_one_seed_sweeps_ledger
     seed0, seed1 = trials[trials.seed == 0], trials[trials.seed == 1]
     assert (seed1.status == "done").all() and len(seed1) >= len(emm)
     trained_before = set(zip(*pd.read_csv(first / "trials.csv")[["grid_label", "size"]].values.T))
-    assert (seed0.status == "reused").sum() >= len(emm)
+    assert (seed0.status == "from_ledger").sum() >= len(emm)
     retrained = seed0[seed0.status == "done"]
     assert not set(zip(retrained.grid_label, retrained["size"])) & trained_before     # nothing trained twice
-    assert emm.trials.sum() == (trials.status == "done").sum()
+    assert emm.trainings.sum() == (trials.status == "done").sum()
     assert "seeds' EMMs" in subprocess.run([sys.executable, search, "--status", str(out)], capture_output=True,
                                            text=True).stdout

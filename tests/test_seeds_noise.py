@@ -72,8 +72,8 @@ def check_ends_and_stays_conservative(row, rounds: int) -> int:
         memorizing = [s for s, _, memorized, _ in replicate["observations"] if memorized]
         non_monotone += bool(failing) and any(s > min(failing) for s in memorizing)
         # the bisection docstring's rule: EMM = the largest memorizing size below the smallest failing one
-        if replicate["low"] is not None:
-            assert replicate["low"] in memorizing and all(replicate["low"] < s for s in failing), replicate
+        if replicate["emm"] is not None:
+            assert replicate["emm"] in memorizing and all(replicate["emm"] < s for s in failing), replicate
         assert replicate["high"] == (min(failing) if failing else None), replicate
     assert row["emm"] == _finite(_lower_median(r["emm"] for r in row["replicates"]))
     return non_monotone
@@ -99,7 +99,7 @@ def test_the_seed_interval_covers_the_median_seeds_emm_at_its_nominal_level():
     nominal = interval_level(seeds)
     covered = sum(_covers(row["interval_low"], row["interval_high"], true_emm(emm0))
                   for emm0, _, row, _ in noisy_sweeps(seeds, rng_seed=11))
-    own = [_covers(row["low"], row["high"], true_emm(emms[0])) for _, emms, row, _ in noisy_sweeps(1, rng_seed=12)]
+    own = [_covers(row["emm"], row["high"], true_emm(emms[0])) for _, emms, row, _ in noisy_sweeps(1, rng_seed=12)]
     coverage, own_rate = covered / SWEEPS, sum(own) / SWEEPS
     standard_error = math.sqrt(nominal * (1 - nominal) / SWEEPS)
     print(f"\n{SWEEPS} simulated sweeps (sigma {SIGMA}, slope {SLOPE}, {SAMPLES} samples): interval of {seeds} seeds "

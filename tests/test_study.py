@@ -18,7 +18,7 @@ STUDY = str(ROOT / "sweeps" / "study.py")
 
 def row(low, high, censored=None):
     """An emm.csv row whose seeds' interval is [low, high); EMM and bracket the interval's ends."""
-    return {"emm": low, "low": low, "high": high, "censored": censored, "interval_low": low, "interval_high": high}
+    return {"emm": low, "high": high, "censored": censored, "interval_low": low, "interval_high": high}
 
 
 @pytest.mark.parametrize("direction, rows, expected", [
@@ -38,9 +38,9 @@ def row(low, high, censored=None):
 ])
 def test_verdict_follows_the_written_rule(direction, rows, expected):
     if rows[0]["censored"] == "<min":
-        rows[0].update(emm=None, low=None, high=10)
+        rows[0].update(emm=None, high=10)      # as emm.csv has them: '< 10' and '>= 160'
     if rows[-1]["censored"] == ">=max":
-        rows[-1].update(emm=None, low=160, high=None)
+        rows[-1].update(emm=160, high=None)
     assert verdict(direction, rows) == expected
 
 
@@ -63,9 +63,9 @@ def test_the_page_says_why_an_effect_is_not_shown_and_names_the_paper_scale_conf
     from sweeps.study import read_study
     study = read_study(write_study(tmp_path / "study.yaml"))
     study["factors"][1]["finding"]["direction"] = "rises"
-    csv = "value,emm,low,high,censored,interval_low,interval_high,seed_emms,trials,reused\n"
-    (tmp_path / "labels.csv").write_text(csv + "none,20,20,30,,20,30,20,3,0\ntrue,40,40,50,,40,50,40,3,0\n")
-    (tmp_path / "embedding.csv").write_text(csv + "positional,20,20,40,,20,40,20,3,0\nfourier,30,30,50,,30,50,30,3,0\n")
+    csv = "value,emm,high,censored,interval_low,interval_high,seed_emms,trainings,from_ledger\n"
+    (tmp_path / "labels.csv").write_text(csv + "none,20,30,,20,30,20,3,0\ntrue,40,50,,40,50,40,3,0\n")
+    (tmp_path / "embedding.csv").write_text(csv + "positional,20,40,,20,40,20,3,0\nfourier,30,50,,30,50,30,3,0\n")
     results = [factor_result(study["factors"][0], tmp_path / "labels.csv"),
                factor_result(study["factors"][1], tmp_path / "embedding.csv")]
     assert [r["verdict"] for r in results] == [AGREES, INCONCLUSIVE + " (direction unverified)"]
@@ -195,8 +195,8 @@ def test_a_smoke_study_shares_its_ledger_resumes_after_ctrl_c_and_writes_the_pag
     # shared ledger: time_embedding=positional is the basic setup, answered by class_labels=none's trainings
     import pandas as pd
     emm = pd.read_csv(out / "time_embedding" / "emm.csv")
-    assert emm.loc[emm.value == "positional", "reused"].iloc[0] >= 1
-    trials = sum(len(pd.read_csv(out / f / "trials.csv").query("status != 'reused'"))
+    assert emm.loc[emm.value == "positional", "from_ledger"].iloc[0] >= 1
+    trials = sum(len(pd.read_csv(out / f / "trials.csv").query("status != 'from_ledger'"))
                  for f in ("class_labels", "time_embedding"))
     assert _trainings(out / "ledger.sqlite") == trials     # every training recorded once, none run twice
     page = subprocess.run([*command, "--page"], capture_output=True, text=True, timeout=300)   # trains nothing

@@ -119,7 +119,7 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     emm = pd.read_csv(out / "emm.csv")
     assert list(emm.value) == ["none", "unique"]
     trials = pd.read_csv(out / "trials.csv")
-    assert len(trials) == emm.trials.sum() and trials.best_mem_ratio.between(0, 1).all()
+    assert len(trials) == emm.trainings.sum() and trials.best_mem_ratio.between(0, 1).all()
     # every best ratio with its 95 % interval, in trials.csv and on the console
     assert (trials.best_mem_ratio_low <= trials.best_mem_ratio).all()
     assert (trials.best_mem_ratio <= trials.best_mem_ratio_high).all()
@@ -127,12 +127,12 @@ def test_smoke_sweep_end_to_end_through_ray_tune(smoke_sweep):
     # the bracket is consistent with what was measured
     for _, row in emm.iterrows():
         mine = trials[trials.grid_label == f"random_labels={row.value}"]
-        if row.low == row.low:
-            assert mine[mine["size"] == row.low].memorized.all()
+        if row.emm == row.emm:
+            assert mine[mine["size"] == row.emm].memorized.all()
         if row.high == row.high:
             assert not mine[mine["size"] == row.high].memorized.any()
     # unique labels memorize at least as much as none (paper Fig. 5); on 16 kimg the gap is clear
-    emm_of = dict(zip(emm.value, emm.low.fillna(0)))
+    emm_of = dict(zip(emm.value, emm.emm.fillna(0)))
     assert emm_of["unique"] >= emm_of["none"]
     assert "| none |" in stdout and "| unique |" in stdout
     assert list((out / "tensorboard").iterdir())   # per-trial TensorBoard logs
@@ -153,15 +153,16 @@ def test_a_repeated_sweep_reuses_the_ledger_and_trains_nothing(smoke_sweep, tmp_
                   "--ledger", str(smoke_sweep[0] / "ledger.sqlite"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     again, first = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
-    columns = ["value", "emm", "low", "high", "censored"]
+    columns = ["value", "emm", "high", "censored"]
     pd.testing.assert_frame_equal(again[columns], first[columns])
     # the searcher replays its bisection on the ledger: every size it asks for was trained by the first
     # sweep (which may have trained more: parallel k-section probes), and nothing is trained again
-    assert (again.trials == 0).all() and (again.reused >= 1).all() and (again.reused <= first.trials).all()
-    reused = pd.read_csv(out / "trials.csv")
-    assert set(reused.status) == {"reused"}
+    assert (again.trainings == 0).all() and (again.from_ledger >= 1).all()
+    assert (again.from_ledger <= first.trainings).all()
+    from_ledger = pd.read_csv(out / "trials.csv")
+    assert set(from_ledger.status) == {"from_ledger"}
     trained = set(zip(*pd.read_csv(smoke_sweep[0] / "trials.csv")[["grid_label", "size"]].values.T))
-    assert set(zip(reused.grid_label, reused["size"])) <= trained
+    assert set(zip(from_ledger.grid_label, from_ledger["size"])) <= trained
 
 
 @pytest.mark.slow
@@ -205,7 +206,7 @@ def test_killed_driver_leaves_no_ray_behind_and_its_moved_folder_resumes_without
     assert f"sweep folder moved from {out}" in run.stdout and not out.exists()
     assert (moved / "tensorboard" / "summary").is_dir()
     out = moved
-    columns = ["value", "emm", "low", "high", "censored"]
+    columns = ["value", "emm", "high", "censored"]
     resumed, whole = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
     pd.testing.assert_frame_equal(resumed[columns], whole[columns])
     # No training ran twice: every one finished before the kill still has a single TensorBoard run. The count
@@ -213,8 +214,8 @@ def test_killed_driver_leaves_no_ray_behind_and_its_moved_folder_resumes_without
     # slots happen to be free: that depends on timing.
     trials = pd.read_csv(out / "trials.csv")
     assert not trials.duplicated(["grid_label", "size"]).any()
-    assert len(trials) == resumed.trials.sum() + resumed.reused.sum()
-    assert abs(resumed.trials.sum() - whole.trials.sum()) <= 2   # smoke: 2 concurrent trials
+    assert len(trials) == resumed.trainings.sum() + resumed.from_ledger.sum()
+    assert abs(resumed.trainings.sum() - whole.trainings.sum()) <= 2   # smoke: 2 concurrent trials
     assert finished_before >= 1 and len(Ledger(out / "ledger.sqlite")) == len(trials)
     for logdir in (out / "tensorboard").glob("*/D=*"):
         assert len(list(logdir.glob("events.*"))) <= 2      # a training in flight at the kill resumed once

@@ -339,6 +339,32 @@ def test_report_is_one_self_contained_page(tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', text)
 
 
+def test_a_sweep_written_with_the_old_column_names_reads_as_a_new_one(tmp_path):
+    """emm.csv's trials/reused/low/train_seconds and trials.csv's status 'reused' and train_seconds (before one
+    vocabulary, README) read as trainings/from_ledger/wall_seconds (low was the EMM again): the report of such a
+    folder is the same page."""
+    import pandas as pd
+    from sweeps.results import read_emm_csv, read_trials_csv
+    new, old = make_sweep(tmp_path / "new", finished=True), make_sweep(tmp_path / "old", finished=True)
+    emm, trials = pd.read_csv(old / "emm.csv"), pd.read_csv(old / "trials.csv")
+    trials.loc[0, "status"] = "from_ledger"
+    trials.to_csv(new / "trials.csv", index=False)
+    emm.insert(3, "low", emm.emm)
+    emm.rename(columns={"trainings": "trials", "from_ledger": "reused", "wall_seconds": "train_seconds"}).to_csv(
+        old / "emm.csv", index=False)
+    trials.assign(status=trials.status.replace("from_ledger", "reused")).rename(
+        columns={"wall_seconds": "train_seconds"}).to_csv(old / "trials.csv", index=False)
+    pd.testing.assert_frame_equal(read_emm_csv(old / "emm.csv"), read_emm_csv(new / "emm.csv"))
+    pd.testing.assert_frame_equal(read_trials_csv(old / "trials.csv"), read_trials_csv(new / "trials.csv"))
+    pages = []
+    for folder in (old, new):
+        run = subprocess.run([sys.executable, REPORT, str(folder), "--html", str(folder / "r.html")],
+                             capture_output=True, text=True)
+        assert run.returncode == 0, run.stderr
+        pages.append(re.search(r'<table class="emm">.*?</table>', (folder / "r.html").read_text(), re.S).group())
+    assert pages[0] == pages[1] and "<th>from ledger</th>" in pages[0]
+
+
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="Chromium is not installed (.ci/run installs Debian's "
                                                          "chromium; locally: apt-get install -y chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
@@ -476,7 +502,7 @@ def test_status_while_running_and_after(smoke_sweep):
     emm = pd.read_csv(out / "emm.csv")
     assert run.stdout.splitlines()[0].endswith(": finished") and "time left: none (finished)" in run.stdout
     for _, r in emm.iterrows():
-        assert re.search(rf"random_labels={r.value}\s+resolved\s+\[{int(r.low)}, {int(r.high)}\)", run.stdout)
+        assert re.search(rf"random_labels={r.value}\s+resolved\s+\[{int(r.emm)}, {int(r.high)}\)", run.stdout)
 
 
 @pytest.mark.slow
@@ -493,7 +519,7 @@ def test_report_of_a_smoke_sweep_in_headless_chromium(smoke_sweep, tmp_path):
     emm = pd.read_csv(out / "emm.csv")
     _check_report_dom(dom, sweeps=2, grids=len(emm) + 4)
     for _, r in emm.iterrows():   # the memorized end of every bracket has its picture
-        assert f"random_labels={r.value}, |D| = {int(r.low)}: best ratio" in dom
+        assert f"random_labels={r.value}, |D| = {int(r.emm)}: best ratio" in dom
 
 
 @pytest.mark.slow
