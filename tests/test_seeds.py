@@ -315,7 +315,7 @@ def test_a_two_seed_sweep_trains_only_the_new_seed_over_a_one_seed_sweeps_ledger
     assert re.search(r"random_labels=\w+\|D\|=\d+\|seed=1 +best ratio", run.stdout), run.stdout[-2000:]
     emm, trials = pd.read_csv(out / "emm.csv"), pd.read_csv(out / "trials.csv")
     assert (emm.seeds == 2).all() and all(len(str(s).split()) == 2 for s in emm.seed_emms)
-    assert (emm.interval_low.fillna(0) <= emm.low.fillna(0)).all()
+    assert (emm.interval_low.fillna(0) <= emm.emm.fillna(0)).all()
     seed0, seed1 = trials[trials.seed == 0], trials[trials.seed == 1]
     assert (seed1.status == "done").all() and len(seed1) >= len(emm)
     trained_before = set(zip(*pd.read_csv(first / "trials.csv")[["grid_label", "size"]].values.T))
