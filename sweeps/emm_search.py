@@ -28,12 +28,14 @@ from diffmem.cli import DEFAULT_CONFIG, ArgumentParser, default_folder  # noqa: 
 from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machine, from_dict,  # noqa: E402
                             parse_override, parse_value, read_yaml, validate_with_data)
 from sweeps.factors import FACTORS, get_factor, grid_points  # noqa: E402
+from sweeps import curve  # noqa: E402
+from sweeps.curve import is_curve  # noqa: E402
 from sweeps import tracking  # noqa: E402
 from sweeps.ray_cluster import check_address, check_local_capacity, metrics_url, start_ray, trial_resources  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
 from sweeps.spec import (LEDGER_FILE, LOG_FILE, SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TENSORBOARD,  # noqa: E402
                          TUNE_NAME, pack_servers, pack_size, read_spec, sweep_here, sweep_seeds, sweep_storage,
-                         sweep_tracking, trial_settings, write_spec)
+                         sweep_tracking, trial_points, trial_settings, write_spec)
 
 PRESETS = ROOT / "experiments" / "presets"
 
@@ -151,9 +153,6 @@ def build_spec(args) -> dict:
     if pack_size > 1 and args.address:
         raise ConfigError(f"--pack-size {pack_size} runs on a local sweep for now (its pack servers start with the "
                           f"local Ray); on a cluster, leave it out")
-    if args.seeds > 1 and args.factor == "data_size":
-        raise ConfigError("--seeds applies to the EMM search; data_size trains each size once (run it again with "
-                          "another --seed for another seed)")
     overrides = dict(parse_override(o) for o in args.overrides)
     if args.seed is not None:
         overrides["train.seed"] = args.seed
@@ -196,27 +195,10 @@ def build_spec(args) -> dict:
                               f"once")
         resolved[key] = point["value"]
     max_size = min(available)
-    if factor.name == "data_size":
-        too_big = [v for v in values if not isinstance(v, int) or v < 1 or v > max_size]
-        if too_big:
-            raise ConfigError(f"data_size value {too_big[0]!r} must be an integer in [1, {max_size}] "
-                              f"(the dataset has {max_size} images)")
-        size_range = [min(values), max(values)]
+    if is_curve(factor.name):
+        size_range = curve.size_range(values, max_size, step, args.seeds)
     else:
-        size_range = args.size_range or sweep.get("size_range") or [step, max_size]
-        size_range = list(size_range) if isinstance(size_range, (list, tuple)) else [size_range]
-    from_config = not args.size_range and sweep.get("size_range") and factor.name != "data_size"
-    if len(size_range) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size_range):
-        raise ConfigError(f"sweep.size_range {size_range} {where} must be two integers [LO, HI]")
-    lo, hi = size_range
-    shown = f"sweep.size_range [{lo}, {hi}] {where}" if from_config else f"--size-range {lo} {hi}"
-    if not 1 <= lo < hi and not (factor.name == "data_size" and lo == hi):   # data_size: one training is fine
-        raise ConfigError(f"{shown} is impossible; give LO < HI, both >= 1")
-    if hi > max_size:
-        raise ConfigError(f"{shown} goes past the {max_size} images available; use HI <= {max_size}")
-    if lo < step:
-        raise ConfigError(f"{shown} starts below the size step {step} (class-balanced subsets); "
-                          f"use LO >= {step}")
+        size_range = search_size_range(args.size_range, sweep.get("size_range"), where, max_size, step)
     workers = args.gpus_per_trial or args.workers_per_trial
     if base_cfg.train.batch_size % workers:
         raise ConfigError(f"train.batch_size={base_cfg.train.batch_size} must be divisible by the {workers} "
@@ -231,6 +213,25 @@ def build_spec(args) -> dict:
             "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
             "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
             "max_concurrent": args.max_concurrent, "seeds": args.seeds, "pack_size": pack_size}
+
+
+def search_size_range(given: list | None, configured, where: str, max_size: int, step: int) -> list[int]:
+    """The |D| range an EMM search brackets in: --size-range, else the config's sweep.size_range, else all the
+    dataset holds from one size step; one line if it cannot be searched."""
+    size_range = given or configured or [step, max_size]
+    size_range = list(size_range) if isinstance(size_range, (list, tuple)) else [size_range]
+    if len(size_range) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size_range):
+        raise ConfigError(f"sweep.size_range {size_range} {where} must be two integers [LO, HI]")
+    lo, hi = size_range
+    shown = f"sweep.size_range [{lo}, {hi}] {where}" if not given and configured else f"--size-range {lo} {hi}"
+    if not 1 <= lo < hi:
+        raise ConfigError(f"{shown} is impossible; give LO < HI, both >= 1")
+    if hi > max_size:
+        raise ConfigError(f"{shown} goes past the {max_size} images available; use HI <= {max_size}")
+    if lo < step:
+        raise ConfigError(f"{shown} starts below the size step {step} (class-balanced subsets); "
+                          f"use LO >= {step}")
+    return size_range
 
 
 def _sweep_int(sweep: dict, key: str, where: str) -> int | None:
@@ -423,18 +424,17 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, das
     run_config = tune.RunConfig(
         name=TUNE_NAME, storage_path=root(sweep_storage(spec), output), verbose=0,
         callbacks=[ProgressPrinter(spec["epsilon"]), SweepMetrics(output.name),
-                   SweepTensorBoard(spec["grid_points"], spec["size_range"],
+                   SweepTensorBoard(trial_points(spec), spec["size_range"],
                                     f"EMM sweep over {spec['factor']}", seeds=sweep_seeds(spec)),
                    *([FromStorage(settings)] if sweep_storage(spec) else []),
                    CheckpointPruner(), *tracking.callbacks(sweep_tracking(spec), output)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
-    if spec["factor"] == "data_size":   # the curve itself: every size once, no search
-        space = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {},
-                 "size": tune.grid_search(spec["values"])}
+    if is_curve(spec):   # every size once, no search
         tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=trial_name,
                                       trial_dirname_creator=trial_dirname, reuse_actors=_reuse_actors(spec, dashboard))
-        return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
+        return tune.Tuner(trainable, param_space=curve.param_space(spec), tune_config=tune_config,
+                          run_config=run_config)
     searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
                            tolerance=spec["tolerance"], max_concurrent=max_concurrent,
                            known_results=None if spec["no_reuse"] else KnownResults(settings),
@@ -446,17 +446,15 @@ def make_tuner(spec: dict, output: Path, max_concurrent: int, restore: bool, das
 
 
 def collect(spec: dict, output: Path, result_grid) -> tuple:
-    """(emm table, trials table, finished): finished when every grid point has its answer (data_size: every size
+    """(emm table, trials table, finished): finished when every grid point has its answer (a curve: every size
     its training), else the sweep was stopped (Ctrl-C, SIGTERM) and --resume continues it."""
     import pandas as pd
-    from sweeps.results import curve_summary, emm_table, trials_from_search, trials_table
+    from sweeps.results import emm_table, trials_from_search
     from sweeps.bisection import load_experiment_state
     from sweeps.storage import experiment
     frame = result_grid.get_dataframe()
-    if spec["factor"] == "data_size":
-        trials = trials_table(frame, [{"label": "data_size", "value": None}], spec["epsilon"])
-        summary = [curve_summary("data_size", "curve", trials, spec["epsilon"])]
-        finished = set(spec["values"]) <= set(trials.loc[trials.status != "error", "size"])
+    if is_curve(spec):
+        summary, trials, finished = curve.collect(spec, frame)
     else:
         state = load_experiment_state(experiment(spec, output))
         summary, finished = state.summary(), state.finished
@@ -593,7 +591,7 @@ def run(args, spec: dict, output: Path) -> int:
     from sweeps.results import write_results
     note = "" if finished else (f"Stopped before the end: rows marked open are not known yet; "
                                 f"--resume {output} continues.")
-    table = write_results(output, spec["factor"], emm, trials, spec["grid_points"], spec["epsilon"], note)
+    table = write_results(output, spec["factor"], emm, trials, trial_points(spec), spec["epsilon"], note)
     try:   # the table is written: a tracker that fails now costs its copy, not the sweep's result
         tracking.log_table(sweep_tracking(spec), output, spec["factor"], emm, spec["epsilon"])
     except Exception as e:

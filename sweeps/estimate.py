@@ -43,7 +43,8 @@ def estimate(spec: dict, args) -> Estimate:
     from diffmem.train import measure_speed
     from diffmem.evaluate import sequential_test
     from sweeps.bisection import EMMSearchState, simulate
-    from sweeps.spec import pack_size, sweep_seeds, trial_settings
+    from sweeps import curve
+    from sweeps.spec import pack_size, sweep_seeds, trial_points, trial_settings
     from sweeps.trainable import trial_config
 
     workers, gpu = spec["workers"], bool(spec["gpus_per_worker"])
@@ -54,7 +55,7 @@ def estimate(spec: dict, args) -> Estimate:
         slots = trials_at_once(spec["max_concurrent"], local_slots(workers, spec["gpus_per_worker"]) * pack_size(spec))
     pack = min(pack_size(spec), slots)   # trainings sharing one worker's steps
     lo, hi = spec["size_range"]
-    points = spec["grid_points"]
+    points, is_curve = trial_points(spec), curve.is_curve(spec)
 
     def config(point, size, extra=None):
         return from_dict(apply_overrides(spec["base"], {**point["overrides"], "data.size": size, **(extra or {})}))
@@ -95,7 +96,7 @@ def estimate(spec: dict, args) -> Estimate:
 
     def eval_share(g: int, size: int, memorized: bool) -> float:
         """The share of eval.num_samples one evaluation of that training samples at a ratio of 1 (memorized) or 0:
-        the adaptive test's first look that decides (1: all, as with eval.adaptive false or data_size)."""
+        the adaptive test's first look that decides (1: all, as with eval.adaptive false or a curve)."""
         test = sequential_test(trial_config(settings, {"overrides": points[g]["overrides"], "size": size}).eval)
         if test is None:
             return 1.0
@@ -110,9 +111,8 @@ def estimate(spec: dict, args) -> Estimate:
         return images, (images / speed_of[g]["images_per_sec"]
                         + snapshots * speed_of[g]["eval_seconds"] * eval_share(g, size, memorized))
 
-    if spec["factor"] == "data_size":   # no search: every value once
-        sizes = [(0, v) for v in spec["values"]]
-        scenarios = [([sizes[i:i + slots] for i in range(0, len(sizes), slots)], math.inf)]
+    if is_curve:   # no search: every size once, to its end
+        scenarios = [(curve.estimate_rounds(spec, slots), math.inf)]
     else:
         crossings = [lo * (hi / lo) ** ((k + 0.5) / ESTIMATE_POSITIONS) for k in range(ESTIMATE_POSITIONS)]
         scenarios = []
@@ -135,7 +135,7 @@ def estimate(spec: dict, args) -> Estimate:
     unit = "GPU-hours" if gpu else "core-hours"
     rates = sorted({round(s["images_per_sec"]) for s in speed_of})
     evals = sorted({s["eval_seconds"] for s in speed_of})
-    if spec["factor"] == "data_size":
+    if is_curve:
         what, count = f"{len(spec['values'])} sizes", f"{trainings[0]} trainings"
     else:
         what = f"{len(points)} grid point{'s' * (len(points) > 1)}"
@@ -147,13 +147,13 @@ def estimate(spec: dict, args) -> Estimate:
              f"~{duration_text(wall[0])} wall, "
              f"{_hours(hours[0])} {unit}"
              + (f" (worst ~{duration_text(wall[1])}, {_hours(hours[1])})" if len(figures) > 1 else "")]
-    if spec["factor"] != "data_size":
+    if not is_curve:
         lines.append(f"  trainings: sweeps/bisection.py's search run to its end with the EMM at {ESTIMATE_POSITIONS} "
                      f"sizes log-spaced over |D| in [{lo}, {hi}], median and worst; trainings a ledger holds are not "
                      f"repeated, so a shared --ledger can only lower them")
     durations = sorted({config(p, hi).train.duration for p in points})
     lines.append(f"  training images: each training's planned train.duration ({', '.join(durations)}) at its |D|"
-                 + (" (data_size trains every size to its end)" if spec["factor"] == "data_size" else
+                 + (" (a curve trains every size to its end)" if is_curve else
                     ", an upper bound: early stopping at 1 - epsilon only shortens a training"))
     batches = sorted({s["batch"] for s in speed_of})
     samples = sorted({s["samples"] for s in speed_of})
@@ -167,7 +167,7 @@ def estimate(spec: dict, args) -> Estimate:
                  + (f"; {workers} workers per training count as {workers}x one worker's images/s and 1/{workers} "
                     f"of its evaluation (linear scaling assumed; the gradient all-reduce makes it less)"
                     if workers > 1 else ""))
-    if spec["factor"] != "data_size":
+    if not is_curve:
         high_share, low_share = (sorted({eval_share(g, hi, m) for g in range(len(points))}) for m in (True, False))
         if max(high_share + low_share) < 1:
             lines.append(f"  evaluation: adaptive (eval.adaptive), a snapshot samples {_span(high_share, _share)} of "

@@ -69,6 +69,7 @@ def labels_overrides(value: str, label_classes: int) -> dict:
 
 def search_space(factors: list[str], config_sweep: dict, label_classes: int) -> dict[str, list]:
     """{factor: its values}: the config's sweep.factors lists (else the paper's), labels as four choices."""
+    from sweeps import curve
     from sweeps.factors import get_factor
     if not factors or len(set(factors)) != len(factors):
         raise ConfigError(f"--factors needs distinct factor names, got {factors}")
@@ -77,7 +78,7 @@ def search_space(factors: list[str], config_sweep: dict, label_classes: int) -> 
         if name == "labels":
             space[name] = ["none", "true", f"random-{label_classes}", "unique"]
             continue
-        if name in ("data_size", "random_labels", "class_labels"):
+        if name in (curve.FACTOR, "random_labels", "class_labels"):
             raise ConfigError(f"factor {name} cannot be explored here: |D| is fixed (--size) and 'labels' "
                               f"covers class and random labels")
         factor = get_factor(name)

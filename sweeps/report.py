@@ -167,10 +167,11 @@ def sweep_section(output: Path) -> str:
                  '<p class="meta">Rows: generated samples, their nearest (NN1) and second-nearest (NN2) training '
                  f"images; d1/d2 under each column is ||x − NN1|| / ||x − NN2|| (a copy below {threshold}). "
                  "Last evaluation of each training.</p>")
+    from sweeps import curve
     from sweeps.results import FROM_LEDGER, ratio_text
     from sweeps.tblog import seed_tag, tensorboard_dir, training_run
     for _, row in emm.iterrows():
-        label = f"{factor}={row.value}" if factor != "data_size" else "data_size"
+        label = curve.LABEL if curve.is_curve(factor) else f"{factor}={row.value}"
         for t in deciding_trainings(trials, row.to_dict(), label, epsilon):
             size = int(t["size"])
             verdict = "memorized" if str(t["memorized"]).lower() == "true" else "not memorized"

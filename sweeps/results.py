@@ -176,23 +176,6 @@ def _overlap(a: dict, b: dict) -> bool:
     return a_low < b_high and b_low < a_high
 
 
-def curve_summary(grid_label: str, value, trials: pd.DataFrame, epsilon: float) -> dict:
-    """EMM read off a measured curve (factor data_size): the largest size below the first that fails."""
-    done = trials[(trials.grid_label == grid_label) & trials.memorized.notna()].sort_values("size")
-    failing = done[~done.memorized.astype(bool)]
-    high = int(failing["size"].iloc[0]) if len(failing) else None
-    below = done[done.memorized.astype(bool) & ((done["size"] < high) if high else True)]
-    low = int(below["size"].iloc[-1]) if len(below) else None
-    from sweeps.bisection import AT_LEAST_MAX, BELOW_MIN, RESOLVED, seed_median
-    status = AT_LEAST_MAX if high is None else (BELOW_MIN if low is None else RESOLVED)
-    curve = {"emm": low, "high": high, "status": status, "trials": len(done),
-             "images": float(done[done.status != FROM_LEDGER].images_seen.sum()),
-             "observations": list(zip(done["size"], done.best_mem_ratio, done.memorized.astype(bool),
-                                      done.best_num_samples)),
-             "pending": [], "error": None}
-    return {"label": grid_label, "value": value, **seed_median([curve])}   # one seed, as a search's summary
-
-
 def markdown_table(emm: pd.DataFrame, epsilon: float) -> str:
     lines = [f"EMM (largest |D| with memorization ratio >= {1 - epsilon:.2f})", "", spread_note(emm), "",
              "| value | EMM | per seed | interval | vs previous | bracket | trainings | from ledger | images "

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from diffmem.config import ConfigError
+from sweeps.curve import POINT, is_curve
 
 # The sweep folder: OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/, tune/ (Tune's),
 # train/ (Ray Train's runs of DDP trainings); with --storage URI, tune/ and train/ are there (sweeps/storage.py).
@@ -121,11 +122,16 @@ def pack_servers(spec: dict, trainings: int) -> int:
     return -(-trainings // pack_size(spec))
 
 
+def trial_points(spec: dict) -> list[dict]:
+    """The grid points as the trials see them: a curve's trials are one grid point that differ only in |D|."""
+    return [POINT] if is_curve(spec) else spec["grid_points"]
+
+
 def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
     """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once; "no_reuse": never answer
     from the ledger."""
     return {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
-            "early_stop": spec["factor"] != "data_size", "workers": spec["workers"],
+            "early_stop": not is_curve(spec), "workers": spec["workers"],
             "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
             "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
             "storage": sweep_storage(spec),

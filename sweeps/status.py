@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sweeps.curve import is_curve, status_lines
 from sweeps.results import interval_of, ratio_text, seed_emm_text
 from sweeps.spec import TENSORBOARD, read_spec
 from sweeps.storage import children, experiment, filesystem, read_text
@@ -154,7 +155,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s / 3600:.1f} h"
 
 
-def _best_text(t: TrialRecord) -> str:
+def best_text(t: TrialRecord) -> str:
     return ratio_text(t.best_mem_ratio, t.best_mem_ratio_low, t.best_mem_ratio_high)
 
 
@@ -194,7 +195,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     failed = [t for t in trials.values() if t.status == "ERROR"]
 
     state, searcher_from_ledger = None, []
-    if spec["factor"] != "data_size":
+    if not is_curve(spec):
         from sweeps.bisection import EMMSearchState
         from sweeps.bisection import load_experiment_searcher
         try:
@@ -208,8 +209,10 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
 
     activity = last_activity(experiment(spec, output), output)
     table = output / "emm.csv"
-    finished_search = state.finished if state is not None else (
-        spec["factor"] == "data_size" and len({t.size for t in done}) >= len(spec["values"]))
+    if is_curve(spec):
+        curve_lines, curve_left, finished_search = status_lines(spec, done, running)
+    else:
+        finished_search = state is not None and state.finished
     if finished_search and not running:
         overall = "finished" if table.is_file() else "finished searching; writing its tables"
     elif finished_search:
@@ -256,13 +259,9 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
             if point.get("error"):
                 lines.append(f"{'':30s}error: {point['error']}")
             steps_left += sum(remaining_steps(b, tolerance) for b in brackets)
-    else:   # data_size: every size once, no search
-        for size in spec["values"]:
-            mine = [t for t in done if t.size == size]
-            now_running = [t for t in running if t.size == size]
-            what = (_best_text(mine[-1]) if mine else ("running" if now_running else "to do"))
-            lines.append(f"{'data_size':28s} {'':11s} {'|D|=' + str(size):22s} {'':>5s}  {what}")
-            steps_left += 0 if mine or now_running else 1
+    elif is_curve(spec):
+        lines += curve_lines
+        steps_left += curve_left
 
     lines.append("")
     if running and overall != "running":   # Tune's last snapshot still lists them, but nothing runs
@@ -275,7 +274,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
             progress = ""
             if t.images_seen and t.planned_images:
                 progress = (f", {t.images_seen:,} of {t.planned_images:,} images, best ratio so far "
-                            f"{_best_text(t)}")
+                            f"{best_text(t)}")
             lines.append(f"  {t.name} ({t.status.lower()}{progress})")
     else:
         lines.append("running: none")

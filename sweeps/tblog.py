@@ -150,18 +150,10 @@ def experiment_summary(hparam_rows: list[dict], description: str = ""):
         experiment=experiment, version=metadata.PLUGIN_DATA_VERSION))
 
 
-def trial_grid_points(grid_points: list[dict]) -> list[dict]:
-    """The grid points as the trials see them: a data_size sweep runs one grid point, "data_size", whose
-    trials differ only in |D|."""
-    if grid_points and all(set(p.get("overrides") or {}) == {"data.size"} for p in grid_points):
-        return [{"label": "data_size", "value": None, "overrides": {}}]
-    return grid_points
-
-
 def sweep_hparam_rows(grid_points: list[dict], size_range, seeds: int = 1) -> list[dict]:
     """What every training of a sweep can have as hyperparameters: its grid point's, |D| over the range, its seed."""
     rows = []
-    for point in trial_grid_points(grid_points):
+    for point in grid_points:
         for size in size_range:
             for seed in range(seeds):
                 rows.append(trial_hparams({"grid_label": point["label"], "overrides": point.get("overrides"),
@@ -211,7 +203,7 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
     with SummaryWriter(str(tmp)) as writer:
         writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range, seeds),
                                                           f"EMM sweep over {factor}"))
-        for point in trial_grid_points(grid_points):
+        for point in grid_points:
             mine = trials[(trials.grid_label == point["label"]) & trials.best_mem_ratio.notna()]
             for _, row in mine.sort_values("size").iterrows():
                 seed = row.get("seed", 0)

@@ -30,7 +30,7 @@ def trial_config(settings: dict, config: dict):
     train.device 'auto' becomes the device the trial reserves: cuda with GPUs per worker, else cpu. The
     driver (which may have no GPU) and the trial then agree on it, and a trial without a GPU of its own never
     takes one Ray does not hide from it (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for 0-GPU workers)."""
-    memorized_at = 1 - settings["epsilon"] if settings.get("early_stop", True) else None   # data_size: the curve
+    memorized_at = 1 - settings["epsilon"] if settings.get("early_stop", True) else None   # a curve (sweeps/curve.py)
     overrides = {**config["overrides"], "data.size": config["size"], "eval.memorized_at": memorized_at}
     cfg = from_dict(apply_overrides(settings["base"], overrides))
     if cfg.train.device == "auto":

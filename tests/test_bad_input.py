@@ -221,6 +221,9 @@ CASES = {
                                       r"train.seed=9223372036854775806 goes past the largest seed 2\*\*63 - 1"),
     "--seeds 2 with data_size": (["--factor", "data_size", "--values", "20", "--seeds", "2"],
                                  r"--seeds applies to the EMM search; data_size trains each size once"),
+    "data_size below the size step": (["--factor", "data_size", "--values", "5", "20"],
+                                      r"data_size value 5 is below the size step 10 \(class-balanced subsets\); use "
+                                      r"sizes >= 10"),
     "--values 8 8.0": (["--factor", "width", "--values", "8", "8.0"], r"--values 8 and 8.0 are the same width; give "
                        r"each value once"),
     "--values all 1111 (same mask)": (["--factor", "skip_connections", "--values", "all", "1111"],

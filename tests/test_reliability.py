@@ -141,13 +141,14 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
     trains it (before: the restored-trial path answered from the ledger in 0 s and the table said 'from
     ledger 0'); without, the record answers and the table counts it as from the ledger, zero trainings.
     data_size trains each size in a Tune trial, so the answer comes through the trial path, not the searcher."""
+    from sweeps import curve
     from sweeps.ledger import Ledger
     from sweeps.trainable import trial_key
     args = ["--preset", "smoke", "--factor", "data_size", "--values", "10", "--no-dashboard"]
     ledger = tmp_path / "ledger.sqlite"
     spec = emm_search.build_spec(emm_search.parse_args(args))
     spec.update(ledger=str(ledger), no_reuse=False)
-    config = {"grid_index": 0, "grid_label": "data_size", "grid_value": None, "overrides": {}, "size": 10}
+    config = {"grid_index": 0, "grid_label": curve.LABEL, "grid_value": None, "overrides": {}, "size": 10}
     key, resolved, context = trial_key(trial_settings(spec, tmp_path), config)
     made_up = {"best_mem_ratio": 0.123, "best_num_samples": 64, "images_seen": 16000, "planned_images": 16000}
     Ledger(ledger).put(key, resolved, context, made_up, 1.0)
@@ -167,6 +168,10 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
     assert (emm.trainings[0], emm.from_ledger[0], emm.training_images[0]) == (0, 1, 0)
     assert list(trials.status) == ["from_ledger"] and trials.best_mem_ratio[0] == 0.123
     assert "| 0 | 1 |" in (tmp_path / "reuse" / "emm.md").read_text()
+    status = subprocess.run([sys.executable, SEARCH, "--status", str(tmp_path / "reuse")], capture_output=True,
+                            text=True, timeout=60)
+    assert re.search(r"\ndata_size\s+\|D\|=10\s+0\.123", status.stdout), status.stdout
+    assert status.stdout.startswith(f"sweep data_size in {tmp_path / 'reuse'}: finished"), status.stdout
     assert len(Ledger(ledger)) == 1          # the first record of a key wins
 
 

@@ -102,6 +102,14 @@ def test_estimate_prints_the_cost_and_starts_nothing(tmp_path):
     assert "estimate: timing random_labels=none's model" in run.stderr   # not silent while it measures (15.2)
     assert list(tmp_path.iterdir()) == []   # nothing written
 
+    # a curve (sweeps/curve.py): every size once, to its end, one model timed
+    run = _search("--estimate", "--preset", "smoke", "--factor", "data_size", "--values", "10", "20", "30",
+                  "--output", str(tmp_path / "out"), cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.match(r"estimate: data_size, 3 sizes, \d+ trainings? at once: 3 trainings, ", run.stdout), run.stdout
+    assert "(a curve trains every size to its end)" in run.stdout and "early stopping" not in run.stdout
+    assert run.stderr.count("estimate: timing data_size's model") == 1 and list(tmp_path.iterdir()) == []
+
     # bad input: the CLI's one line, exit 2, before anything is timed
     run = _search("--estimate", "--size-range", "300", "30", cwd=tmp_path)
     assert run.returncode == 2 and run.stderr == "error: --size-range 300 30 is impossible; give LO < HI, both >= 1\n"
