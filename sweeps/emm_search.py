@@ -33,8 +33,8 @@ from sweeps.curve import is_curve  # noqa: E402
 from sweeps import tracking  # noqa: E402
 from sweeps.ray_cluster import check_address, check_local_capacity, metrics_url, start_ray, trial_resources  # noqa: E402
 from sweeps.ledger import Ledger  # noqa: E402
-from sweeps.spec import (LEDGER_FILE, LOG_FILE, SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TENSORBOARD,  # noqa: E402
-                         TUNE_NAME, pack_servers, pack_size, read_spec, sweep_here, sweep_seeds, sweep_storage,
+from sweeps.spec import (SPEC_FILE, SPEC_FORMAT, SPEC_VERSION, TUNE_NAME, SweepFolder,  # noqa: E402
+                         pack_servers, pack_size, read_spec, sweep_here, sweep_seeds, sweep_storage,
                          sweep_tracking, trial_points, trial_settings, write_spec)
 
 PRESETS = ROOT / "experiments" / "presets"
@@ -268,7 +268,7 @@ def check_new_output(output: Path) -> None:
         return
     if not output.is_dir():
         raise ConfigError(f"--output {output} is a file, not a folder; choose a folder that does not exist yet")
-    if (output / SPEC_FILE).exists():
+    if SweepFolder(output).spec.exists():
         try:
             read_spec(output)
         except ConfigError as e:
@@ -501,7 +501,7 @@ def main(argv=None) -> int:
             spec["storage"] = check_storage(args.storage, pack_size(spec))
             output = Path(args.output) if args.output else default_folder("results", spec["factor"])
             check_new_output(output)
-            spec["ledger"] = str(Path(args.ledger or output / LEDGER_FILE).expanduser().resolve())
+            spec["ledger"] = str(Path(args.ledger or SweepFolder(output).ledger).expanduser().resolve())
             spec["no_reuse"] = args.no_reuse
             spec["output"] = str(output.resolve())   # where it was made: --resume follows a moved folder
             new_ledger = not os.path.lexists(spec["ledger"])
@@ -524,7 +524,7 @@ def main(argv=None) -> int:
         return 2
 
     from sweeps.progress import Tee
-    with open(output / LOG_FILE, "a") as log:   # the console, kept beside the results (appended on --resume)
+    with open(SweepFolder(output).log, "a") as log:   # the console, kept beside the results (appended on --resume)
         sys.stdout, sys.stderr = Tee(sys.stdout, log), Tee(sys.stderr, log)
         try:
             rc = run(args, spec, output)
@@ -538,7 +538,8 @@ def main(argv=None) -> int:
 def unmake_output(output: Path, spec: dict, created: list[Path], new_ledger: bool) -> None:
     """A new sweep refused once Ray answered (a cluster that can never place one of its trainings) leaves nothing
     behind, so the same command runs once the cluster is fixed; a ledger that was there before stays."""
-    for path in [output / SPEC_FILE, output / LOG_FILE] + ([Path(spec["ledger"])] if new_ledger else []):
+    folder = SweepFolder(output)
+    for path in [folder.spec, folder.log] + ([Path(spec["ledger"])] if new_ledger else []):
         path.unlink(missing_ok=True)
     for folder in created:
         _remove_empty(folder)
@@ -569,7 +570,7 @@ def run(args, spec: dict, output: Path) -> int:
               f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
               + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
               f"output {output}")
-        print(f"TensorBoard: tensorboard --logdir {output.resolve() / TENSORBOARD}", flush=True)
+        print(f"TensorBoard: tensorboard --logdir {SweepFolder(output.resolve()).tensorboard}", flush=True)
         if metrics := metrics_url():
             print(f"Metrics: {metrics}  (Prometheus text: this sweep's ray_diffmem_* gauges beside Ray's own; "
                   f"the dashboard's Metrics tab plots them where Prometheus and Grafana run)", flush=True)

@@ -245,13 +245,13 @@ def main(argv=None) -> int:
     from sweeps.ray_cluster import start_ray, trial_resources
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
-    from sweeps.spec import LEDGER_FILE, sweep_here
+    from sweeps.spec import SweepFolder, sweep_here
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     output = output.resolve()
     storage_url = f"sqlite:///{output / STUDY_FILE}"
-    ledger = str(output / LEDGER_FILE)
+    ledger = str(SweepFolder(output).ledger)
     Ledger(ledger)
     settings = {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output), "early_stop": False,
                 "workers": 1, "gpus_per_worker": 0, "threads_per_worker": 1, "ledger": ledger, "max_failures": 1,

@@ -11,7 +11,8 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
-from sweeps.results import _atomic, _overlap, format_emm, interval_text, plain_log_axis, read_emm_csv
+from sweeps.results import _overlap, format_emm, interval_text, plain_log_axis, read_emm_csv
+from sweeps.spec import atomic_write
 
 DIRECTIONS = ("rises", "falls", "non-monotone", "none", "unknown")
 AGREES, DIFFERS, INCONCLUSIVE = "agrees", "differs", "inconclusive at this spread"
@@ -179,7 +180,7 @@ def write_page(output: Path, study: dict, results: list[dict], header: list[str]
               f"answered {from_ledger} (the basic setup and other repeated configurations at a size and seed already "
               f"trained).", ""]
     page = "\n".join(lines)
-    _atomic(output / "findings.md", lambda p: p.write_text(page))
+    atomic_write(output / "findings.md", lambda p: p.write_text(page))
     plot_findings(output / "findings.png", results)
     return summary
 
@@ -215,5 +216,5 @@ def plot_findings(path: Path, results: list[dict]) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("EMM (|D|)", fontsize=8)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=110))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110))
     plt.close(fig)

@@ -28,6 +28,7 @@ import ray
 import torch
 
 from diffmem.packed import Member, Pack, pack_key, prepare_member
+from sweeps.spec import atomic_write
 from diffmem.train import CHECKPOINT, TrainingDiverged
 
 SERVER_NAME = "diffmem-pack-server-{}"
@@ -194,9 +195,7 @@ def train_in_pack(settings: dict, config: dict, run_dir: Path, report) -> None:
                 _, metrics, checkpoint = event
                 if checkpoint is not None:
                     saved.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = saved.with_suffix(".tmp")
-                    tmp.write_bytes(checkpoint)
-                    os.replace(tmp, saved)
+                    atomic_write(saved, lambda p, data=checkpoint: p.write_bytes(data))
                 report(metrics, saved if checkpoint is not None else None)
             elif event[0] == "done":
                 return

@@ -22,6 +22,7 @@ if str(ROOT) not in sys.path:      # `python sweeps/report.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from diffmem.config import ConfigError  # noqa: E402
+from sweeps.spec import SweepFolder  # noqa: E402
 
 SAMPLES_TAG = "samples/generated_nn1_nn2"
 
@@ -143,24 +144,25 @@ def sweep_section(output: Path) -> str:
         status = sweep_status(output)
     except Exception as e:   # the report still shows what the folder holds
         status = f"(status unavailable: {e})"
-    if not (output / "emm.csv").is_file():
+    folder = SweepFolder(output)
+    if not folder.emm_csv.is_file():
         parts.append('<p class="note">No tables yet: the sweep is running or stopped before its first table. '
                      'Where it stands:</p>')
         parts.append(f"<pre>{html.escape(status)}</pre>")
         return f'<section class="sweep">{"".join(parts)}</section>'
     from sweeps.results import format_emm, read_emm_csv, read_trials_csv
-    emm = read_emm_csv(output / "emm.csv", keep_default_na=False, na_values=[""])
-    trials = read_trials_csv(output / "trials.csv", keep_default_na=False, na_values=[""])
+    emm = read_emm_csv(folder.emm_csv, keep_default_na=False, na_values=[""])
+    trials = read_trials_csv(folder.trials_csv, keep_default_na=False, na_values=[""])
     if "seeds" not in emm:   # written before --seeds: one seed, its bracket as the interval, no comparison
         emm = emm.assign(seeds=1, seed_emms=[format_emm(r) for _, r in emm.iterrows()], interval_low=emm.emm,
                          interval_high=emm.high, distinguishable_from_previous="")
     parts.append(_emm_table(emm, epsilon))
-    for name, title in (("emm.png", f"EMM against {factor} (bracket, with several seeds their interval, as error "
-                                    f"bar; red: censored)"),
-                        ("curves.png", "Memorization ratio against |D| (bars: 95 % intervals; dashed: 1 − ε)")):
-        if (output / name).is_file():
+    for path, title in ((folder.emm_png, f"EMM against {factor} (bracket, with several seeds their interval, as "
+                                         f"error bar; red: censored)"),
+                        (folder.curves_png, "Memorization ratio against |D| (bars: 95 % intervals; dashed: 1 − ε)")):
+        if path.is_file():
             parts.append(f"<h3>{html.escape(title)}</h3><figure>"
-                         f"{_img((output / name).read_bytes(), title, 'plot')}</figure>")
+                         f"{_img(path.read_bytes(), title, 'plot')}</figure>")
     threshold = ((spec.get("base") or {}).get("eval") or {}).get("threshold", 1 / 3)
     threshold = "1/3" if abs(threshold - 1 / 3) < 1e-9 else f"{threshold:g}"
     parts.append("<h3>Samples beside their nearest training images, at the bracket ends</h3>"

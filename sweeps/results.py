@@ -8,9 +8,10 @@ under a second.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from sweeps.spec import SweepFolder, atomic_write
 
 if TYPE_CHECKING:   # pandas is imported where tables are built, never at module level
     import pandas as pd
@@ -47,12 +48,6 @@ def read_trials_csv(path: Path, **read_csv) -> pd.DataFrame:
     frame = pd.read_csv(path, **read_csv).rename(columns={"train_seconds": "wall_seconds"})
     frame["status"] = frame["status"].replace("reused", FROM_LEDGER)
     return frame
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def interval_of(ratio, num_samples) -> tuple[float, float]:
@@ -261,7 +256,7 @@ def plot_emm(path: Path, factor: str, emm: pd.DataFrame) -> None:
                   f"EMM (|D|): median of {seeds} seeds,\ninterval as error bar, seeds as dashes", fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -295,7 +290,7 @@ def plot_curves(path: Path, trials: pd.DataFrame, grid_points: list[dict], epsil
     ax.legend(fontsize=7, ncol=2, title=factor or None, title_fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png", dpi=120))
+    atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     plt.close(fig)
 
 
@@ -303,12 +298,13 @@ def write_results(output: Path, factor: str, emm: pd.DataFrame, trials: pd.DataF
                   epsilon: float, note: str = "") -> str:
     """note: a line above the table (a sweep stopped before its end says so)."""
     output.mkdir(parents=True, exist_ok=True)
-    _atomic(output / "emm.csv", lambda p: emm.to_csv(p, index=False))
-    _atomic(output / "trials.csv", lambda p: trials.to_csv(p, index=False))
+    folder = SweepFolder(output)
+    atomic_write(folder.emm_csv, lambda p: emm.to_csv(p, index=False))
+    atomic_write(folder.trials_csv, lambda p: trials.to_csv(p, index=False))
     table = (f"{note}\n\n" if note else "") + markdown_table(emm, epsilon)
-    _atomic(output / "emm.md", lambda p: p.write_text(f"# {factor}\n\n{table}"))
-    plot_emm(output / "emm.png", factor, emm)
-    plot_curves(output / "curves.png", trials, grid_points, epsilon, factor)
+    atomic_write(folder.emm_md, lambda p: p.write_text(f"# {factor}\n\n{table}"))
+    plot_emm(folder.emm_png, factor, emm)
+    plot_curves(folder.curves_png, trials, grid_points, epsilon, factor)
     from sweeps.tblog import write_sweep_summary
     write_sweep_summary(output, factor, emm, trials, grid_points, epsilon, table)   # tensorboard/summary
     return table

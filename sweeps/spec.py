@@ -10,14 +10,47 @@ from pathlib import Path
 from diffmem.config import ConfigError
 from sweeps.curve import POINT, is_curve
 
-# The sweep folder: OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/, tune/ (Tune's),
-# train/ (Ray Train's runs of DDP trainings); with --storage URI, tune/ and train/ are there (sweeps/storage.py).
+# The sweep folder (SweepFolder): OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/,
+# tune/ (Tune's), train/ (Ray Train's runs of DDP trainings; with --storage URI, tune/ and train/ are there,
+# sweeps/storage.py), and the results (sweeps/results.py). TENSORBOARD is also a trial's own run folder's name.
 SPEC_FILE = "sweep.json"
 LOG_FILE = "sweep.log"
 LEDGER_FILE = "ledger.sqlite"
 TENSORBOARD = "tensorboard"
+SUMMARY_RUN = "summary"   # tensorboard/summary: the sweep's own TensorBoard run (sweeps/tblog.py)
 TUNE_NAME = "tune"
 TRAIN_NAME = "train"
+RESULT_FILES = ("emm.csv", "trials.csv", "emm.md", "emm.png", "curves.png")
+
+
+class SweepFolder:
+    """Every path of a sweep's output folder (README, "What a sweep leaves where"), named here and nowhere else."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    spec = property(lambda self: self.root / SPEC_FILE)
+    log = property(lambda self: self.root / LOG_FILE)
+    ledger = property(lambda self: self.root / LEDGER_FILE)   # the sweep's own; --ledger names another
+    tensorboard = property(lambda self: self.root / TENSORBOARD)
+    summary_run = property(lambda self: self.root / TENSORBOARD / SUMMARY_RUN)
+    tune = property(lambda self: self.root / TUNE_NAME)
+    emm_csv = property(lambda self: self.root / "emm.csv")
+    trials_csv = property(lambda self: self.root / "trials.csv")
+    emm_md = property(lambda self: self.root / "emm.md")
+    emm_png = property(lambda self: self.root / "emm.png")
+    curves_png = property(lambda self: self.root / "curves.png")
+
+    def results(self) -> list[Path]:
+        """The result files written so far (what a tracker keeps of the sweep)."""
+        return [self.root / name for name in RESULT_FILES if (self.root / name).is_file()]
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(temporary path), then rename it to `path`: a crash never leaves a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
 
 _here: dict = {"output": None, "storage": None}
 
@@ -75,7 +108,7 @@ def read_spec(output: Path, use: str = "resume") -> dict:
     pickles, and unpickling runs code. `use` ("resume", "status", "report") words the fix."""
     fix = "resume only a folder a sweep wrote (pass its --output folder)" if use == "resume" else \
         "pass the --output folder of a sweep"
-    path = output / SPEC_FILE
+    path = SweepFolder(output).spec
     if not path.is_file():
         raise ConfigError(f"{output} is not a sweep folder (no {SPEC_FILE}); pass the --output folder of a sweep")
     try:
@@ -112,9 +145,7 @@ def read_spec(output: Path, use: str = "resume") -> dict:
 
 def write_spec(output: Path, spec: dict) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    tmp = output / f".{SPEC_FILE}.tmp"
-    tmp.write_text(json.dumps(spec, indent=1, default=str))
-    os.replace(tmp, output / SPEC_FILE)
+    atomic_write(SweepFolder(output).spec, lambda p: p.write_text(json.dumps(spec, indent=1, default=str)))
 
 
 def pack_servers(spec: dict, trainings: int) -> int:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from sweeps.curve import is_curve, status_lines
 from sweeps.results import interval_of, ratio_text, seed_emm_text
-from sweeps.spec import TENSORBOARD, read_spec
+from sweeps.spec import SweepFolder, read_spec
 from sweeps.storage import children, experiment, filesystem, read_text
 from sweeps.tblog import trial_label
 
@@ -123,7 +123,7 @@ def last_activity(experiment: str, output: Path) -> float | None:
     times = [mtime for _, mtime in children(fs, tune_dir)]
     times += [mtime for folder, _ in children(fs, tune_dir, folders=True)
               for _, mtime in children(fs, folder, "result.json")]
-    for path in output.glob(f"{TENSORBOARD}/*/D=*/events.*"):
+    for path in SweepFolder(output).tensorboard.glob("*/D=*/events.*"):
         try:
             times.append(path.stat().st_mtime)
         except OSError:
@@ -208,7 +208,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
             state, searcher_from_ledger = None, []
 
     activity = last_activity(experiment(spec, output), output)
-    table = output / "emm.csv"
+    table = SweepFolder(output).emm_csv
     if is_curve(spec):
         curve_lines, curve_left, finished_search = status_lines(spec, done, running)
     else:

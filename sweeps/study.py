@@ -32,8 +32,7 @@ from diffmem.cli import ArgumentParser, default_folder  # noqa: E402
 from diffmem.config import ConfigError, read_yaml  # noqa: E402
 from sweeps.factors import get_factor  # noqa: E402
 from sweeps.findings import DIRECTIONS, factor_result, write_page  # noqa: E402
-from sweeps.results import _atomic  # noqa: E402
-from sweeps.spec import LEDGER_FILE, SPEC_FILE  # noqa: E402
+from sweeps.spec import SweepFolder, atomic_write  # noqa: E402
 
 STATE_FILE = "study.json"
 STATE_FORMAT, STATE_VERSION = "diffmem.study", 1
@@ -167,7 +166,7 @@ def read_state(output: Path, study: dict) -> dict:
 
 
 def write_state(output: Path, state: dict) -> None:
-    _atomic(output / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1, default=str)))
+    atomic_write(output / STATE_FILE, lambda p: p.write_text(json.dumps(state, indent=1, default=str)))
 
 
 def run_sweep(argv: list[str]) -> int:
@@ -203,7 +202,7 @@ def header(args, state: dict) -> list[str]:
 
 
 def write_findings(output: Path, args, state: dict) -> str:
-    results = [factor_result(entry, output / entry["factor"] / "emm.csv"
+    results = [factor_result(entry, SweepFolder(output / entry["factor"]).emm_csv
                              if state["factors"].get(entry["factor"], {}).get("done") else None)
                for entry in state["study"]["factors"]]
     return write_page(output, state["study"], results, header(args, state))
@@ -257,14 +256,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    ledger = output / LEDGER_FILE
+    ledger = SweepFolder(output).ledger   # one ledger for the study's sweeps
     for entry in factors:
         name = entry["factor"]
         mine = state["factors"].setdefault(name, {"done": False, "seconds": 0.0})
         if mine["done"]:
             continue
         folder = output / name
-        resume = (folder / SPEC_FILE).is_file()
+        resume = SweepFolder(folder).spec.is_file()
         print(f"study: {'resuming' if resume else 'starting'} {name} ({folder})", flush=True)
         start = time.time()
         rc = run_sweep(["--resume", str(folder)] if resume else sweep_argv(study, entry, folder, ledger, args))

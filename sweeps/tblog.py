@@ -23,18 +23,17 @@ import shutil
 import time
 from pathlib import Path
 
-from sweeps.spec import TENSORBOARD
+from sweeps.spec import SUMMARY_RUN, SweepFolder
 
 SIZE_KEY = "|D|"
 GRID_KEY = "grid point"
 SEED_KEY = "seed"
 METRIC_BEST = "hparams/best_mem_ratio"
 METRIC_MEMORIZED = "hparams/memorized"
-SUMMARY_RUN = "summary"
 
 
 def tensorboard_dir(output: str | Path) -> Path:
-    return Path(output) / TENSORBOARD
+    return SweepFolder(output).tensorboard
 
 
 def hparam_value(value):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from diffmem.config import ConfigError
+from sweeps.spec import SweepFolder
 
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}   # flag -> module
 
@@ -105,7 +106,7 @@ def _emm_metrics(emm) -> dict[str, float]:
 def log_table(tracking: dict, output: Path, factor: str, emm, epsilon: float) -> None:
     """The sweep's EMM table as one run of each tracker, once the table is written in OUTPUT."""
     output = Path(output).resolve()
-    files = [output / name for name in ("emm.csv", "emm.md", "emm.png", "curves.png") if (output / name).is_file()]
+    files = [f for f in SweepFolder(output).results() if f.name != "trials.csv"]
     params = {"factor": factor, "epsilon": epsilon, "output": str(output)}
     if tracking.get("mlflow"):
         import mlflow
