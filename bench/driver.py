@@ -5,14 +5,14 @@ grid point, |D| and seed, takes its best memorization ratio from a steep logisti
 1 - epsilon (so its EMM) moves smoothly with the grid index (between about 27 and 240 images, inside the digits'
 size range 20..320), rounds it to copies of 256 samples, and reports one result with the keys a diffmem training
 reports at its last evaluation (diffmem.train.snapshot_metrics, plus the node it ran on). Everything around it is
-the sweep's own code, set up as sweeps/emm_search.py's make_tuner does:
+the sweep's own code, set up as sweeps/tuner.py's make_tuner does:
 
     diffmem   EMMSearcher in search_algorithm's wrapper (k-section plans for the free slots, neighbours' ranges),
               KnownResults asking the ledger before every suggestion, and in the trial the real code path of a
               finished training: _report_known (the ledger first), then end_training (its record in the
               ledger, a SQLite file in the run's temporary folder)
     Tune      tune.Tuner with make_tuner's options: named trainable with trial_resources, reuse_actors as
-              _reuse_actors gives it, trial_name / trial_dirname, storage in a temporary folder, ProgressPrinter,
+              reuse_actors gives it, trial_name / trial_dirname, storage in a temporary folder, ProgressPrinter,
               SweepTensorBoard and CheckpointPruner, num_to_keep=1, max_failures
 
 Baseline, measured in the same run right after each diffmem run: the same Tuner, trainable, callbacks and
@@ -164,8 +164,9 @@ def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict
     BasicVariantGenerator over those configs."""
     from ray.tune.search import BasicVariantGenerator
 
-    from sweeps.emm_search import _reuse_actors
-    from sweeps.spec import TUNE_NAME, sweep_here, trial_settings
+    from sweeps.tuner import reuse_actors
+    from sweeps.folder import TUNE_NAME, sweep_here
+    from sweeps.spec import trial_settings
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard, trial_dirname, trial_name
     from sweeps.ray_cluster import trial_resources
     from sweeps.searcher import EMMSearcher, search_algorithm
@@ -191,7 +192,7 @@ def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict
     else:
         search, samples = BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=max_concurrent), len(configs)
     tune_config = tune.TuneConfig(search_alg=search, num_samples=samples, trial_name_creator=trial_name,
-                                  trial_dirname_creator=trial_dirname, reuse_actors=_reuse_actors(spec, False))
+                                  trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(spec, False))
     # Tune takes a preset config only over keys of the param space; None leaves are free to take any value
     space = _blank(configs[0]) if configs else None
     return tune.Tuner(trainable, param_space=space, tune_config=tune_config, run_config=run_config)
@@ -257,7 +258,7 @@ def profile_lines(profiler: cProfile.Profile, trials: int, top: int = 12) -> lis
 def measure(points: int, max_concurrent: int, max_trials: int | None, profile: bool) -> dict:
     """One diffmem run and its baseline at `points` grid points, each in its own temporary folder."""
     from sweeps.bisection import load_experiment_state
-    from sweeps.spec import TUNE_NAME
+    from sweeps.folder import TUNE_NAME
     from sweeps.ledger import Ledger
     with tempfile.TemporaryDirectory(prefix="diffmem-driver-") as tmp:
         folder = Path(tmp) / "diffmem"

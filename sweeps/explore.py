@@ -103,7 +103,7 @@ def trial_label(params: dict) -> str:
 
 
 def build_spec(args) -> dict:
-    from sweeps.emm_search import read_with_preset
+    from sweeps.spec import read_with_preset
     from diffmem.data import load_dataset
     raw = read_with_preset(args.config, args.preset)
     sweep = raw.pop("sweep", None) or {}
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
     from sweeps.ray_cluster import start_ray, trial_resources
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
-    from sweeps.spec import SweepFolder, sweep_here
+    from sweeps.folder import SweepFolder, sweep_here
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from sweeps.results import _overlap, format_emm, interval_text, plain_log_axis, read_emm_csv
-from sweeps.spec import atomic_write
+from sweeps.folder import atomic_write
 
 DIRECTIONS = ("rises", "falls", "non-monotone", "none", "unknown")
 AGREES, DIFFERS, INCONCLUSIVE = "agrees", "differs", "inconclusive at this spread"

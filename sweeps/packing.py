@@ -28,7 +28,7 @@ import ray
 import torch
 
 from diffmem.packed import Member, Pack, pack_key, prepare_member
-from sweeps.spec import atomic_write
+from sweeps.folder import atomic_write
 from diffmem.train import CHECKPOINT, TrainingDiverged
 
 SERVER_NAME = "diffmem-pack-server-{}"

@@ -167,7 +167,7 @@ class CheckpointPruner(tune.Callback):
     after a stop, continues from them. Through the trial's storage: the sweep folder or --storage."""
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeps.spec import TRAIN_NAME
+        from sweeps.folder import TRAIN_NAME
         from sweeps.storage import empty_checkpoints, join
         try:   # disk hygiene: a failure here must not fail the sweep
             fs = trial.storage.storage_filesystem
@@ -187,7 +187,7 @@ class FromStorage(tune.Callback):
 
     def _settings(self) -> dict:
         """The settings with where the sweep folder is now (a moved folder, sweeps.spec.sweep_here)."""
-        from sweeps.spec import here
+        from sweeps.folder import here
         from sweeps.trainable import settings_moved_to
         output, _ = here()
         return self.settings if output is None else settings_moved_to(self.settings, output)
@@ -206,7 +206,7 @@ class FromStorage(tune.Callback):
 
     @staticmethod
     def _bring_tensorboard(settings: dict, trial) -> None:
-        from sweeps.spec import TENSORBOARD
+        from sweeps.folder import TENSORBOARD
         from sweeps.storage import download, filesystem, join
         from sweeps.tblog import tensorboard_dir, training_run
         try:   # TensorBoard is for watching: a failure here must not fail the sweep
@@ -240,7 +240,7 @@ class SweepTensorBoard(TBXLoggerCallback):
         """The summary writer of the sweep folder."""
         if getattr(self, "_live", None) is not None:
             return
-        from sweeps.spec import here
+        from sweeps.folder import here
         from sweeps.tblog import LiveSummary, write_experiment
         output, _ = here()
         self._live = LiveSummary(output)

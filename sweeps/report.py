@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:      # `python sweeps/report.py` from a checkout
     sys.path.insert(0, str(ROOT))
 
 from diffmem.config import ConfigError  # noqa: E402
-from sweeps.spec import SweepFolder  # noqa: E402
+from sweeps.folder import SweepFolder  # noqa: E402
 
 SAMPLES_TAG = "samples/generated_nn1_nn2"
 

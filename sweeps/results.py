@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sweeps.spec import SweepFolder, atomic_write
+from sweeps.folder import SweepFolder, atomic_write
 
 if TYPE_CHECKING:   # pandas is imported where tables are built, never at module level
     import pandas as pd

@@ -48,7 +48,7 @@ class SweepSearchGenerator(SearchGenerator):
     Experiment's storage is pointed at where the folder (or --storage) is now (sweeps.spec.here)."""
 
     def set_state(self, state: dict) -> None:
-        from sweeps.spec import here
+        from sweeps.folder import here
         from sweeps.storage import filesystem, root
         super().set_state(state)
         output, storage = here()
@@ -161,7 +161,7 @@ class EMMSearcher(Searcher):
         with open(checkpoint_path) as f:
             self.load_dict(json.load(f))
         # the ledger lookup was unpickled with the paths of where the sweep was made (a moved or copied folder)
-        from sweeps.spec import here
+        from sweeps.folder import here
         output, _ = here()
         if output is not None and hasattr(self.known_results, "moved_to"):
             self.known_results.moved_to(output)

@@ -1,70 +1,22 @@
-"""The sweep as data: its spec (OUTPUT/sweep.json, everything that defines it, read back whole and of this version
-by --resume, --status and report.py), its folder's layout (README, "What a sweep leaves where"), and what every
-trial of it gets (trial_settings). Written by sweeps/emm_search.py; no Ray, no torch."""
+"""The sweep as data: its spec (OUTPUT/sweep.json, everything that defines it, built from the command line by
+build_spec, read back whole and of this version by --resume, --status and report.py), the checks of a folder
+it is to go into or continue in, and what every trial of it gets (trial_settings). No Ray; torch only where a
+new sweep's datasets are loaded."""
 from __future__ import annotations
 
 import json
-import os
+import math
 from pathlib import Path
 
-from diffmem.config import ConfigError
+from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machine, from_dict, parse_override,
+                            parse_value, read_yaml, validate_with_data)
+from sweeps import curve
 from sweeps.curve import POINT, is_curve
+from sweeps.factors import get_factor, grid_points
+from sweeps.folder import SPEC_FILE, SweepFolder, atomic_write
+from sweeps.ray_cluster import check_local_capacity
 
-# The sweep folder (SweepFolder): OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/,
-# tune/ (Tune's), train/ (Ray Train's runs of DDP trainings; with --storage URI, tune/ and train/ are there,
-# sweeps/storage.py), and the results (sweeps/results.py). TENSORBOARD is also a trial's own run folder's name.
-SPEC_FILE = "sweep.json"
-LOG_FILE = "sweep.log"
-LEDGER_FILE = "ledger.sqlite"
-TENSORBOARD = "tensorboard"
-SUMMARY_RUN = "summary"   # tensorboard/summary: the sweep's own TensorBoard run (sweeps/tblog.py)
-TUNE_NAME = "tune"
-TRAIN_NAME = "train"
-RESULT_FILES = ("emm.csv", "trials.csv", "emm.md", "emm.png", "curves.png")
-
-
-class SweepFolder:
-    """Every path of a sweep's output folder (README, "What a sweep leaves where"), named here and nowhere else."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    spec = property(lambda self: self.root / SPEC_FILE)
-    log = property(lambda self: self.root / LOG_FILE)
-    ledger = property(lambda self: self.root / LEDGER_FILE)   # the sweep's own; --ledger names another
-    tensorboard = property(lambda self: self.root / TENSORBOARD)
-    summary_run = property(lambda self: self.root / TENSORBOARD / SUMMARY_RUN)
-    tune = property(lambda self: self.root / TUNE_NAME)
-    emm_csv = property(lambda self: self.root / "emm.csv")
-    trials_csv = property(lambda self: self.root / "trials.csv")
-    emm_md = property(lambda self: self.root / "emm.md")
-    emm_png = property(lambda self: self.root / "emm.png")
-    curves_png = property(lambda self: self.root / "curves.png")
-
-    def results(self) -> list[Path]:
-        """The result files written so far (what a tracker keeps of the sweep)."""
-        return [self.root / name for name in RESULT_FILES if (self.root / name).is_file()]
-
-
-def atomic_write(path: Path, write) -> None:
-    """write(temporary path), then rename it to `path`: a crash never leaves a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-_here: dict = {"output": None, "storage": None}
-
-
-def sweep_here(output: str, storage: str | None = None) -> None:
-    """Where this driver's sweep folder is (and its --storage), set before Tune starts or restores the sweep: the
-    searcher, its generator and the callbacks come back from tune/tuner.pkl holding where the folder was made,
-    and read this instead, so a moved or copied folder resumes."""
-    _here.update(output=output, storage=storage)
-
-
-def here() -> tuple[str | None, str | None]:
-    """(sweep folder, --storage URI or None) of this driver (sweep_here)."""
-    return _here["output"], _here["storage"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 SPEC_FORMAT = "diffmem.emm_search"   # sweep.json's "format": how a folder written by this tool is recognized
@@ -167,3 +119,237 @@ def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
             "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
             "storage": sweep_storage(spec),
             "pack_servers": pack_servers(spec, trainings)}
+
+
+# ---- building a new sweep's spec from the command line ----
+
+PRESETS = ROOT / "experiments" / "presets"
+
+
+def read_with_preset(config: str, preset: str | None) -> dict:
+    """The config file as a dict, with experiments/presets/<preset>.yaml laid over it."""
+    raw = read_yaml(config)
+    if preset:
+        path = PRESETS / f"{preset}.yaml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in PRESETS.glob("*.yaml")))
+            raise ConfigError(f"unknown preset '{preset}'; available: {known}")
+        raw = _deep_merge(raw, read_yaml(path))
+    return raw
+
+
+def build_spec(args) -> dict:
+    """Everything that defines the sweep, resolved and validated; saved as OUTPUT/sweep.json."""
+    from diffmem.data import load_dataset   # torch: not imported by --status and --help
+    raw = read_with_preset(args.config, args.preset)
+    sweep = dict(raw.get("sweep") or {})
+    unknown = set(sweep) - {"size_range", "size_step", "factors", "max_values", "pack_size"}
+    if unknown:
+        raise ConfigError(f"unknown key 'sweep.{sorted(unknown)[0]}'; sweep takes size_range, size_step, "
+                          f"factors, max_values, pack_size")
+    where = f"in {args.config}" + (f" with --preset {args.preset}" if args.preset else "")
+    step = _sweep_int(sweep, "size_step", where)
+    max_values = _sweep_int(sweep, "max_values", where)
+    pack_size = args.pack_size if args.pack_size is not None else _sweep_int(sweep, "pack_size", where)
+    # The numbers of the command line, before anything is loaded.
+    if not 0 < args.epsilon < 1:
+        raise ConfigError(f"--epsilon {args.epsilon} must be in (0, 1): memorized iff best ratio >= 1 - epsilon "
+                          f"(default 0.1)")
+    if not 0 < args.tolerance < math.inf:
+        raise ConfigError(f"--tolerance {args.tolerance} must be a finite number > 0: a bracket closes at high/low "
+                          f"<= 1 + tolerance (default 0.1)")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent {args.max_concurrent} must be >= 1 (trainings at once; leave it out "
+                          f"for what the machine holds)")
+    if args.workers_per_trial < 1 or args.gpus_per_trial < 0 or args.max_failures < 0:
+        raise ConfigError("--workers-per-trial must be >= 1, --gpus-per-trial >= 0 and --max-failures >= 0")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds} must be >= 1 (training seeds per grid point, default 1)")
+    if pack_size < 1:
+        raise ConfigError(f"--pack-size {pack_size} must be >= 1 (trainings packed per worker; 1: one at a time)")
+    if pack_size > 1 and (args.gpus_per_trial > 1 or args.workers_per_trial > 1):
+        raise ConfigError(f"--pack-size {pack_size} packs trainings of one worker each; drop --workers-per-trial/"
+                          f"--gpus-per-trial above 1 (DDP), or pack one training per worker (--pack-size 1)")
+    if pack_size > 1 and args.address:
+        raise ConfigError(f"--pack-size {pack_size} runs on a local sweep for now (its pack servers start with the "
+                          f"local Ray); on a cluster, leave it out")
+    overrides = dict(parse_override(o) for o in args.overrides)
+    if args.seed is not None:
+        overrides["train.seed"] = args.seed
+    base_cfg = from_dict(apply_overrides(raw, overrides))       # the config itself loads
+    if base_cfg.train.seed + args.seeds - 1 > SEED_MAX:
+        raise ConfigError(f"--seeds {args.seeds} from train.seed={base_cfg.train.seed} goes past the largest seed "
+                          f"2**63 - 1; use a smaller --seed")
+    if base_cfg.train.device == "cuda" and not args.gpus_per_trial:
+        raise ConfigError("train.device=cuda needs --gpus-per-trial N: a trial trains only on the GPUs it reserves "
+                          "(or use train.device=auto)")
+    if not args.address and not args.estimate:   # a local cluster is this machine
+        check_machine(base_cfg)
+    for key in ("path", "mix_path"):   # trials run in their own working directories
+        if getattr(base_cfg.data, key):
+            setattr(base_cfg.data, key, str(Path(getattr(base_cfg.data, key)).expanduser().resolve()))
+    base = base_cfg.to_dict()
+
+    factor = get_factor(args.factor)
+    values = [parse_value(v, "--values") for v in args.values] if args.values else \
+        list((sweep.get("factors") or {}).get(factor.name) or factor.paper_values)
+    if max_values and not args.values and len(values) > max_values:
+        k = max_values   # spread over the list, first and last included
+        values = [values[round(i * (len(values) - 1) / max(k - 1, 1))] for i in range(k)]
+    points = grid_points(factor, values, base_cfg)
+
+    # Every grid point's config loads and its dataset exists; sizes must fit the smallest of them.
+    available, resolved = [], {}
+    source = "--values" if args.values else f"the {factor.name} values {where}"
+    for point in points:
+        cfg = from_dict(apply_overrides(base, point["overrides"]))
+        dataset = load_dataset(cfg.data)
+        validate_with_data(cfg, dataset.images.shape[-1], len(dataset.labels), dataset.name)
+        available.append(len(dataset.labels))
+        key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+        twins = ([resolved[key]] if key in resolved else []) + [v for v in resolved.values()
+                                                                if _same_number(v, point["value"])]
+        if twins:
+            twin = twins[0]
+            raise ConfigError(f"{source} {twin!r} and {point['value']!r} are the same {factor.name}; give each value "
+                              f"once")
+        resolved[key] = point["value"]
+    max_size = min(available)
+    if is_curve(factor.name):
+        size_range = curve.size_range(values, max_size, step, args.seeds)
+    else:
+        size_range = search_size_range(args.size_range, sweep.get("size_range"), where, max_size, step)
+    workers = args.gpus_per_trial or args.workers_per_trial
+    if base_cfg.train.batch_size % workers:
+        raise ConfigError(f"train.batch_size={base_cfg.train.batch_size} must be divisible by the {workers} "
+                          f"workers per trial")
+    if not args.address and not args.estimate:   # a local cluster must hold one training
+        check_local_capacity(args.gpus_per_trial, args.workers_per_trial)
+    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "factor": factor.name, "values": values,
+            "grid_points": points,
+            "base": base, "config_file": str(args.config), "preset": args.preset, "epsilon": args.epsilon,
+            "tolerance": args.tolerance, "size_range": size_range,
+            "allowed_sizes": list(range(step, max_size + 1, step)),
+            "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
+            "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
+            "max_concurrent": args.max_concurrent, "seeds": args.seeds, "pack_size": pack_size}
+
+
+def search_size_range(given: list | None, configured, where: str, max_size: int, step: int) -> list[int]:
+    """The |D| range an EMM search brackets in: --size-range, else the config's sweep.size_range, else all the
+    dataset holds from one size step; one line if it cannot be searched."""
+    size_range = given or configured or [step, max_size]
+    size_range = list(size_range) if isinstance(size_range, (list, tuple)) else [size_range]
+    if len(size_range) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in size_range):
+        raise ConfigError(f"sweep.size_range {size_range} {where} must be two integers [LO, HI]")
+    lo, hi = size_range
+    shown = f"sweep.size_range [{lo}, {hi}] {where}" if not given and configured else f"--size-range {lo} {hi}"
+    if not 1 <= lo < hi:
+        raise ConfigError(f"{shown} is impossible; give LO < HI, both >= 1")
+    if hi > max_size:
+        raise ConfigError(f"{shown} goes past the {max_size} images available; use HI <= {max_size}")
+    if lo < step:
+        raise ConfigError(f"{shown} starts below the size step {step} (class-balanced subsets); "
+                          f"use LO >= {step}")
+    return size_range
+
+
+def _sweep_int(sweep: dict, key: str, where: str) -> int | None:
+    """sweep.size_step or sweep.pack_size (default 1), or sweep.max_values (default none) of the config: an
+    integer >= 1."""
+    value = sweep.get(key, None if key == "max_values" else 1)
+    if value is None and key == "max_values":
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        what = {"size_step": "the |D| grid's spacing, e.g. the number of classes",
+                "max_values": "how many of the factor's values to sweep",
+                "pack_size": "trainings packed per worker"}[key]
+        raise ConfigError(f"sweep.{key}={value!r} {where} must be an integer >= 1 ({what})")
+    return value
+
+
+def _same_number(a, b) -> bool:
+    """8 and 8.0: one number in two spellings (True and 1 are not numbers here)."""
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (a, b))
+    return numbers and a == b
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# ---- a folder that holds a sweep: new, resumed, moved ----
+
+def check_new_output(output: Path) -> None:
+    """A new sweep writes only into a folder that does not exist yet or is empty: never among files it did not
+    write. A folder a sweep wrote (its sweep.json, read_spec) is continued with --resume, not overwritten."""
+    if not output.exists() and not output.is_symlink():
+        return
+    if not output.is_dir():
+        raise ConfigError(f"--output {output} is a file, not a folder; choose a folder that does not exist yet")
+    if SweepFolder(output).spec.exists():
+        try:
+            read_spec(output)
+        except ConfigError as e:
+            if "was not written by" in str(e):
+                raise ConfigError(f"--output {output} holds a {SPEC_FILE} that diffmem did not write; choose a "
+                                  f"folder that does not exist yet") from None
+        raise ConfigError(f"{output} already holds a sweep; continue it with --resume {output} "
+                          f"or choose another --output")
+    try:
+        entries = sorted(p.name for p in output.iterdir())
+    except OSError as e:
+        raise ConfigError(f"--output {output} cannot be read ({e.strerror}); choose a folder that does not exist "
+                          f"yet") from None
+    if entries:
+        more = f" and {len(entries) - 1} more" if len(entries) > 1 else ""
+        raise ConfigError(f"--output {output} already exists and was not written by diffmem (it holds "
+                          f"{entries[0]}{more}); choose a folder that does not exist yet, or an empty one")
+
+
+# What --resume would silently drop: the sweep's own settings (sweep.json) are what it continues with.
+# --address and --no-dashboard only say how Ray starts. --max-concurrent is not honoured either: Tune restores
+# its TuneConfig (max_concurrent_trials) and the searcher from the experiment's own files.
+RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config", "preset": "--preset",
+                "overrides": "--set", "seed": "--seed", "epsilon": "--epsilon", "tolerance": "--tolerance",
+                "size_range": "--size-range", "max_concurrent": "--max-concurrent",
+                "workers_per_trial": "--workers-per-trial", "gpus_per_trial": "--gpus-per-trial",
+                "max_failures": "--max-failures", "ledger": "--ledger", "no_reuse": "--no-reuse",
+                "output": "--output", "seeds": "--seeds", "pack_size": "--pack-size", "wandb": "--wandb",
+                "mlflow": "--mlflow", "storage": "--storage"}
+
+
+def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
+    """--resume continues a sweep as it was started: a flag that would change it is refused, with the sweep's value."""
+    own = {"factor": spec["factor"], "values": spec["values"], "config": spec.get("config_file"),
+           "preset": spec.get("preset"), "overrides": "its config in sweep.json 'base'",
+           "seed": f"train.seed {spec['base'].get('train', {}).get('seed')}", "epsilon": spec["epsilon"],
+           "tolerance": spec["tolerance"], "size_range": spec["size_range"],
+           "max_concurrent": spec["max_concurrent"] or "what the machine holds",
+           "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
+           "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
+           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec),
+           "pack_size": pack_size(spec), "storage": sweep_storage(spec) or "none",
+           **{k: v or "none" for k, v in sweep_tracking(spec).items()}}
+    flags = [dest for dest in RESUME_FIXED if dest in given]
+    if flags:
+        said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
+        raise ConfigError(f"--resume {output} continues that sweep with its own settings; drop {said}, or start a "
+                          f"new sweep in another --output")
+
+
+def moved_here(output: Path, spec: dict) -> None:
+    """A sweep folder resumed somewhere else than where it was made (moved or copied off a scratch disk): what lies
+    inside it (its own ledger) is read here, a shared --ledger outside stays where it is, and sweep.json says so.
+    Tune follows by itself (it restores from the path given), the searcher's ledger lookup in EMMSearcher.restore
+    and the TensorBoard summary from the trials (sweeps/progress.py)."""
+    from sweeps.trainable import relocated
+    here, made = str(output.resolve()), spec.get("output")
+    if made is None or made == here:   # a sweep.json from before this key: taken to be where it was made
+        return
+    spec["ledger"], spec["output"] = relocated(spec["ledger"], made, here), here
+    write_spec(output, spec)
+    print(f"sweep folder moved from {made}: resuming it here")

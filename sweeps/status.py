@@ -25,7 +25,8 @@ from pathlib import Path
 
 from sweeps.curve import is_curve, status_lines
 from sweeps.results import interval_of, ratio_text, seed_emm_text
-from sweeps.spec import SweepFolder, read_spec
+from sweeps.folder import SweepFolder
+from sweeps.spec import read_spec
 from sweeps.storage import children, experiment, filesystem, read_text
 from sweeps.tblog import trial_label
 

@@ -16,7 +16,8 @@ import fnmatch
 from pathlib import Path
 
 from diffmem.config import ConfigError
-from sweeps.spec import TUNE_NAME, sweep_storage
+from sweeps.folder import TUNE_NAME
+from sweeps.spec import sweep_storage
 
 CHECKPOINT_DIRS = "checkpoint_*"  # Tune's and Ray Train's name for a reported checkpoint's folder
 

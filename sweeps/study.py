@@ -32,7 +32,7 @@ from diffmem.cli import ArgumentParser, default_folder  # noqa: E402
 from diffmem.config import ConfigError, read_yaml  # noqa: E402
 from sweeps.factors import get_factor  # noqa: E402
 from sweeps.findings import DIRECTIONS, factor_result, write_page  # noqa: E402
-from sweeps.spec import SweepFolder, atomic_write  # noqa: E402
+from sweeps.folder import SweepFolder, atomic_write  # noqa: E402
 
 STATE_FILE = "study.json"
 STATE_FORMAT, STATE_VERSION = "diffmem.study", 1

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sweeps.spec import SUMMARY_RUN, SweepFolder
+from sweeps.folder import SUMMARY_RUN, SweepFolder
 
 SIZE_KEY = "|D|"
 GRID_KEY = "grid point"

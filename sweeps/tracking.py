@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from diffmem.config import ConfigError
-from sweeps.spec import SweepFolder
+from sweeps.folder import SweepFolder
 
 PACKAGES = {"wandb": "wandb", "mlflow": "mlflow"}   # flag -> module
 

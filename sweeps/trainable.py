@@ -19,7 +19,7 @@ from diffmem.train import CHECKPOINT, train
 from sweeps.disk import run_dir_of_this_process
 from sweeps.ledger import Ledger, key_context, training_key
 from sweeps.results import interval_of
-from sweeps.spec import TENSORBOARD, TRAIN_NAME
+from sweeps.folder import TENSORBOARD, TRAIN_NAME
 from sweeps.storage import filesystem, join, root, upload
 from sweeps.tblog import end_session, start_session, tensorboard_dir, trial_label, training_run
 
@@ -246,7 +246,7 @@ def emm_trial_ddp(config: dict, settings: dict) -> None:
 def named(trial_function, settings: dict):
     """`trial_function` with `settings` as Tune's trainable class, whose actors the Ray dashboard (Actors, and the
     state API's repr_name) lists by the training they run, e.g. 'random_labels=16|D|=80|seed=1': Ray reads an
-    actor's repr once, after its start, so a reused actor keeps its first name (emm_search._reuse_actors)."""
+    actor's repr once, after its start, so a reused actor keeps its first name (sweeps.tuner.reuse_actors)."""
     from ray.tune.trainable.function_trainable import wrap_function
     base = wrap_function(tune.with_parameters(trial_function, settings=settings))
 
