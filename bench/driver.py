@@ -112,7 +112,7 @@ def true_emm(grid_index: int, allowed_sizes: list[int]) -> int | None:
     return max((n for n in allowed_sizes if simulated_ratio(grid_index, n) >= 1 - EPSILON), default=None)
 
 
-def make_spec(points: int, folder: Path, ledger: str | None) -> dict:
+def make_spec(points: int, folder: Path, ledger: str | None):
     """A sweep spec as build_spec makes one: the digits config, `points` grid points that differ in train.seed (so
     in their ledger keys), its size range and allowed sizes."""
     from diffmem.cli import DEFAULT_CONFIG
@@ -123,11 +123,12 @@ def make_spec(points: int, folder: Path, ledger: str | None) -> dict:
     step, size_range = raw["sweep"]["size_step"], list(raw["sweep"]["size_range"])
     available = len(load_dataset(base.data).labels)
     grid = [{"label": f"point={i}", "value": i, "overrides": {"train.seed": i}} for i in range(points)]
-    return {"factor": "simulated", "values": list(range(points)), "grid_points": grid, "base": base.to_dict(),
-            "epsilon": EPSILON, "tolerance": TOLERANCE, "size_range": size_range,
-            "allowed_sizes": list(range(step, available + 1, step)), "workers": 1, "gpus_per_worker": 0,
-            "ddp": False, "max_failures": 2, "max_concurrent": None, "seeds": 1, "pack_size": 1,
-            "ledger": ledger, "no_reuse": ledger is None, "output": str(folder)}
+    from sweeps.spec import Sweep
+    return Sweep(factor="simulated", values=list(range(points)), grid_points=grid, base=base.to_dict(),
+                 epsilon=EPSILON, tolerance=TOLERANCE, size_range=size_range,
+                 allowed_sizes=list(range(step, available + 1, step)), workers=1, gpus_per_worker=0, ddp=False,
+                 max_failures=2, max_concurrent=None, ledger=ledger, no_reuse=ledger is None,
+                 config_file=DEFAULT_CONFIG, output=str(folder))
 
 
 class Finishes(tune.Callback):
@@ -158,7 +159,7 @@ class StopAfter(tune.Stopper):
         return len(self.seen) >= self.trials
 
 
-def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict] | None, max_trials: int | None,
+def make_tuner(spec, folder: Path, max_concurrent: int, configs: list[dict] | None, max_trials: int | None,
                finishes: Finishes):
     """make_tuner's Tuner around simulated_trial; configs=None: the EMMSearcher with the ledger, else Tune's
     BasicVariantGenerator over those configs."""
@@ -178,16 +179,16 @@ def make_tuner(spec: dict, folder: Path, max_concurrent: int, configs: list[dict
     stopper = StopAfter(max_trials) if max_trials and configs is None else None
     run_config = tune.RunConfig(
         name=TUNE_NAME, storage_path=str(folder), verbose=0, stop=stopper,
-        callbacks=[ProgressPrinter(spec["epsilon"]),
-                   SweepTensorBoard(spec["grid_points"], spec["size_range"], "driver benchmark"), CheckpointPruner(),
+        callbacks=[ProgressPrinter(spec.epsilon),
+                   SweepTensorBoard(spec.grid_points, spec.size_range, "driver benchmark"), CheckpointPruner(),
                    finishes],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        failure_config=tune.FailureConfig(max_failures=spec["max_failures"]))
+        failure_config=tune.FailureConfig(max_failures=spec.max_failures))
     if configs is None:
-        searcher = EMMSearcher(spec["grid_points"], spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
-                               tolerance=spec["tolerance"], max_concurrent=max_concurrent,
+        searcher = EMMSearcher(spec.grid_points, spec.allowed_sizes, spec.size_range, epsilon=spec.epsilon,
+                               tolerance=spec.tolerance, max_concurrent=max_concurrent,
                                known_results=KnownResults(settings), seeds=1,
-                               base_seed=spec["base"]["train"]["seed"])
+                               base_seed=spec.base["train"]["seed"])
         search, samples = search_algorithm(searcher, max_concurrent), -1
     else:
         search, samples = BasicVariantGenerator(points_to_evaluate=configs, max_concurrent=max_concurrent), len(configs)
@@ -273,7 +274,7 @@ def measure(points: int, max_concurrent: int, max_trials: int | None, profile: b
         state = load_experiment_state(str(folder / TUNE_NAME))
         rows = state.summary()
         found = sum(r["emm"] is not None and r["high"] is not None
-                    and r["emm"] <= true_emm(i, spec["allowed_sizes"]) < r["high"] for i, r in enumerate(rows))
+                    and r["emm"] <= true_emm(i, spec.allowed_sizes) < r["high"] for i, r in enumerate(rows))
         recorded = len(Ledger(ledger))
         ours |= {"capped": bool(max_trials) and not state.finished, "finished": state.finished, "resolved": found,
                  "ledger_records": recorded}

@@ -173,9 +173,9 @@ def _unresolved_after(settings: dict) -> int:
 def _nearest_index(sizes, target: float, candidates: range | None = None) -> int:
     """Index of the size nearest `target` in log space (ties go to the smaller size)."""
     candidates = candidates if candidates is not None else range(len(sizes))
-    lo, hi = candidates.start, candidates.stop - 1
-    j = min(max(bisect.bisect_left(sizes, target, lo, hi + 1), lo), hi)
-    if j > lo and abs(math.log(sizes[j - 1] / target)) <= abs(math.log(sizes[j] / target)):
+    first, last = candidates.start, candidates.stop - 1
+    j = min(max(bisect.bisect_left(sizes, target, first, last + 1), first), last)
+    if j > first and abs(math.log(sizes[j - 1] / target)) <= abs(math.log(sizes[j] / target)):
         return j - 1
     return j
 
@@ -200,36 +200,38 @@ class SizeBracket:
         self.start_range: tuple[int, int] | None = None   # initial (lo, hi) indices from relatives; None: settings'
 
     # ---- what is known ----
-    def known_ends(self) -> tuple[int | None, int | None]:
-        """(low, high) as indices: the robust rule of the module docstring."""
+    def known_end_indices(self) -> tuple[int | None, int | None]:
+        """(low, high) as indices into the allowed sizes: the robust rule of the module docstring."""
         index_of = self.settings.index_of
         not_memorized = [index_of(s) for s, _, mem, *_ in self.observations if not mem]
-        high = min(not_memorized) if not_memorized else None
+        high_index = min(not_memorized) if not_memorized else None
         memorized = [index_of(s) for s, _, mem, *_ in self.observations
-                     if mem and (high is None or index_of(s) < high)]
-        low = max(memorized) if memorized else None
-        return low, high
+                     if mem and (high_index is None or index_of(s) < high_index)]
+        low_index = max(memorized) if memorized else None
+        return low_index, high_index
 
     @property
     def low(self) -> int | None:
-        low, _ = self.known_ends()
-        return None if low is None else self.settings.allowed_sizes[low]
+        """The largest size that memorized below the smallest that did not (the EMM), or None."""
+        low_index, _ = self.known_end_indices()
+        return None if low_index is None else self.settings.allowed_sizes[low_index]
 
     @property
     def high(self) -> int | None:
-        _, high = self.known_ends()
-        return None if high is None else self.settings.allowed_sizes[high]
+        """The smallest size that did not memorize, or None."""
+        _, high_index = self.known_end_indices()
+        return None if high_index is None else self.settings.allowed_sizes[high_index]
 
     @property
     def status(self) -> str:
         if self.error is not None:
             return UNRESOLVED
-        low, high = self.known_ends()
-        if low == len(self.settings.allowed_sizes) - 1:
+        low_index, high_index = self.known_end_indices()
+        if low_index == len(self.settings.allowed_sizes) - 1:
             return AT_LEAST_MAX
-        if low is None and high == 0:
+        if low_index is None and high_index == 0:
             return BELOW_MIN
-        if low is not None and high is not None and self.settings.narrow_enough(low, high):
+        if low_index is not None and high_index is not None and self.settings.narrow_enough(low_index, high_index):
             return RESOLVED
         return OPEN
 
@@ -245,27 +247,28 @@ class SizeBracket:
         return self.start_range or (self.settings.lo_index, self.settings.hi_index)
 
     def edges(self) -> tuple[int, str, int, str]:
-        """(lo, lo_kind, hi, hi_kind): the interval still searched, with virtual ends where unknown."""
+        """(lo_index, lo_kind, hi_index, hi_kind): the interval still searched, as indices into the allowed
+        sizes, with virtual ends where unknown."""
         s = self.settings
-        low, high = self.known_ends()
-        lo_index, hi_index = self.initial_range()
-        if low is not None:
-            lo, lo_kind = low, KNOWN
-        elif high is None or high > lo_index:
-            lo, lo_kind = lo_index, INITIAL
+        low_index, high_index = self.known_end_indices()
+        start_lo, start_hi = self.initial_range()
+        if low_index is not None:
+            lo_index, lo_kind = low_index, KNOWN
+        elif high_index is None or high_index > start_lo:
+            lo_index, lo_kind = start_lo, INITIAL
         else:                                   # everything tried so far failed: look lower
-            lo, lo_kind = s.expand_down(high), EXPANSION
-        if high is not None:
-            hi, hi_kind = high, KNOWN
-        elif low is None or low < hi_index:
-            hi, hi_kind = hi_index, INITIAL
+            lo_index, lo_kind = s.expand_down(high_index), EXPANSION
+        if high_index is not None:
+            hi_index, hi_kind = high_index, KNOWN
+        elif low_index is None or low_index < start_hi:
+            hi_index, hi_kind = start_hi, INITIAL
         else:                                   # everything tried so far memorized: look higher
-            hi, hi_kind = s.expand_up(low), EXPANSION
-        return lo, lo_kind, hi, hi_kind
+            hi_index, hi_kind = s.expand_up(low_index), EXPANSION
+        return lo_index, lo_kind, hi_index, hi_kind
 
     def width(self) -> float:
-        lo, _, hi, _ = self.edges()
-        return self.settings.log_width(lo, hi)
+        lo_index, _, hi_index, _ = self.edges()
+        return self.settings.log_width(lo_index, hi_index)
 
     def pending_indices(self) -> set[int]:
         return {self.settings.index_of(s) for s, n in self.pending.items() if n > 0}
@@ -277,15 +280,15 @@ class SizeBracket:
     def probe_options(self) -> ProbeOptions:
         if self.status != OPEN:
             return ProbeOptions([], [])
-        lo, lo_kind, hi, hi_kind = self.edges()
+        lo_index, lo_kind, hi_index, hi_kind = self.edges()
         taken = self.taken_indices()
         pending = self.pending_indices()
         # running probes inside the interval split it; each part is a gap of its own
-        points = [lo] + sorted(p for p in pending if lo < p < hi) + [hi]
+        points = [lo_index] + sorted(p for p in pending if lo_index < p < hi_index) + [hi_index]
         gaps = [(a, b) for a, b in zip(points, points[1:])
                 if not self.settings.narrow_enough(a, b) and any(k not in taken for k in range(a + 1, b))]
         ends = []
-        for end, kind in ((hi, hi_kind), (lo, lo_kind)):
+        for end, kind in ((hi_index, hi_kind), (lo_index, lo_kind)):
             if kind == KNOWN or end in taken or end in ends:
                 continue
             # an expansion end is tested first; an initial end once the interior is used up
@@ -453,16 +456,17 @@ class EMMSearchState:
         """The initial range the resolved relatives suggest (module docstring), or None (none resolved, or not
         narrower than the size range)."""
         s = self.settings
-        known = [self.brackets[r].known_ends() for r in self.relatives(bracket_index)
+        known = [self.brackets[r].known_end_indices() for r in self.relatives(bracket_index)
                  if self.brackets[r].status == RESOLVED]
         if not known:
             return None
-        low, high, last = min(low for low, _ in known), max(high for _, high in known), len(s.allowed_sizes) - 1
-        lo = s.expand_down(low) if low > 0 else 0
-        hi = s.expand_up(high) if high < last else last
-        if s.log_width(lo, hi) >= s.log_width(s.lo_index, s.hi_index):
+        low_index, high_index = min(low for low, _ in known), max(high for _, high in known)
+        last = len(s.allowed_sizes) - 1
+        lo_index = s.expand_down(low_index) if low_index > 0 else 0
+        hi_index = s.expand_up(high_index) if high_index < last else last
+        if s.log_width(lo_index, hi_index) >= s.log_width(s.lo_index, s.hi_index):
             return None
-        return lo, hi
+        return lo_index, hi_index
 
     def waiting(self, bracket_index: int) -> bool:
         """Not started, no relative resolved yet, and one under way: its answer is worth waiting for."""

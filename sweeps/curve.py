@@ -12,15 +12,16 @@ from diffmem.config import ConfigError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from sweeps.spec import Sweep
+
 FACTOR = "data_size"
 LABEL = "data_size"   # the one grid point, as its trials, trials.csv and TensorBoard name it
 POINT = {"label": LABEL, "value": None, "overrides": {}}
 
 
-def is_curve(spec_or_factor: dict | str) -> bool:
-    """A sweep spec (or factor name) of the curve kind."""
-    factor = spec_or_factor["factor"] if isinstance(spec_or_factor, dict) else spec_or_factor
-    return factor == FACTOR
+def is_curve(spec_or_factor) -> bool:
+    """A sweep (sweeps.spec.Sweep) or factor name of the curve kind."""
+    return getattr(spec_or_factor, "factor", spec_or_factor) == FACTOR
 
 
 def size_range(values: list, max_size: int, step: int, seeds: int) -> list[int]:
@@ -39,18 +40,18 @@ def size_range(values: list, max_size: int, step: int, seeds: int) -> list[int]:
     return [min(values), max(values)]
 
 
-def param_space(spec: dict) -> dict:
+def param_space(spec: Sweep) -> dict:
     """Tune's grid: the one grid point at every size."""
     from ray import tune
     return {"grid_index": 0, "grid_label": LABEL, "grid_value": None, "overrides": {},
-            "size": tune.grid_search(spec["values"])}
+            "size": tune.grid_search(spec.values)}
 
 
-def collect(spec: dict, frame: pd.DataFrame) -> tuple[list[dict], pd.DataFrame, bool]:
+def collect(spec: Sweep, frame: pd.DataFrame) -> tuple[list[dict], pd.DataFrame, bool]:
     """(summary, trials table, finished) from Tune's results: finished when every size has its training."""
     from sweeps.results import trials_table
-    trials = trials_table(frame, [POINT], spec["epsilon"])
-    finished = set(spec["values"]) <= set(trials.loc[trials.status != "error", "size"])
+    trials = trials_table(frame, [POINT], spec.epsilon)
+    finished = set(spec.values) <= set(trials.loc[trials.status != "error", "size"])
     return [summary(trials)], trials, finished
 
 
@@ -72,21 +73,21 @@ def summary(trials: pd.DataFrame) -> dict:
     return {"label": LABEL, "value": "curve", **seed_median([curve])}
 
 
-def status_lines(spec: dict, done: list, running: list) -> tuple[list[str], int, bool]:
+def status_lines(spec: Sweep, done: list, running: list) -> tuple[list[str], int, bool]:
     """--status's rows (one per size: its best ratio, running or to do), the trainings left, and whether every
     size has its training. `done`, `running`: sweeps.status's trial records."""
     from sweeps.status import best_text
     lines, left = [], 0
-    for size in spec["values"]:
+    for size in spec.values:
         mine = [t for t in done if t.size == size]
         now_running = [t for t in running if t.size == size]
         what = best_text(mine[-1]) if mine else ("running" if now_running else "to do")
         lines.append(f"{LABEL:28s} {'':11s} {'|D|=' + str(size):22s} {'':>5s}  {what}")
         left += 0 if mine or now_running else 1
-    return lines, left, len({t.size for t in done}) >= len(spec["values"])
+    return lines, left, len({t.size for t in done}) >= len(spec.values)
 
 
-def estimate_rounds(spec: dict, slots: int) -> list[list[tuple[int, int]]]:
+def estimate_rounds(spec: Sweep, slots: int) -> list[list[tuple[int, int]]]:
     """The trainings of the curve in rounds of `slots` at once: (grid index, size) each."""
-    sizes = [(0, v) for v in spec["values"]]
+    sizes = [(0, v) for v in spec.values]
     return [sizes[i:i + slots] for i in range(0, len(sizes), slots)]

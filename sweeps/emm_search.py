@@ -25,13 +25,13 @@ if str(ROOT) not in sys.path:      # `python sweeps/emm_search.py` from a checko
 from diffmem.cli import DEFAULT_CONFIG, ArgumentParser, default_folder  # noqa: E402
 from diffmem.config import ConfigError, read_yaml  # noqa: E402
 from sweeps import tracking  # noqa: E402
-from sweeps.factors import FACTORS  # noqa: E402
-from sweeps.folder import (SweepFolder, check_ledger_writable, check_storage, make_output,  # noqa: E402
+from sweeps.factors import FACTORS, get_factor  # noqa: E402
+from sweeps.folder import (SweepFolder, check_ledger_writable, make_output,  # noqa: E402
                            remove_empty, unmake_output)
 from sweeps.ledger import Ledger  # noqa: E402
 from sweeps.ray_cluster import check_address, metrics_url, start_ray  # noqa: E402
-from sweeps.spec import (build_spec, check_new_output, check_resume_flags, moved_here, pack_servers,  # noqa: E402
-                         pack_size, read_spec, sweep_seeds, sweep_tracking, trial_points, write_spec)
+from sweeps.spec import (Sweep, build_spec, check_new_output, check_resume_flags, moved_here, pack_servers,  # noqa: E402
+                         read_spec, trial_points, write_spec)
 from sweeps.tuner import collect, make_tuner, started  # noqa: E402
 
 
@@ -128,25 +128,20 @@ def main(argv=None) -> int:
             spec = read_spec(output)   # before Tune unpickles anything there
             check_resume_flags(output, spec, given_flags(argv))
             moved_here(output, spec)
-            Ledger(spec["ledger"])     # an empty, truncated or foreign ledger is refused, not taken for a new one
-            check_ledger_writable(spec["ledger"])
+            Ledger(spec.ledger)     # an empty, truncated or foreign ledger is refused, not taken for a new one
+            check_ledger_writable(spec.ledger)
         else:
-            spec = build_spec(args)
-            spec["tracking"] = {"wandb": args.wandb, "mlflow": args.mlflow}
-            tracking.check(spec["tracking"])
-            spec["storage"] = check_storage(args.storage, pack_size(spec))
-            output = Path(args.output) if args.output else default_folder("results", spec["factor"])
+            output = Path(args.output) if args.output else default_folder("results", get_factor(args.factor).name)
+            spec = build_spec(args, output)
+            tracking.check(spec.tracking)
             check_new_output(output)
-            spec["ledger"] = str(Path(args.ledger or SweepFolder(output).ledger).expanduser().resolve())
-            spec["no_reuse"] = args.no_reuse
-            spec["output"] = str(output.resolve())   # where it was made: --resume follows a moved folder
-            new_ledger = not os.path.lexists(spec["ledger"])
+            new_ledger = not os.path.lexists(spec.ledger)
             if not new_ledger:
-                Ledger(spec["ledger"])   # an existing file must be a whole diffmem ledger of this version
+                Ledger(spec.ledger)   # an existing file must be a whole diffmem ledger of this version
             created = make_output(output)
             try:
-                check_ledger_writable(spec["ledger"])
-                Ledger(spec["ledger"])   # created where no file exists
+                check_ledger_writable(spec.ledger)
+                Ledger(spec.ledger)   # created where no file exists
                 write_spec(output, spec)
             except (ConfigError, OSError) as e:
                 for folder in created:   # nothing left behind by a sweep that never started
@@ -171,7 +166,7 @@ def main(argv=None) -> int:
     return rc
 
 
-def run(args, spec: dict, output: Path) -> int:
+def run(args, spec: Sweep, output: Path) -> int:
     """Start Ray, run the sweep's Tune experiment (new or restored) and write its results."""
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
@@ -184,17 +179,17 @@ def run(args, spec: dict, output: Path) -> int:
 
     signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        max_concurrent = start_ray(args.address, not args.no_dashboard, spec["workers"], spec["gpus_per_worker"],
-                                   spec["ddp"], spec["max_concurrent"], pack_size(spec))
+        max_concurrent = start_ray(args.address, not args.no_dashboard, spec.workers, spec.gpus_per_worker,
+                                   spec.ddp, spec.max_concurrent, spec.pack_size)
         signal.signal(signal.SIGTERM, on_sigterm)   # again: ray.init installs its own (a native abort with a dump)
-        if pack_size(spec) > 1:
+        if spec.pack_size > 1:
             from sweeps.packing import start_servers
-            start_servers(pack_servers(spec, max_concurrent), threads=1, gpus=spec["gpus_per_worker"])
-        seeds = sweep_seeds(spec)
-        print(f"sweep {spec['factor']} over {[p['label'] for p in spec['grid_points']]}"
+            start_servers(pack_servers(spec, max_concurrent), threads=1, gpus=spec.gpus_per_worker)
+        seeds = spec.seeds
+        print(f"sweep {spec.factor} over {[p['label'] for p in spec.grid_points]}"
               + (f", {seeds} seeds each" if seeds > 1 else "") + f": "
-              f"|D| in {spec['size_range']}, epsilon {spec['epsilon']}, {max_concurrent} trainings at once"
-              + (f" in packs of up to {pack_size(spec)}" if pack_size(spec) > 1 else "") + "; "
+              f"|D| in {spec.size_range}, epsilon {spec.epsilon}, {max_concurrent} trainings at once"
+              + (f" in packs of up to {spec.pack_size}" if spec.pack_size > 1 else "") + "; "
               f"output {output}")
         print(f"TensorBoard: tensorboard --logdir {SweepFolder(output.resolve()).tensorboard}", flush=True)
         if metrics := metrics_url():
@@ -218,12 +213,12 @@ def run(args, spec: dict, output: Path) -> int:
     from sweeps.results import write_results
     note = "" if finished else (f"Stopped before the end: rows marked open are not known yet; "
                                 f"--resume {output} continues.")
-    table = write_results(output, spec["factor"], emm, trials, trial_points(spec), spec["epsilon"], note)
+    table = write_results(output, spec.factor, emm, trials, trial_points(spec), spec.epsilon, note)
     try:   # the table is written: a tracker that fails now costs its copy, not the sweep's result
-        tracking.log_table(sweep_tracking(spec), output, spec["factor"], emm, spec["epsilon"])
+        tracking.log_table(spec.tracking, output, spec.factor, emm, spec.epsilon)
     except Exception as e:
         print(f"could not log the EMM table to W&B/MLflow: {type(e).__name__}: {e}", file=sys.stderr)
-    print(f"\n{spec['factor']}: {len(trials)} trainings in {time.time() - start:.0f} s wall time; "
+    print(f"\n{spec.factor}: {len(trials)} trainings in {time.time() - start:.0f} s wall time; "
           f"results in {output}\n")
     print(table)
     if finished:

@@ -6,11 +6,15 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffmem.config import apply_overrides, from_dict
 from sweeps.ray_cluster import local_slots, trials_at_once
+
+if TYPE_CHECKING:
+    from sweeps.spec import Sweep
 
 ESTIMATE_POSITIONS = 8    # EMM positions, log-spaced over the size range, the search is simulated at
 ESTIMATE_STEPS = 10       # training steps timed per model, after as many untimed ones
@@ -31,7 +35,7 @@ class Estimate:
 _SPEEDS: dict = {}   # measured step and evaluation speeds by model, kept across estimates (a study prices many)
 
 
-def estimate(spec: dict, args) -> Estimate:
+def estimate(spec: Sweep, args) -> Estimate:
     """What the sweep is expected to cost, before anything starts: trainings from the searcher itself
     (sweeps.bisection.simulate) run to its end with the crossing at ESTIMATE_POSITIONS places in the size
     range, training images from each training's planned duration, seconds from training steps and one
@@ -44,21 +48,21 @@ def estimate(spec: dict, args) -> Estimate:
     from diffmem.evaluate import sequential_test
     from sweeps.bisection import EMMSearchState, simulate
     from sweeps import curve
-    from sweeps.spec import pack_size, sweep_seeds, trial_points, trial_settings
+    from sweeps.spec import trial_points, trial_settings
     from sweeps.trainable import trial_config
 
-    workers, gpu = spec["workers"], bool(spec["gpus_per_worker"])
+    workers, gpu = spec.workers, bool(spec.gpus_per_worker)
     device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     if args.address:
-        slots = max(1, spec["max_concurrent"] or 1)
+        slots = max(1, spec.max_concurrent or 1)
     else:
-        slots = trials_at_once(spec["max_concurrent"], local_slots(workers, spec["gpus_per_worker"]) * pack_size(spec))
-    pack = min(pack_size(spec), slots)   # trainings sharing one worker's steps
-    lo, hi = spec["size_range"]
+        slots = trials_at_once(spec.max_concurrent, local_slots(workers, spec.gpus_per_worker) * spec.pack_size)
+    pack = min(spec.pack_size, slots)   # trainings sharing one worker's steps
+    lo, hi = spec.size_range
     points, is_curve = trial_points(spec), curve.is_curve(spec)
 
     def config(point, size, extra=None):
-        return from_dict(apply_overrides(spec["base"], {**point["overrides"], "data.size": size, **(extra or {})}))
+        return from_dict(apply_overrides(spec.base, {**point["overrides"], "data.size": size, **(extra or {})}))
 
     # Speed: each distinct model (what a grid point changes that matters for speed), at the largest |D|, at one
     # worker's share of the batch, one thread per worker on CPU as in the sweep's trials.
@@ -92,7 +96,7 @@ def estimate(spec: dict, args) -> Estimate:
     finally:
         torch.set_num_threads(threads)
 
-    settings = trial_settings({**spec, "ledger": None, "no_reuse": True}, Path("."))   # the trials' configs
+    settings = trial_settings(replace(spec, ledger=None, no_reuse=True), Path("."))   # the trials' configs
 
     def eval_share(g: int, size: int, memorized: bool) -> float:
         """The share of eval.num_samples one evaluation of that training samples at a ratio of 1 (memorized) or 0:
@@ -117,8 +121,8 @@ def estimate(spec: dict, args) -> Estimate:
         crossings = [lo * (hi / lo) ** ((k + 0.5) / ESTIMATE_POSITIONS) for k in range(ESTIMATE_POSITIONS)]
         scenarios = []
         for crossing in crossings:   # memorized up to the crossing, not beyond: a monotone curve
-            state = EMMSearchState(points, spec["allowed_sizes"], spec["size_range"], epsilon=spec["epsilon"],
-                                   tolerance=spec["tolerance"], seeds=sweep_seeds(spec))
+            state = EMMSearchState(points, spec.allowed_sizes, spec.size_range, epsilon=spec.epsilon,
+                                   tolerance=spec.tolerance, seeds=spec.seeds)
             scenarios.append((simulate(state, lambda g, n, seed, c=crossing: 1.0 if n <= c else 0.0, slots), crossing))
     figures = []
     for rounds, crossing in scenarios:
@@ -136,11 +140,11 @@ def estimate(spec: dict, args) -> Estimate:
     rates = sorted({round(s["images_per_sec"]) for s in speed_of})
     evals = sorted({s["eval_seconds"] for s in speed_of})
     if is_curve:
-        what, count = f"{len(spec['values'])} sizes", f"{trainings[0]} trainings"
+        what, count = f"{len(spec.values)} sizes", f"{trainings[0]} trainings"
     else:
         what = f"{len(points)} grid point{'s' * (len(points) > 1)}"
         count = f"{trainings[0]} trainings (median) / {trainings[1]} (worst)"
-    lines = [f"estimate: {spec['factor']}, {what}, {slots} training"
+    lines = [f"estimate: {spec.factor}, {what}, {slots} training"
              f"{'s' * (slots > 1)} at once" + (f" in packs of {pack}" if pack > 1 else "")
              + f": {count}, <= {_count(images[1])} training images, measured "
              f"{_span(rates, _count)} images/s on {device} (+ evaluation {_span(evals, _seconds)} per snapshot): "
@@ -175,11 +179,11 @@ def estimate(spec: dict, args) -> Estimate:
                          f"near 1 - epsilon up to all of them")
         else:
             lines.append("  evaluation: every snapshot samples all eval.num_samples (eval.adaptive false, or one look)")
-    if sweep_seeds(spec) > 1:
-        lines.append(f"  seeds: {sweep_seeds(spec)} independent searches per grid point (--seeds), all counted above")
+    if spec.seeds > 1:
+        lines.append(f"  seeds: {spec.seeds} independent searches per grid point (--seeds), all counted above")
     if gpu and device == "cpu":
         lines.append("  no GPU on this machine: the speed is the CPU's; run --estimate on a GPU node of the cluster")
-    if args.address and not spec["max_concurrent"]:
+    if args.address and not spec.max_concurrent:
         lines.append("  --address: one training at a time assumed; pass --max-concurrent N (trainings the cluster "
                      "runs at once, e.g. its nodes)")
     return Estimate("\n".join(lines), trainings, wall, hours)

@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffmem.config import ConfigError
+
+if TYPE_CHECKING:   # annotations only: sweeps.spec imports this module
+    from sweeps.spec import Sweep
 
 # The sweep folder (SweepFolder): OUTPUT/sweep.json, sweep.log, ledger.sqlite (unless --ledger), tensorboard/,
 # tune/ (Tune's), train/ (Ray Train's runs of DDP trainings; with --storage URI, tune/ and train/ are there,
@@ -92,11 +96,11 @@ def remove_empty(folder: Path) -> None:
         pass
 
 
-def unmake_output(output: Path, spec: dict, created: list[Path], new_ledger: bool) -> None:
+def unmake_output(output: Path, spec: Sweep, created: list[Path], new_ledger: bool) -> None:
     """A new sweep refused once Ray answered (a cluster that can never place one of its trainings) leaves nothing
     behind, so the same command runs once the cluster is fixed; a ledger that was there before stays."""
     folder = SweepFolder(output)
-    for path in [folder.spec, folder.log] + ([Path(spec["ledger"])] if new_ledger else []):
+    for path in [folder.spec, folder.log] + ([Path(spec.ledger)] if new_ledger else []):
         path.unlink(missing_ok=True)
     for folder in created:
         remove_empty(folder)

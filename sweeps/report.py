@@ -133,12 +133,12 @@ def _emm_table(emm, epsilon: float) -> str:
 def sweep_section(output: Path) -> str:
     from sweeps.spec import read_spec
     spec = read_spec(output, "report")   # a garbage, foreign or incomplete sweep.json is one line
-    factor, epsilon = spec["factor"], spec["epsilon"]
+    factor, epsilon = spec.factor, spec.epsilon
     parts = [f"<h2>{html.escape(factor)}</h2>",
              f'<div class="meta">{html.escape(str(output))} &middot; '
-             f'config {html.escape(Path(spec["config_file"]).name)}'
-             f'{" + preset " + html.escape(spec["preset"]) if spec.get("preset") else ""} &middot; '
-             f'epsilon {epsilon} &middot; tolerance {spec["tolerance"]} &middot; |D| range {spec["size_range"]}</div>']
+             f'config {html.escape(Path(spec.config_file).name)}'
+             f'{" + preset " + html.escape(spec.preset) if spec.preset else ""} &middot; '
+             f'epsilon {epsilon} &middot; tolerance {spec.tolerance} &middot; |D| range {spec.size_range}</div>']
     try:
         from sweeps.status import sweep_status
         status = sweep_status(output)
@@ -163,7 +163,7 @@ def sweep_section(output: Path) -> str:
         if path.is_file():
             parts.append(f"<h3>{html.escape(title)}</h3><figure>"
                          f"{_img(path.read_bytes(), title, 'plot')}</figure>")
-    threshold = ((spec.get("base") or {}).get("eval") or {}).get("threshold", 1 / 3)
+    threshold = ((spec.base or {}).get("eval") or {}).get("threshold", 1 / 3)
     threshold = "1/3" if abs(threshold - 1 / 3) < 1e-9 else f"{threshold:g}"
     parts.append("<h3>Samples beside their nearest training images, at the bracket ends</h3>"
                  '<p class="meta">Rows: generated samples, their nearest (NN1) and second-nearest (NN2) training '

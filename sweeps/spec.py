@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from diffmem.config import (SEED_MAX, ConfigError, apply_overrides, check_machine, from_dict, parse_override,
@@ -25,26 +26,45 @@ SPEC_KEYS = ("factor", "values", "grid_points", "base", "epsilon", "tolerance", 
              "workers", "gpus_per_worker", "ddp", "max_failures", "max_concurrent", "ledger", "no_reuse", "config_file")
 
 
-def pack_size(spec: dict) -> int:
-    """Trainings packed per worker (--pack-size, sweep.pack_size; sweeps/packing.py); a sweep.json written before
-    packing had one."""
-    return spec.get("pack_size", 1)
+@dataclass
+class Sweep:
+    """Everything that defines a sweep, resolved and checked (build_spec), as OUTPUT/sweep.json holds it
+    (write_spec, read_spec). The keys after config_file came later; a sweep.json written before one of them
+    reads as the default given here."""
+    factor: str
+    values: list
+    grid_points: list            # [{label, value, overrides}], the factor's values as configs (sweeps/factors.py)
+    base: dict                   # the resolved config every training starts from
+    epsilon: float               # memorized: best ratio >= 1 - epsilon (docs/paper.md §2)
+    tolerance: float             # a bracket [low, high) is closed when high / low <= 1 + tolerance
+    size_range: list             # [LO, HI] sizes the search starts from (a curve: its smallest and largest)
+    allowed_sizes: list          # the |D| grid: multiples of sweep.size_step up to the dataset's size
+    workers: int                 # workers per training (DDP above 1)
+    gpus_per_worker: int
+    ddp: bool
+    max_failures: int            # Tune's retries of a failed training
+    max_concurrent: int | None   # --max-concurrent; None: what the cluster holds
+    ledger: str | None           # the results ledger's path (None: an estimate, which records nothing)
+    no_reuse: bool
+    config_file: str
+    preset: str | None = None
+    seeds: int = 1               # training seeds per grid point (--seeds)
+    pack_size: int = 1           # trainings packed per worker (--pack-size; sweeps/packing.py)
+    tracking: dict = field(default_factory=lambda: {"wandb": None, "mlflow": None})   # --wandb, --mlflow
+    storage: str | None = None   # --storage URI of the Tune experiment (sweeps/storage.py); None: the folder
+    output: str | None = None    # where the folder was made (a moved folder resumes where it is now)
+    format: str = SPEC_FORMAT
+    version: int = SPEC_VERSION
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Sweep:
+        names = {f.name for f in fields(cls)}
+        sweep = cls(**{k: v for k, v in d.items() if k in names})
+        sweep.tracking = {"wandb": None, "mlflow": None, **(sweep.tracking or {})}
+        return sweep
 
-def sweep_tracking(spec: dict) -> dict:
-    """--wandb and --mlflow (sweeps/tracking.py); a sweep.json written before them had neither."""
-    return {"wandb": None, "mlflow": None, **spec.get("tracking", {})}
-
-
-def sweep_storage(spec: dict) -> str | None:
-    """--storage: the URI of the sweep's Tune experiment (sweeps/storage.py); None: the sweep folder (a sweep.json
-    written before --storage had none)."""
-    return spec.get("storage")
-
-
-def sweep_seeds(spec: dict) -> int:
-    """Training seeds per grid point; a sweep.json written before --seeds had one."""
-    return spec.get("seeds", 1)
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 # The types of the keys of sweep.json that --resume, --status and report.py read.
@@ -54,7 +74,7 @@ SPEC_TYPES = {"factor": str, "values": list, "grid_points": list, "base": dict, 
               "config_file": str}
 
 
-def read_spec(output: Path, use: str = "resume") -> dict:
+def read_spec(output: Path, use: str = "resume") -> Sweep:
     """The sweep.json of a folder this tool wrote, whole and of this version; else one line (ConfigError).
     `--resume` checks it before Tune touches the folder: Tune's own files there (tuner.pkl, trial state) are
     pickles, and unpickling runs code. `use` ("resume", "status", "report") words the fix."""
@@ -83,42 +103,42 @@ def read_spec(output: Path, use: str = "resume") -> dict:
     wrong = [k for k, t in SPEC_TYPES.items() if not isinstance(spec[k], t) or isinstance(spec[k], bool)]
     if not wrong and not all(isinstance(p, dict) and "label" in p for p in spec["grid_points"]):
         wrong = ["grid_points"]
-    seeds = sweep_seeds(spec)
+    seeds = spec.get("seeds", 1)
     if not wrong and (isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1):
         wrong = ["seeds"]
-    storage = sweep_storage(spec)
+    storage = spec.get("storage")
     if not wrong and storage is not None and not (isinstance(storage, str) and "://" in storage):
         wrong = ["storage"]
     if wrong:
         raise ConfigError(f"{path} is damaged ('{wrong[0]}' is {json.dumps(spec[wrong[0]], default=str)[:60]}); "
                           + ("start a new sweep" if use == "resume" else "it cannot be read"))
-    return spec
+    return Sweep.from_dict(spec)
 
 
-def write_spec(output: Path, spec: dict) -> None:
+def write_spec(output: Path, spec: Sweep) -> None:
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write(SweepFolder(output).spec, lambda p: p.write_text(json.dumps(spec, indent=1, default=str)))
+    text = json.dumps(spec.to_dict(), indent=1, default=str)
+    atomic_write(SweepFolder(output).spec, lambda p: p.write_text(text))
 
 
-def pack_servers(spec: dict, trainings: int) -> int:
+def pack_servers(spec: Sweep, trainings: int) -> int:
     """Pack servers for `trainings` at once: one per slot, each training up to pack_size (sweeps/packing.py)."""
-    return -(-trainings // pack_size(spec))
+    return -(-trainings // spec.pack_size)
 
 
-def trial_points(spec: dict) -> list[dict]:
+def trial_points(spec: Sweep) -> list[dict]:
     """The grid points as the trials see them: a curve's trials are one grid point that differ only in |D|."""
-    return [POINT] if is_curve(spec) else spec["grid_points"]
+    return [POINT] if is_curve(spec.factor) else spec.grid_points
 
 
-def trial_settings(spec: dict, output: Path, trainings: int = 1) -> dict:
+def trial_settings(spec: Sweep, output: Path, trainings: int = 1) -> dict:
     """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once; "no_reuse": never answer
-    from the ledger."""
-    return {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output.resolve()),
-            "early_stop": not is_curve(spec), "workers": spec["workers"],
-            "gpus_per_worker": spec["gpus_per_worker"], "threads_per_worker": 1, "ledger": spec["ledger"],
-            "no_reuse": bool(spec["no_reuse"]), "max_failures": spec["max_failures"], "pack_size": pack_size(spec),
-            "storage": sweep_storage(spec),
-            "pack_servers": pack_servers(spec, trainings)}
+    from the ledger. A dict: Tune hands it to the trials, and pickles it with the sweep's callbacks."""
+    return {"base": spec.base, "epsilon": spec.epsilon, "output": str(output.resolve()),
+            "early_stop": not is_curve(spec.factor), "workers": spec.workers,
+            "gpus_per_worker": spec.gpus_per_worker, "threads_per_worker": 1, "ledger": spec.ledger,
+            "no_reuse": bool(spec.no_reuse), "max_failures": spec.max_failures, "pack_size": spec.pack_size,
+            "storage": spec.storage, "pack_servers": pack_servers(spec, trainings)}
 
 
 # ---- building a new sweep's spec from the command line ----
@@ -138,8 +158,9 @@ def read_with_preset(config: str, preset: str | None) -> dict:
     return raw
 
 
-def build_spec(args) -> dict:
-    """Everything that defines the sweep, resolved and validated; saved as OUTPUT/sweep.json."""
+def build_spec(args, output: Path | None = None) -> Sweep:
+    """Everything that defines the sweep, resolved and validated, to be saved as OUTPUT/sweep.json; without
+    `output` (--estimate) no ledger."""
     from diffmem.data import load_dataset   # torch: not imported by --status and --help
     raw = read_with_preset(args.config, args.preset)
     sweep = dict(raw.get("sweep") or {})
@@ -225,14 +246,19 @@ def build_spec(args) -> dict:
                           f"workers per trial")
     if not args.address and not args.estimate:   # a local cluster must hold one training
         check_local_capacity(args.gpus_per_trial, args.workers_per_trial)
-    return {"format": SPEC_FORMAT, "version": SPEC_VERSION, "factor": factor.name, "values": values,
-            "grid_points": points,
-            "base": base, "config_file": str(args.config), "preset": args.preset, "epsilon": args.epsilon,
-            "tolerance": args.tolerance, "size_range": size_range,
-            "allowed_sizes": list(range(step, max_size + 1, step)),
-            "workers": workers, "gpus_per_worker": 1 if args.gpus_per_trial else 0,
-            "ddp": args.gpus_per_trial > 0 or args.workers_per_trial > 1, "max_failures": args.max_failures,
-            "max_concurrent": args.max_concurrent, "seeds": args.seeds, "pack_size": pack_size}
+    from sweeps.folder import check_storage
+    return Sweep(factor=factor.name, values=values, grid_points=points, base=base, config_file=str(args.config),
+                 preset=args.preset, epsilon=args.epsilon, tolerance=args.tolerance, size_range=size_range,
+                 allowed_sizes=list(range(step, max_size + 1, step)), workers=workers,
+                 gpus_per_worker=1 if args.gpus_per_trial else 0,
+                 ddp=args.gpus_per_trial > 0 or args.workers_per_trial > 1, max_failures=args.max_failures,
+                 max_concurrent=args.max_concurrent, seeds=args.seeds, pack_size=pack_size,
+                 tracking={"wandb": args.wandb, "mlflow": args.mlflow},
+                 storage=check_storage(args.storage, pack_size),
+                 ledger=None if output is None else
+                 str(Path(args.ledger or SweepFolder(output).ledger).expanduser().resolve()),
+                 no_reuse=args.no_reuse,
+                 output=None if output is None else str(output.resolve()))   # where it was made
 
 
 def search_size_range(given: list | None, configured, where: str, max_size: int, step: int) -> list[int]:
@@ -322,18 +348,18 @@ RESUME_FIXED = {"factor": "--factor", "values": "--values", "config": "--config"
                 "mlflow": "--mlflow", "storage": "--storage"}
 
 
-def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
+def check_resume_flags(output: Path, spec: Sweep, given: set[str]) -> None:
     """--resume continues a sweep as it was started: a flag that would change it is refused, with the sweep's value."""
-    own = {"factor": spec["factor"], "values": spec["values"], "config": spec.get("config_file"),
-           "preset": spec.get("preset"), "overrides": "its config in sweep.json 'base'",
-           "seed": f"train.seed {spec['base'].get('train', {}).get('seed')}", "epsilon": spec["epsilon"],
-           "tolerance": spec["tolerance"], "size_range": spec["size_range"],
-           "max_concurrent": spec["max_concurrent"] or "what the machine holds",
-           "workers_per_trial": spec["workers"] if not spec["gpus_per_worker"] else 1,
-           "gpus_per_trial": spec["workers"] * spec["gpus_per_worker"], "max_failures": spec["max_failures"],
-           "ledger": spec["ledger"], "no_reuse": spec["no_reuse"], "output": str(output), "seeds": sweep_seeds(spec),
-           "pack_size": pack_size(spec), "storage": sweep_storage(spec) or "none",
-           **{k: v or "none" for k, v in sweep_tracking(spec).items()}}
+    own = {"factor": spec.factor, "values": spec.values, "config": spec.config_file,
+           "preset": spec.preset, "overrides": "its config in sweep.json 'base'",
+           "seed": f"train.seed {spec.base.get('train', {}).get('seed')}", "epsilon": spec.epsilon,
+           "tolerance": spec.tolerance, "size_range": spec.size_range,
+           "max_concurrent": spec.max_concurrent or "what the machine holds",
+           "workers_per_trial": spec.workers if not spec.gpus_per_worker else 1,
+           "gpus_per_trial": spec.workers * spec.gpus_per_worker, "max_failures": spec.max_failures,
+           "ledger": spec.ledger, "no_reuse": spec.no_reuse, "output": str(output), "seeds": spec.seeds,
+           "pack_size": spec.pack_size, "storage": spec.storage or "none",
+           **{k: v or "none" for k, v in spec.tracking.items()}}
     flags = [dest for dest in RESUME_FIXED if dest in given]
     if flags:
         said = ", ".join(f"{RESUME_FIXED[d]} (the sweep's: {own[d]})" for d in flags)
@@ -341,15 +367,15 @@ def check_resume_flags(output: Path, spec: dict, given: set[str]) -> None:
                           f"new sweep in another --output")
 
 
-def moved_here(output: Path, spec: dict) -> None:
+def moved_here(output: Path, spec: Sweep) -> None:
     """A sweep folder resumed somewhere else than where it was made (moved or copied off a scratch disk): what lies
     inside it (its own ledger) is read here, a shared --ledger outside stays where it is, and sweep.json says so.
     Tune follows by itself (it restores from the path given), the searcher's ledger lookup in EMMSearcher.restore
     and the TensorBoard summary from the trials (sweeps/progress.py)."""
     from sweeps.trainable import relocated
-    here, made = str(output.resolve()), spec.get("output")
+    here, made = str(output.resolve()), spec.output
     if made is None or made == here:   # a sweep.json from before this key: taken to be where it was made
         return
-    spec["ledger"], spec["output"] = relocated(spec["ledger"], made, here), here
+    spec.ledger, spec.output = relocated(spec.ledger, made, here), here
     write_spec(output, spec)
     print(f"sweep folder moved from {made}: resuming it here")

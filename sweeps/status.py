@@ -140,10 +140,10 @@ def remaining_steps(bracket, tolerance: float) -> int:
     from sweeps.bisection import OPEN
     if bracket.status != OPEN:
         return 0
-    lo, _, hi, _ = bracket.edges()
+    lo_index, _, hi_index, _ = bracket.edges()
     sizes = bracket.settings.allowed_sizes
-    by_width = math.log(sizes[hi] / sizes[lo]) / math.log(1 + tolerance)
-    steps = min(math.ceil(math.log2(max(by_width, 1.0))), math.ceil(math.log2(max(hi - lo, 1))))
+    by_width = math.log(sizes[hi_index] / sizes[lo_index]) / math.log(1 + tolerance)
+    steps = min(math.ceil(math.log2(max(by_width, 1.0))), math.ceil(math.log2(max(hi_index - lo_index, 1))))
     return max(0, steps - sum(bracket.pending.values()))
 
 
@@ -166,9 +166,9 @@ def _fmt_int(x) -> str:
 
 def _searching(bracket) -> str:
     """' searching 20..80': the sizes an open bracket still searches."""
-    lo, _, hi, _ = bracket.edges()
+    lo_index, _, hi_index, _ = bracket.edges()
     sizes = bracket.settings.allowed_sizes
-    return f" searching {sizes[lo]}..{sizes[hi]}"
+    return f" searching {sizes[lo_index]}..{sizes[hi_index]}"
 
 
 def _seed_lines(replicate: dict, bracket, seed: int | None) -> list[str]:
@@ -189,7 +189,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     output = Path(output)
     spec = read_spec(output, "status")   # a garbage, foreign or incomplete sweep.json is one line
     now = time.time() if now is None else now
-    epsilon, tolerance = spec["epsilon"], spec["tolerance"]
+    epsilon, tolerance = spec.epsilon, spec.tolerance
     trials = read_trials(experiment(spec, output))
     running = [t for t in trials.values() if t.status in ("RUNNING", "PENDING")]
     done = [t for t in trials.values() if t.status == "TERMINATED" and t.best_mem_ratio is not None]
@@ -228,9 +228,9 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
         overall = (f"not running: nothing changed for {_fmt_seconds(now - activity)}; "
                    f"continue with --resume {output}")
 
-    lines = [f"sweep {spec['factor']} in {output}: {overall}",
+    lines = [f"sweep {spec.factor} in {output}: {overall}",
              f"  memorized: best ratio >= {1 - epsilon:.2f} (epsilon {epsilon}); brackets close at "
-             f"high/low <= {1 + tolerance:g}; |D| range {spec['size_range']}"]
+             f"high/low <= {1 + tolerance:g}; |D| range {spec.size_range}"]
     if activity is not None:
         lines.append(f"  last activity {_fmt_seconds(now - activity)} ago")
     lines.append("")
@@ -282,7 +282,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     seconds = [t.seconds for t in done if t.seconds and not t.from_ledger]
     source = "these trainings"
     if not seconds:
-        seconds, source = ledger_seconds(spec.get("ledger")), "the ledger's, training steps alone: a low bound"
+        seconds, source = ledger_seconds(spec.ledger), "the ledger's, training steps alone: a low bound"
     mean = sum(seconds) / len(seconds) if seconds else None
     from_ledger = sum(t.from_ledger for t in done) + len(searcher_from_ledger)
     lines.append(f"finished trainings: {len(done) + len(searcher_from_ledger)}"
@@ -295,9 +295,9 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     elif mean is None:
         lines.append(f"time left: unknown until a training finishes ({steps_left} more trainings at least)")
     else:
-        slots = max(len([t for t in running if t.status == "RUNNING"]), int(spec.get("max_concurrent") or 0), 1)
-        if not running and not spec.get("max_concurrent"):
-            slots = max(1, (os.cpu_count() or 1) // int(spec.get("workers", 1)))
+        slots = max(len([t for t in running if t.status == "RUNNING"]), int(spec.max_concurrent or 0), 1)
+        if not running and not spec.max_concurrent:
+            slots = max(1, (os.cpu_count() or 1) // int(spec.workers))
         running_left = sum(max(mean - (t.seconds or 0.0), 0.0) for t in running)
         left = (steps_left * mean + running_left) / slots
         lines.append(f"time left: about {_fmt_seconds(left)} ({steps_left} more trainings after the "

@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from diffmem.config import ConfigError
 from sweeps.folder import TUNE_NAME
-from sweeps.spec import sweep_storage
+
+if TYPE_CHECKING:   # annotations only
+    from sweeps.spec import Sweep
 
 CHECKPOINT_DIRS = "checkpoint_*"  # Tune's and Ray Train's name for a reported checkpoint's folder
 
@@ -42,9 +45,9 @@ def root(storage: str | None, output) -> str:
     return storage or str(Path(output).resolve())
 
 
-def experiment(spec: dict, output) -> str:
+def experiment(spec: Sweep, output) -> str:
     """The location of the sweep's Tune experiment (tuner.pkl, snapshots, a folder per trial)."""
-    return join(root(sweep_storage(spec), output), TUNE_NAME)
+    return join(root(spec.storage, output), TUNE_NAME)
 
 
 def join(location: str, *parts: str) -> str:

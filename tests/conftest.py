@@ -11,6 +11,15 @@ import pytest
 SEARCH = str(Path(__file__).resolve().parent.parent / "sweeps" / "emm_search.py")
 
 
+def a_sweep(**given):
+    """A sweeps.spec.Sweep as a unit test needs one: what it gives, harmless values for the rest."""
+    from sweeps.spec import Sweep
+    return Sweep(**{"factor": "random_labels", "values": [], "grid_points": [], "base": {}, "epsilon": 0.1,
+                    "tolerance": 0.1, "size_range": [10, 200], "allowed_sizes": [], "workers": 1,
+                    "gpus_per_worker": 0, "ddp": False, "max_failures": 1, "max_concurrent": None, "ledger": None,
+                    "no_reuse": False, "config_file": "experiments/digits.yaml", **given})
+
+
 @pytest.fixture(scope="session")
 def smoke_sweep(tmp_path_factory):
     """(output folder, console output, --status text read while it ran or None)."""

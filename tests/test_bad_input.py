@@ -19,7 +19,7 @@ import sweeps.explore as explore
 import sweeps.report as report
 from diffmem.config import ConfigError, load_config
 from diffmem.networks import SongUNet
-from sweeps.spec import write_spec
+from sweeps.spec import read_spec, write_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = str(ROOT / "experiments" / "digits.yaml")
@@ -47,10 +47,9 @@ def _sweep_yaml(sweep: str):
 def _sweep_folder(tmp) -> Path:
     """A sweep folder as a new sweep leaves it before Ray starts (sweep.json, ledger, tune/)."""
     from sweeps.ledger import Ledger
-    spec = emm_search.build_spec(emm_search.parse_args(["--preset", "smoke"]))
-    spec.update(ledger=str(tmp / "s" / "ledger.sqlite"), no_reuse=False)
+    spec = emm_search.build_spec(emm_search.parse_args(["--preset", "smoke"]), tmp / "s")
     write_spec(tmp / "s", spec)
-    Ledger(spec["ledger"])
+    Ledger(spec.ledger)
     (tmp / "s" / "tune").mkdir()
     return tmp / "s"
 
@@ -360,7 +359,7 @@ def test_resume_starts_a_sweep_that_stopped_before_tune_saved_anything(tmp_path)
     """A sweep whose cluster could not be reached after its folder was written (tune/ empty) is started, not
     refused, by --resume; one Tune saved is restored."""
     folder = _sweep_folder(tmp_path)
-    spec = json.loads((folder / "sweep.json").read_text())
+    spec = read_spec(folder)
     assert not emm_search.started(spec, folder)
     (folder / "tune" / "tuner.pkl").write_bytes(b"")   # what Tune writes first when it starts an experiment
     assert emm_search.started(spec, folder)

@@ -2,8 +2,10 @@
 import json
 import random
 import sqlite3
+from dataclasses import replace
 
 import pytest
+from conftest import a_sweep
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from ray.tune.search import Searcher
@@ -266,8 +268,7 @@ def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):
     import sweeps.trainable as trainable
     from sweeps.spec import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
-    spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
-            "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}
+    spec = a_sweep(base=base, ledger=str(tmp_path / "l.sqlite"))
     settings = trial_settings(spec, tmp_path)
     config = {**TRIAL, "size": 20}
     key, resolved, context = trainable.trial_key(settings, config)
@@ -279,7 +280,7 @@ def test_the_driver_looks_up_the_key_the_trial_records(tmp_path, monkeypatch):
     assert trainable._report_known(settings, config) is True
     low, high = ratio_interval(61, 64)   # the interval the training reported: over the samples it used
     assert reported == [{**early, "best_mem_ratio_low": low, "best_mem_ratio_high": high, "from_ledger": 1}]
-    no_reuse = trial_settings({**spec, "no_reuse": True}, tmp_path)
+    no_reuse = trial_settings(replace(spec, no_reuse=True), tmp_path)
     assert no_reuse["no_reuse"] is True
     assert trainable._report_known(no_reuse, config) is False and len(reported) == 1
 

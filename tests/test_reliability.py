@@ -67,8 +67,7 @@ def _ledger(content: bytes):
 
 def _resume_with_empty_ledger(tmp):
     """A sweep folder whose ledger a crash truncated to 0 bytes: its records are gone; never start afresh."""
-    spec = emm_search.build_spec(emm_search.parse_args(["--preset", "smoke"]))
-    spec.update(ledger=str(tmp / "s" / "ledger.sqlite"), no_reuse=False)
+    spec = emm_search.build_spec(emm_search.parse_args(["--preset", "smoke"]), tmp / "s")
     write_spec(tmp / "s", spec)
     _crafted_tune(tmp / "s")
     (tmp / "s" / "ledger.sqlite").write_bytes(b"")
@@ -146,8 +145,7 @@ def test_no_reuse_trains_and_from_ledger_is_counted(tmp_path):
     from sweeps.trainable import trial_key
     args = ["--preset", "smoke", "--factor", "data_size", "--values", "10", "--no-dashboard"]
     ledger = tmp_path / "ledger.sqlite"
-    spec = emm_search.build_spec(emm_search.parse_args(args))
-    spec.update(ledger=str(ledger), no_reuse=False)
+    spec = emm_search.build_spec(emm_search.parse_args([*args, "--ledger", str(ledger)]), tmp_path / "s")
     config = {"grid_index": 0, "grid_label": curve.LABEL, "grid_value": None, "overrides": {}, "size": 10}
     key, resolved, context = trial_key(trial_settings(spec, tmp_path), config)
     made_up = {"best_mem_ratio": 0.123, "best_num_samples": 64, "images_seen": 16000, "planned_images": 16000}

@@ -6,6 +6,7 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import a_sweep
 from ray.tune.search import Searcher
 
 from diffmem.config import load_config
@@ -154,9 +155,7 @@ def test_the_ledger_key_differs_by_seed_and_seed_0_is_a_one_seed_sweeps_training
     import sweeps.trainable as trainable
     from sweeps.spec import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
-    spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
-            "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}
-    settings = trial_settings(spec, tmp_path)
+    settings = trial_settings(a_sweep(base=base, ledger=str(tmp_path / "l.sqlite")), tmp_path)
     one = EMMSearcher(POINTS, SIZES, (10, 200)).probe_config(0, 20)
     three = EMMSearcher(POINTS, SIZES, (10, 200), seeds=3, base_seed=base["train"]["seed"])
     keys = [trainable.trial_key(settings, three.probe_config(three.state.bracket_index(0, s), 20)) for s in range(3)]
@@ -169,9 +168,7 @@ def test_the_ledger_answers_seed_0_from_a_one_seed_sweep_and_raising_k_trains_mo
     import sweeps.trainable as trainable
     from sweeps.spec import trial_settings
     base = load_config("experiments/digits.yaml").to_dict()
-    spec = {"base": base, "epsilon": 0.1, "factor": "random_labels", "workers": 1, "gpus_per_worker": 0,
-            "ledger": str(tmp_path / "l.sqlite"), "no_reuse": False, "max_failures": 1}
-    settings = trial_settings(spec, tmp_path)
+    settings = trial_settings(a_sweep(base=base, ledger=str(tmp_path / "l.sqlite")), tmp_path)
     ledger = {}                                    # ledger key -> record, as the results ledger holds them
 
     def sweep(seeds):
