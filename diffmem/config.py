@@ -91,8 +91,7 @@ class TrainConfig:
     ema_beta: float | None = None      # paper_final only: the per-step beta after the ramp-up (the paper's --final-ema)
     ema_rampup: float | None = 0.05    # EDM's ramp-up: h <= ema_rampup * images seen; null: no ramp-up
     seed: int = 1024
-    device: str = "auto"               # auto | cpu | cuda
-    checkpoint_every: str = "1000ep"
+    device: str = "auto"               # auto | cpu | cuda (a checkpoint is saved at every eval.every snapshot)
     log_every: str = "10ep"
     # Speed (diffmem/precision.py; measured by bench/gpu_check.sh). The training subset already lives on the
     # device as one tensor (50k CIFAR-10 images are 600 MB in fp32), so batches are device-side index gathers:
@@ -227,9 +226,16 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
+# Keys that were accepted but never read; dropped on reading, so a sweep.json or checkpoint that holds one loads.
+RETIRED_KEYS = {("train", "checkpoint_every")}   # a checkpoint is saved at every eval.every snapshot
+
+
 def from_dict(raw: dict) -> Config:
     raw = dict(raw or {})
     raw.pop("sweep", None)   # an experiment file's sweep settings belong to sweeps/, not to one training
+    for section, key in RETIRED_KEYS:
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raw[section] = {k: v for k, v in raw[section].items() if k != key}
     sections = {}
     for name in list(raw):
         if name in SECTIONS:
@@ -461,8 +467,7 @@ def validate(cfg: Config) -> None:
     if t.ema_rampup is not None and not 0 < t.ema_rampup < math.inf:
         raise ConfigError(f"train.ema_rampup={t.ema_rampup} must be a positive share of the images seen (EDM: 0.05), "
                           f"or null for no ramp-up")
-    for key in ("train.duration", "train.lr_warmup", "train.ema_halflife", "train.checkpoint_every",
-                "train.log_every", "eval.every"):
+    for key in ("train.duration", "train.lr_warmup", "train.ema_halflife", "train.log_every", "eval.every"):
         section, name = key.split(".")
         if key == "train.lr_warmup" and str(getattr(t, name)).strip() in ("0", "0ep", "0kimg"):
             continue

@@ -55,3 +55,15 @@ def test_durations():
     assert parse_duration("40000ep") == (40000.0, "ep")
     assert duration_images("2500kimg", 1000) == 2_500_000
     assert duration_images("200ep", 1000) == 200_000
+
+
+def test_a_key_that_never_did_anything_is_gone_and_an_older_config_holding_it_still_loads():
+    """train.checkpoint_every was validated and part of the ledger key but never read (a checkpoint is saved at
+    every eval.every snapshot): it is out of the resolved config, and a sweep.json base written with it loads."""
+    from diffmem.config import from_dict
+    assert "checkpoint_every" not in load_config().to_dict()["train"]
+    older = load_config().to_dict()
+    older["train"]["checkpoint_every"] = "1000ep"
+    assert from_dict(older).to_dict() == load_config().to_dict()
+    with pytest.raises(ConfigError, match="unknown config key 'train.checkpoint_evry'"):
+        load_config(None, {"train.checkpoint_evry": "5ep"})
