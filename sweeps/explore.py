@@ -246,6 +246,7 @@ def main(argv=None) -> int:
     from sweeps.explore import explore_trial as trainable_fn   # by module name, so Ray's workers import it
     from sweeps.ledger import Ledger
     from sweeps.folder import SweepFolder, sweep_here
+    from sweeps.spec import settings_of
     from sweeps.progress import CheckpointPruner, ProgressPrinter, SweepTensorBoard
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -253,9 +254,8 @@ def main(argv=None) -> int:
     storage_url = f"sqlite:///{output / STUDY_FILE}"
     ledger = str(SweepFolder(output).ledger)
     Ledger(ledger)
-    settings = {"base": spec["base"], "epsilon": spec["epsilon"], "output": str(output), "early_stop": False,
-                "workers": 1, "gpus_per_worker": 0, "threads_per_worker": 1, "ledger": ledger, "max_failures": 1,
-                "factors": spec["factors"], "size": spec["size"], "label_classes": spec["label_classes"]}
+    settings = settings_of(spec["base"], spec["epsilon"], output, ledger, early_stop=False,
+                           factors=spec["factors"], size=spec["size"], label_classes=spec["label_classes"])
     sweep_here(str(output))   # SweepTensorBoard's folder
     base_cfg = from_dict(spec["base"])
     points = [{"label": trial_label(dict(zip(spec["space"], combo))),

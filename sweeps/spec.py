@@ -132,13 +132,24 @@ def trial_points(spec: Sweep) -> list[dict]:
 
 
 def trial_settings(spec: Sweep, output: Path, trainings: int = 1) -> dict:
-    """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once; "no_reuse": never answer
-    from the ledger. A dict: Tune hands it to the trials, and pickles it with the sweep's callbacks."""
-    return {"base": spec.base, "epsilon": spec.epsilon, "output": str(output.resolve()),
-            "early_stop": not is_curve(spec.factor), "workers": spec.workers,
-            "gpus_per_worker": spec.gpus_per_worker, "threads_per_worker": 1, "ledger": spec.ledger,
-            "no_reuse": bool(spec.no_reuse), "max_failures": spec.max_failures, "pack_size": spec.pack_size,
-            "storage": spec.storage, "pack_servers": pack_servers(spec, trainings)}
+    """What every trial of the sweep gets (sweeps.trainable) when `trainings` run at once."""
+    return settings_of(spec.base, spec.epsilon, output, spec.ledger, early_stop=not is_curve(spec.factor),
+                       workers=spec.workers, gpus_per_worker=spec.gpus_per_worker, no_reuse=spec.no_reuse,
+                       max_failures=spec.max_failures, pack_size=spec.pack_size, storage=spec.storage,
+                       pack_servers=pack_servers(spec, trainings))
+
+
+def settings_of(base: dict, epsilon: float, output: Path, ledger: str | None, *, early_stop: bool = True,
+                workers: int = 1, gpus_per_worker: int = 0, no_reuse: bool = False, max_failures: int = 1,
+                pack_size: int = 1, storage: str | None = None, pack_servers: int = 1, **extra) -> dict:
+    """A trial's settings, the one place they are assembled (an emm_search sweep's through trial_settings,
+    explore's with its `extra`): the base config, the stop rule (1 - epsilon, unless early_stop is off), where
+    it writes, its ledger (no_reuse: record, never answer from it), its workers and its retries. A dict: Tune
+    hands it to the trials, and pickles it with the sweep's callbacks."""
+    return {"base": base, "epsilon": epsilon, "output": str(Path(output).resolve()), "early_stop": early_stop,
+            "workers": workers, "gpus_per_worker": gpus_per_worker, "threads_per_worker": 1, "ledger": ledger,
+            "no_reuse": bool(no_reuse), "max_failures": max_failures, "pack_size": pack_size, "storage": storage,
+            "pack_servers": pack_servers, **extra}
 
 
 # ---- building a new sweep's spec from the command line ----

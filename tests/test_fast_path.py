@@ -380,11 +380,11 @@ def test_ddp_trial_resumes_from_its_checkpoint_after_a_worker_is_killed(tmp_path
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from sweeps.reaper import descendants
+    from sweeps.spec import settings_of
     from sweeps.trainable import emm_trial_ddp, trial_logdir
     base = load_config(DIGITS, {"model.channels": 8, "train.duration": "8kimg", "eval.every": "1kimg",
                                 "eval.num_samples": 16, "eval.batch_size": 16, "eval.num_steps": 4}).to_dict()
-    settings = {"base": base, "epsilon": 0.1, "early_stop": False, "output": str(tmp_path), "workers": 2,
-                "gpus_per_worker": 0, "max_failures": 1}
+    settings = settings_of(base, 0.1, tmp_path, None, early_stop=False, workers=2)
     config = {"grid_index": 0, "grid_label": "killed", "grid_value": None, "overrides": {}, "size": 20}
     ray.init(num_cpus=2, resources={"trial_slot": 1}, include_dashboard=False)
     try:
