@@ -186,7 +186,7 @@ class FromStorage(tune.Callback):
         self.settings = settings
 
     def _settings(self) -> dict:
-        """The settings with where the sweep folder is now (a moved folder, sweeps.spec.sweep_here)."""
+        """The settings with where the sweep folder is now (a moved folder, sweeps.folder.sweep_here)."""
         from sweeps.folder import here
         from sweeps.trainable import settings_moved_to
         output, _ = here()
@@ -224,7 +224,7 @@ class SweepTensorBoard(TBXLoggerCallback):
     themselves (sweeps/tblog.py). This writes the HParams experiment when the first training starts and one
     point of memorization ratio against |D| per grid point as each training finishes (tensorboard/summary).
 
-    The sweep folder is the driver's (sweeps.spec.here), not kept: this object is pickled into tune/tuner.pkl and
+    The sweep folder is the driver's (sweeps.folder.here), not kept: this object is pickled into tune/tuner.pkl and
     comes back from there on --resume, also when the folder was moved or copied."""
 
     def __init__(self, grid_points: list, size_range, description: str = "", seeds: int = 1):

@@ -45,7 +45,7 @@ class SweepSearchGenerator(SearchGenerator):
     saved (SearchGenerator.set_state), with the storage path of where the sweep folder then was: the trials it
     creates after a moved or copied folder is resumed write their checkpoints there and fail ("Unable to set up
     cluster storage ... storage_fs_path=<old path>"), and their grid points would end unresolved. The restored
-    Experiment's storage is pointed at where the folder (or --storage) is now (sweeps.spec.here)."""
+    Experiment's storage is pointed at where the folder (or --storage) is now (sweeps.folder.here)."""
 
     def set_state(self, state: dict) -> None:
         from sweeps.folder import here
