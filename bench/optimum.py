@@ -39,7 +39,7 @@ from diffmem.data import training_set  # noqa: E402
 from diffmem.edm import edm_sampler  # noqa: E402
 from diffmem.evaluate import seeded_latents  # noqa: E402
 from diffmem.memorization import memorization_ratio, to_pixels  # noqa: E402
-from diffmem.optimum import EmpiricalOptimalDenoiser  # noqa: E402
+from diffmem.optimum import EmpiricalOptimalDenoiser, optimal_denoiser  # noqa: E402
 
 SIZES = {"digits": (1_000, 1_797), "digits32": (256, 1_797), "cifar": (10_000, 50_000)}
 REPS = {"digits": 5, "digits32": 3, "cifar": 1}
@@ -69,7 +69,8 @@ def run_size(name: str, device: str, reps: int) -> dict:
     train = training_images(name, m).to(device)
     d = train[0].numel()
     latents = seeded_latents(range(n), train.shape[1:], None, device)[0]
-    fast, plain = Counting(train), EmpiricalOptimalDenoiser(train, fast=False)
+    fast = Counting(train)
+    plain = lambda x, sigma, class_labels=None: optimal_denoiser(x, sigma, train)   # noqa: E731
     x, y = torch.randn(n, d, device=device), train.reshape(m, d)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 

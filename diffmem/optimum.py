@@ -16,13 +16,41 @@ import torch
 from diffmem.memorization import _smallest, _BLOCK
 
 
+def optimal_denoiser(x: torch.Tensor, sigma, train_images: torch.Tensor, train_labels: torch.Tensor | None = None,
+                     class_labels: torch.Tensor | None = None, chunk_size: int = 8192) -> torch.Tensor:
+    """D*(x; sigma) = sum_n w_n y_n, w = softmax_n(-||x - y_n||^2 / (2 sigma^2)), every term as written (module
+    docstring), in the training images' dtype; with labels, the softmax of each row runs over its class. The
+    plain computation: EmpiricalOptimalDenoiser is checked against it (tests/test_optimum_fast.py) and
+    measured against it (bench/optimum.py)."""
+    train = train_images.reshape(len(train_images), -1)
+    flat = x.reshape(len(x), -1).to(device=train.device, dtype=train.dtype)
+    sigma = torch.as_tensor(sigma, dtype=train.dtype, device=train.device).reshape(-1, 1)
+    inv_two_var = 1 / (2 * sigma ** 2)
+    x_sq = (flat ** 2).sum(1, keepdim=True)
+    run_max = torch.full((len(flat), 1), -torch.inf, dtype=train.dtype, device=train.device)
+    run_sum = torch.zeros_like(run_max)
+    acc = torch.zeros_like(flat)
+    for start in range(0, len(train), chunk_size):   # a streaming softmax: memory batch x chunk, not x |D|
+        y = train[start:start + chunk_size]
+        logits = -(x_sq - 2 * flat @ y.T + (y ** 2).sum(1)).clamp_min(0) * inv_two_var
+        if train_labels is not None and class_labels is not None:
+            other = class_labels.reshape(-1, 1).to(train.device) != train_labels[start:start + chunk_size]
+            logits = logits.masked_fill(other, -torch.inf)
+        new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
+        rescale = torch.exp(run_max - new_max).nan_to_num(0.0)    # exp(-inf - -inf) on an empty start
+        w = torch.exp(logits - new_max).nan_to_num(0.0)
+        run_sum = run_sum * rescale + w.sum(1, keepdim=True)
+        acc = acc * rescale + w @ y
+        run_max = new_max
+    return (acc / run_sum).reshape(x.shape).to(x.dtype)
+
+
 class EmpiricalOptimalDenoiser:
     """Closed-form D*(x; sigma) of training images (N, C, H, W) in [-1, 1]; callable like a trained denoiser.
 
     With train_labels, a class-conditional model's optimum: the softmax runs over images of the same label.
 
-    fast=False is the plain computation, every call from scratch. fast=True (the default) gives the same
-    D* to float rounding, cheaper, in two ways:
+    The same D* as optimal_denoiser (the plain computation) to float rounding, cheaper, in two ways:
 
     1. Fewer passes over the (batch x chunk) logits: the training images are stored once as rows
        [y, |y|^2, 1], so one GEMM with rows [-x / sigma^2, 1 / (2 sigma^2), 0] gives
@@ -45,7 +73,7 @@ class EmpiricalOptimalDenoiser:
     bench/optimum.py measures both against the GEMM floor; tests/test_optimum_fast.py pins them equal."""
 
     def __init__(self, train_images: torch.Tensor, train_labels: torch.Tensor | None = None,
-                 chunk_size: int = 8192, dtype: torch.dtype = torch.float32, fast: bool = True):
+                 chunk_size: int = 8192, dtype: torch.dtype = torch.float32):
         self.shape = train_images.shape[1:]
         train = train_images.reshape(len(train_images), -1).to(dtype)
         m, dim = train.shape
@@ -60,7 +88,7 @@ class EmpiricalOptimalDenoiser:
         self.labels = None if train_labels is None else train_labels.to(train.device)
         self._ext_labels = None if train_labels is None else torch.cat(
             [self.labels, torch.full((rows - m,), -1, dtype=self.labels.dtype, device=train.device)])
-        self.chunk_size, self.dtype, self.fast = chunk_size, dtype, fast
+        self.chunk_size, self.dtype = chunk_size, dtype
         # concentration: (M - 1) exp(-gap / (2 sigma^2)) < 1e-12
         self._log_ratio = math.log(max(m - 1, 1)) + 12 * math.log(10)
         # |error| of a computed gap ||x - y_m||^2 - ||x - y_n||^2, per unit of |x|^2 + 2 max |y|^2 (u: unit
@@ -78,8 +106,6 @@ class EmpiricalOptimalDenoiser:
         labels = None
         if self.labels is not None and class_labels is not None:
             labels = class_labels.reshape(-1).to(flat.device)
-        if not self.fast:
-            return self._plain(flat, sigma, labels).reshape(len(x), *self.shape).to(x.dtype)
         sigma = sigma.expand(len(flat), 1)
         reused, nearest = self._check_hints(x, sigma, labels)
         out = torch.empty_like(flat)
@@ -92,29 +118,8 @@ class EmpiricalOptimalDenoiser:
         self._hints["sigma"] = sigma.max().item()
         return out.reshape(len(x), *self.shape).to(x.dtype)
 
-    def _plain(self, flat, sigma, labels):
-        """D* by a streaming softmax over chunks of the training set, every term as written."""
-        inv_two_var = 1 / (2 * sigma ** 2)
-        x_sq = (flat ** 2).sum(1, keepdim=True)
-        run_max = torch.full((len(flat), 1), -torch.inf, dtype=self.dtype, device=flat.device)
-        run_sum = torch.zeros_like(run_max)
-        acc = torch.zeros_like(flat)
-        for start in range(0, len(self.train), self.chunk_size):
-            y, y_sq = self.train[start:start + self.chunk_size], self.train_sq[start:start + self.chunk_size]
-            logits = -(x_sq - 2 * flat @ y.T + y_sq).clamp_min(0) * inv_two_var
-            if labels is not None:
-                other = labels.reshape(-1, 1) != self.labels[start:start + self.chunk_size]
-                logits = logits.masked_fill(other, -torch.inf)
-            new_max = torch.maximum(run_max, logits.amax(1, keepdim=True))
-            rescale = torch.exp(run_max - new_max).nan_to_num(0.0)    # exp(-inf - -inf) on an empty start
-            w = torch.exp(logits - new_max).nan_to_num(0.0)
-            run_sum = run_sum * rescale + w.sum(1, keepdim=True)
-            acc = acc * rescale + w @ y
-            run_max = new_max
-        return acc / run_sum
-
     def _softmax(self, flat, sigma, labels):
-        """D* of each row as _plain, in two GEMMs and three passes per chunk (see the class docstring); also
+        """D* of each row as optimal_denoiser, in two GEMMs and three passes per chunk (see the class docstring); also
         each row's nearest image and the gap of its two smallest squared distances (over its class)."""
         n, dim = flat.shape
         inv_var = 1 / sigma ** 2

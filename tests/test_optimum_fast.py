@@ -1,5 +1,5 @@
-"""The fast theoretical optimum (EmpiricalOptimalDenoiser(fast=True), the default) changes nothing: same D*
-as the plain per-step computation and the brute-force formula, same samples, same memorization ratio."""
+"""The fast theoretical optimum (EmpiricalOptimalDenoiser) changes nothing: same D* as the plain computation
+(optimal_denoiser) and the brute-force formula, same samples, same memorization ratio."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ from diffmem.config import DataConfig, EvalConfig
 from diffmem.data import training_set
 from diffmem.edm import edm_sampler
 from diffmem.evaluate import evaluate_denoiser
-from diffmem.optimum import EmpiricalOptimalDenoiser
+from diffmem.optimum import EmpiricalOptimalDenoiser, optimal_denoiser
 
 
 def brute_force_optimum(train, x, sigma, train_labels=None, labels=None):
@@ -17,6 +17,22 @@ def brute_force_optimum(train, x, sigma, train_labels=None, labels=None):
     if labels is not None:
         logits = logits.masked_fill(labels[:, None] != train_labels[None], -torch.inf)
     return (torch.softmax(logits, dim=1) @ y).reshape(x.shape)
+
+
+def plain_optimum(train, labels=None, dtype=torch.float32, chunk_size=8192):
+    """optimal_denoiser as a denoiser callable, D(x, sigma, class_labels)."""
+    train = train.to(dtype)
+    return lambda x, sigma, class_labels=None: optimal_denoiser(x, sigma, train, labels, class_labels, chunk_size)
+
+
+def test_the_plain_optimum_is_the_formula():
+    train, labels = random_training_set(50, labels=True)
+    x, cls = torch.randn(6, 3, 8, 8, dtype=torch.float64) * 0.4, torch.tensor([0, 1, 2, 3, 4, 0])
+    for sigma in (3.0, 0.3, 0.05):
+        torch.testing.assert_close(plain_optimum(train, dtype=torch.float64, chunk_size=16)(x, sigma),
+                                   brute_force_optimum(train, x, sigma))
+        torch.testing.assert_close(plain_optimum(train, labels, torch.float64, 16)(x, sigma, cls),
+                                   brute_force_optimum(train, x, sigma, labels, cls))
 
 
 class Counting(EmpiricalOptimalDenoiser):
@@ -66,7 +82,7 @@ def test_fast_softmax_with_labels_and_a_class_of_one_image():
 
 
 def sample_both(train, labels, latents, class_labels=None, **kwargs):
-    plain = EmpiricalOptimalDenoiser(train, labels, fast=False, **kwargs)
+    plain = plain_optimum(train, labels, **kwargs)
     fast = Counting(train, labels, **kwargs)
     return edm_sampler(plain, latents, class_labels), edm_sampler(fast, latents, class_labels), fast
 
@@ -85,7 +101,7 @@ def test_fast_sampler_gives_the_same_samples_on_random_data(conditional):
 def test_fast_optimum_gives_the_same_samples_and_ratio_on_digits():
     ts = training_set(DataConfig(size=500))
     cfg = EvalConfig(num_samples=200, batch_size=100)
-    plain = evaluate_denoiser(EmpiricalOptimalDenoiser(ts.images, fast=False), ts, cfg)
+    plain = evaluate_denoiser(plain_optimum(ts.images), ts, cfg)
     counting = Counting(ts.images)
     fast = evaluate_denoiser(counting, ts, cfg)                   # through edm_sampler, two batches
     torch.testing.assert_close(fast.samples, plain.samples, rtol=1e-5, atol=1e-5)
@@ -96,7 +112,7 @@ def test_fast_optimum_gives_the_same_samples_and_ratio_on_digits():
 def test_conditional_digits_ratio_is_unchanged():
     ts = training_set(DataConfig(size=200, labels="random", label_classes=20))
     cfg = EvalConfig(num_samples=100, batch_size=100)
-    plain = evaluate_denoiser(EmpiricalOptimalDenoiser(ts.images, ts.labels, fast=False), ts, cfg)
+    plain = evaluate_denoiser(plain_optimum(ts.images, ts.labels), ts, cfg)
     fast = evaluate_denoiser(EmpiricalOptimalDenoiser(ts.images, ts.labels), ts, cfg)
     torch.testing.assert_close(fast.samples, plain.samples, rtol=1e-5, atol=1e-5)
     assert fast.ratio == plain.ratio
@@ -110,7 +126,7 @@ def test_hints_never_answer_for_another_point():
     g = torch.Generator().manual_seed(3)
     x = train[10:42] + 0.01 * torch.randn(32, 3, 8, 8, generator=g, dtype=torch.float64)   # no duplicates
     fast = Counting(train, labels, dtype=torch.float64)
-    plain = EmpiricalOptimalDenoiser(train, labels, fast=False, dtype=torch.float64)
+    plain = plain_optimum(train, labels, torch.float64)
     cls = labels[10:42]
     fast(x, 0.05, cls)
     fast(x, 0.05, cls)
