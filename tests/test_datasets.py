@@ -397,3 +397,14 @@ def test_cli_summary_and_grid(tmp_path, capsys, cifar):
     run = subprocess.run([sys.executable, "-m", "diffmem.data", "--set", "data.size=20"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and run.stdout.startswith("digits: 20 of 1797 images")
+
+
+def test_the_digits_are_scikit_learns_load_digits_on_the_8_bit_scale():
+    """diffmem reads the file scikit-learn ships instead of importing scikit-learn: the same 1,797 images and
+    labels as sklearn.datasets.load_digits (0..16 scaled by 255/16, rounded), in the same order."""
+    from sklearn.datasets import load_digits
+    from diffmem.data import load_dataset
+    ours, theirs = load_dataset(DataConfig()), load_digits()
+    expected = np.rint(theirs.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    assert ours.images.dtype == np.uint8 and np.array_equal(ours.images, expected)
+    assert ours.labels.dtype == np.int64 and np.array_equal(ours.labels, theirs.target)
