@@ -37,7 +37,6 @@ class SweepFolder:
     ledger = property(lambda self: self.root / LEDGER_FILE)   # the sweep's own; --ledger names another
     tensorboard = property(lambda self: self.root / TENSORBOARD)
     summary_run = property(lambda self: self.root / TENSORBOARD / SUMMARY_RUN)
-    tune = property(lambda self: self.root / TUNE_NAME)
     emm_csv = property(lambda self: self.root / "emm.csv")
     trials_csv = property(lambda self: self.root / "trials.csv")
     emm_md = property(lambda self: self.root / "emm.md")

@@ -23,7 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sweeps.folder import SUMMARY_RUN, SweepFolder
+from sweeps.folder import SweepFolder
 
 SIZE_KEY = "|D|"
 GRID_KEY = "grid point"
@@ -183,7 +183,7 @@ def write_experiment(output: str | Path, grid_points: list[dict], size_range, de
                      seeds: int = 1) -> None:
     """The HParams experiment in OUTPUT/tensorboard/summary, at the start of a sweep."""
     from torch.utils.tensorboard import SummaryWriter
-    with SummaryWriter(str(tensorboard_dir(output) / SUMMARY_RUN)) as writer:
+    with SummaryWriter(str(SweepFolder(output).summary_run)) as writer:
         writer.file_writer.add_summary(experiment_summary(sweep_hparam_rows(grid_points, size_range, seeds),
                                                           description))
 
@@ -193,8 +193,8 @@ def write_sweep_summary(output: str | Path, factor: str, emm, trials, grid_point
     """Rewrite OUTPUT/tensorboard/summary whole: the HParams experiment, memorization ratio against |D| per grid
     point, EMM per grid index, and the EMM table as text. Returns the run's folder."""
     from torch.utils.tensorboard import SummaryWriter
-    run = tensorboard_dir(output) / SUMMARY_RUN
-    tmp = run.with_name(f".{SUMMARY_RUN}.tmp")
+    run = SweepFolder(output).summary_run
+    tmp = run.with_name(f".{run.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     sizes = [int(s) for s in trials["size"].dropna()] if len(trials) else []
     size_range = [min(sizes), max(sizes)] if sizes else [1, 1]
@@ -250,7 +250,7 @@ class LiveSummary:
         """label: ratio_label of the training."""
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
-            self._writer = SummaryWriter(str(tensorboard_dir(self.output) / SUMMARY_RUN))
+            self._writer = SummaryWriter(str(SweepFolder(self.output).summary_run))
         _add_ratio(self._writer, label, int(size), ratio, low, high)
         self._writer.flush()
 
