@@ -75,7 +75,7 @@ def _existing(path: str | None, key: str, fix: str) -> Path:
 def _digits(path: str | None = None, resolution: int | None = None) -> ImageSet:
     """scikit-learn's bundled 8x8 handwritten digits: 1,797 real images, 10 classes, values 0..16. Read from the
     file scikit-learn ships (a CSV of 64 pixels and the label per row, what sklearn.datasets.load_digits reads;
-    tests/test_datasets.py pins them equal) without importing scikit-learn, which costs each sweep process ~1.5 s."""
+    tests/test_datasets.py pins them equal) without importing scikit-learn, which cost each process ~1 s more."""
     import gzip
     from importlib.util import find_spec
     spec = find_spec("sklearn")   # the package's location, not an import

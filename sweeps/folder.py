@@ -23,7 +23,6 @@ TENSORBOARD = "tensorboard"
 SUMMARY_RUN = "summary"   # tensorboard/summary: the sweep's own TensorBoard run (sweeps/tblog.py)
 TUNE_NAME = "tune"
 TRAIN_NAME = "train"
-RESULT_FILES = ("emm.csv", "trials.csv", "emm.md", "emm.png", "curves.png")
 
 
 class SweepFolder:
@@ -45,7 +44,7 @@ class SweepFolder:
 
     def results(self) -> list[Path]:
         """The result files written so far (what a tracker keeps of the sweep)."""
-        return [self.root / name for name in RESULT_FILES if (self.root / name).is_file()]
+        return [p for p in (self.emm_csv, self.trials_csv, self.emm_md, self.emm_png, self.curves_png) if p.is_file()]
 
 
 def atomic_write(path: Path, write) -> None:
@@ -98,8 +97,8 @@ def remove_empty(folder: Path) -> None:
 def unmake_output(output: Path, spec: Sweep, created: list[Path], new_ledger: bool) -> None:
     """A new sweep refused once Ray answered (a cluster that can never place one of its trainings) leaves nothing
     behind, so the same command runs once the cluster is fixed; a ledger that was there before stays."""
-    folder = SweepFolder(output)
-    for path in [folder.spec, folder.log] + ([Path(spec.ledger)] if new_ledger else []):
+    written = SweepFolder(output)
+    for path in [written.spec, written.log] + ([Path(spec.ledger)] if new_ledger else []):
         path.unlink(missing_ok=True)
     for folder in created:
         remove_empty(folder)

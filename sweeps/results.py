@@ -23,7 +23,7 @@ if TYPE_CHECKING:   # pandas is imported where tables are built, never at module
 EMM_COLUMNS = ["factor", "value", "emm", "high", "censored", "seeds", "seed_emms", "interval_low",
                "interval_high", "distinguishable_from_previous", "trainings", "from_ledger", "training_images",
                "wall_seconds", "error"]
-# emm.csv's columns before they had one name each (README, "Files of a sweep"): renamed on reading
+# emm.csv's columns before they had one name each (README, "The main command"): renamed on reading
 OLD_EMM_COLUMNS = {"trials": "trainings", "reused": "from_ledger", "train_seconds": "wall_seconds"}
 FROM_LEDGER = "from_ledger"   # a training the results ledger answered (trials.csv status; emm.csv's count)
 TRIAL_COLUMNS = ["grid_label", "value", "size", "seed", "best_mem_ratio", "best_mem_ratio_low",

@@ -50,18 +50,19 @@ class Sweep:
     preset: str | None = None
     seeds: int = 1               # training seeds per grid point (--seeds)
     pack_size: int = 1           # trainings packed per worker (--pack-size; sweeps/packing.py)
-    tracking: dict = field(default_factory=lambda: {"wandb": None, "mlflow": None})   # --wandb, --mlflow
+    tracking: dict = field(default_factory=dict)   # --wandb, --mlflow (both keys always there: __post_init__)
     storage: str | None = None   # --storage URI of the Tune experiment (sweeps/storage.py); None: the folder
     output: str | None = None    # where the folder was made (a moved folder resumes where it is now)
     format: str = SPEC_FORMAT
     version: int = SPEC_VERSION
 
+    def __post_init__(self):
+        self.tracking = {"wandb": None, "mlflow": None, **(self.tracking or {})}
+
     @classmethod
     def from_dict(cls, d: dict) -> Sweep:
         names = {f.name for f in fields(cls)}
-        sweep = cls(**{k: v for k, v in d.items() if k in names})
-        sweep.tracking = {"wandb": None, "mlflow": None, **(sweep.tracking or {})}
-        return sweep
+        return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -52,19 +52,17 @@ def make_tuner(spec: Sweep, output: Path, max_concurrent: int, restore: bool, da
                    CheckpointPruner(), *tracking.callbacks(spec.tracking, output)],
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
         failure_config=tune.FailureConfig(max_failures=spec.max_failures))
+    trials = {"trial_name_creator": trial_name, "trial_dirname_creator": trial_dirname,
+              "reuse_actors": reuse_actors(spec, dashboard)}
     if is_curve(spec):   # every size once, no search
-        tune_config = tune.TuneConfig(max_concurrent_trials=max_concurrent, trial_name_creator=trial_name,
-                                      trial_dirname_creator=trial_dirname, reuse_actors=reuse_actors(spec, dashboard))
-        return tune.Tuner(trainable, param_space=curve.param_space(spec), tune_config=tune_config,
-                          run_config=run_config)
+        return tune.Tuner(trainable, param_space=curve.param_space(spec), run_config=run_config,
+                          tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent, **trials))
     searcher = EMMSearcher(spec.grid_points, spec.allowed_sizes, spec.size_range, epsilon=spec.epsilon,
                            tolerance=spec.tolerance, max_concurrent=max_concurrent,
                            known_results=None if spec.no_reuse else KnownResults(settings),
                            seeds=spec.seeds, base_seed=spec.base["train"]["seed"])
-    tune_config = tune.TuneConfig(search_alg=search_algorithm(searcher, max_concurrent), num_samples=-1,
-                                  trial_name_creator=trial_name, trial_dirname_creator=trial_dirname,
-                                  reuse_actors=reuse_actors(spec, dashboard))
-    return tune.Tuner(trainable, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable, run_config=run_config, tune_config=tune.TuneConfig(
+        search_alg=search_algorithm(searcher, max_concurrent), num_samples=-1, **trials))
 
 
 def collect(spec: Sweep, output: Path, result_grid) -> tuple:
