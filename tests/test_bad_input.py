@@ -198,6 +198,20 @@ CASES = {
                               r"config file '\S+' is a directory; pass a YAML file"),
     "config YAML syntax error": (_file("bad.yaml", "data: [1,\n"), r"config file '\S+' line \d+ is not valid YAML"),
     # -- the command line's numbers and values
+    "--factor widht": (["--factor", "widht"], r"unknown factor 'widht'; did you mean 'width'\?"),
+    "--values ten": (["--values", "ten"], r"random_labels value 'ten' must be a number of classes C >= 1"),
+    "--size-range past the data": (["--size-range", "10", "5000"], r"--size-range 10 5000 goes past the 1797 images "
+                                   r"available"),
+    "--size-range 300 30": (["--size-range", "300", "30"], r"--size-range 300 30 is impossible"),
+    "--set key typo": (["--set", "model.chanels=4"], r"unknown config key 'model.chanels'; did you mean "
+                       r"'model.channels'\?"),
+    "--config missing": (["--config", "experiments/nope.yaml"], r"config file 'experiments/nope.yaml' does not exist"),
+    "--preset smok": (["--preset", "smok"], r"unknown preset 'smok'; available: smoke"),
+    "--resume not a sweep": (["--resume", "."], r"\. is not a sweep folder"),
+    "--estimate --size-range 300 30": (["--estimate", "--size-range", "300", "30"],
+                                       r"--size-range 300 30 is impossible; give LO < HI, both >= 1"),
+    "--estimate --resume": (lambda tmp: ["--estimate", "--resume", str(tmp)], r"--estimate prices a new sweep; for one "
+                            r"under way, --status DIR"),
     "--tolerance nan": (["--tolerance", "nan"], r"--tolerance nan must be a finite number > 0"),
     "--tolerance inf": (["--tolerance", "inf"], r"--tolerance inf must be a finite number > 0"),
     "--epsilon nan": (["--epsilon", "nan"], r"--epsilon nan must be in \(0, 1\)"),

@@ -10,6 +10,7 @@ import pytest
 
 from diffmem.config import ConfigError, load_config
 from sweeps.factors import FACTORS, get_factor, grid_points, skip_mask
+from conftest import assert_smoke_table
 
 ROOT = Path(__file__).resolve().parent.parent
 SEARCH = str(ROOT / "sweeps" / "emm_search.py")
@@ -58,26 +59,6 @@ def _search(*args, cwd=None, timeout=600):
     return subprocess.run([sys.executable, SEARCH, *args], capture_output=True, text=True, cwd=cwd, timeout=timeout)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--factor", "widht"], "error: unknown factor 'widht'; did you mean 'width'?"),
-    (["--values", "ten"], "error: random_labels value 'ten' must be a number of classes C >= 1"),
-    (["--size-range", "10", "5000"], "error: --size-range 10 5000 goes past the 1797 images available"),
-    (["--size-range", "300", "30"], "error: --size-range 300 30 is impossible"),
-    (["--set", "model.chanels=4"], "error: unknown config key 'model.chanels'; did you mean 'model.channels'?"),
-    (["--config", "experiments/nope.yaml"], "error: config file 'experiments/nope.yaml' does not exist"),
-    (["--preset", "smok"], "error: unknown preset 'smok'; available: smoke"),
-    (["--resume", "."], "error: . is not a sweep folder"),
-])
-def test_bad_input_fails_before_ray_starts(tmp_path, args, message):
-    started = time.time()
-    run = _search(*args, "--output", str(tmp_path / "out"), cwd=ROOT)
-    assert run.returncode == 2
-    assert run.stderr.startswith(message), run.stderr
-    assert run.stderr.count("\n") == 1
-    assert "Ray" not in run.stdout + run.stderr and time.time() - started < 60
-    assert not (tmp_path / "out").exists()   # nothing written for a sweep that never started
-
-
 def test_list_factors():
     run = _search("--list-factors")
     assert run.returncode == 0
@@ -109,14 +90,6 @@ def test_estimate_prints_the_cost_and_starts_nothing(tmp_path):
     assert re.match(r"estimate: data_size, 3 sizes, \d+ trainings? at once: 3 trainings, ", run.stdout), run.stdout
     assert "(a curve trains every size to its end)" in run.stdout and "early stopping" not in run.stdout
     assert run.stderr.count("estimate: timing data_size's model") == 1 and list(tmp_path.iterdir()) == []
-
-    # bad input: the CLI's one line, exit 2, before anything is timed
-    run = _search("--estimate", "--size-range", "300", "30", cwd=tmp_path)
-    assert run.returncode == 2 and run.stderr == "error: --size-range 300 30 is impossible; give LO < HI, both >= 1\n"
-    run = _search("--estimate", "--resume", str(tmp_path), cwd=tmp_path)
-    assert run.returncode == 2 and run.stderr.startswith("error: --estimate prices a new sweep; for one under way, "
-                                                         "--status DIR") and run.stderr.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.slow
@@ -184,7 +157,8 @@ def test_killed_driver_leaves_no_ray_behind_and_its_moved_folder_resumes_without
     from sweeps.ledger import Ledger
     from sweeps.reaper import _stat, descendants
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--output", str(out)],
+    # one grid point of the smoke sweep: what a kill and a move do to a sweep does not depend on how many it has
+    proc = subprocess.Popen([sys.executable, SEARCH, "--preset", "smoke", "--values", "none", "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     for line in proc.stdout:
         if "best ratio" in line:
@@ -214,9 +188,8 @@ def test_killed_driver_leaves_no_ray_behind_and_its_moved_folder_resumes_without
     assert f"sweep folder moved from {out}" in run.stdout and not out.exists()
     assert (moved / "tensorboard" / "summary").is_dir()
     out = moved
-    columns = ["value", "emm", "high", "censored"]
-    resumed, whole = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv")
-    pd.testing.assert_frame_equal(resumed[columns], whole[columns])
+    assert_smoke_table(out, smoke_sweep)
+    resumed, whole = pd.read_csv(out / "emm.csv"), pd.read_csv(smoke_sweep[0] / "emm.csv").query("value == 'none'")
     # No training ran twice: every one finished before the kill still has a single TensorBoard run. The count
     # itself may differ from the uninterrupted sweep's by the extra k-section probes the searcher launches when
     # slots happen to be free: that depends on timing.
