@@ -226,8 +226,16 @@ def _build(cls, raw: dict, prefix: str):
     return cls(**kwargs)
 
 
-# Keys that were accepted but never read; dropped on reading, so a sweep.json or checkpoint that holds one loads.
-RETIRED_KEYS = {("train", "checkpoint_every")}   # a checkpoint is saved at every eval.every snapshot
+# Keys that were accepted but never read, and why they are gone. What diffmem wrote itself (a sweep.json, a
+# checkpoint) loads with them dropped; a user's config file or --set naming one is refused (check_retired).
+RETIRED_KEYS = {("train", "checkpoint_every"): "a checkpoint is saved at every eval.every snapshot"}
+
+
+def check_retired(key: str, where: str) -> None:
+    """A retired key given by the user: one line saying why it is gone, rather than ignoring it silently."""
+    section, _, name = key.partition(".")
+    if (section, name) in RETIRED_KEYS:
+        raise ConfigError(f"{key} {where} is no longer a setting ({RETIRED_KEYS[section, name]}); delete it")
 
 
 def from_dict(raw: dict) -> Config:
@@ -269,6 +277,7 @@ def parse_override(text: str) -> tuple[str, object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key=value, e.g. model.channels=64")
     key, value = text.split("=", 1)
+    check_retired(key.strip(), "in --set")
     return key.strip(), parse_value(value, f"the value of override {key.strip()}=")
 
 
@@ -312,6 +321,9 @@ def read_yaml(path: str | Path) -> dict:
                           f"epochs per training); write its settings, e.g. start from experiments/digits.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, train, eval)")
+    for section, name in RETIRED_KEYS:
+        if isinstance(raw.get(section), dict) and name in raw[section]:
+            check_retired(f"{section}.{name}", f"in config file {str(path)!r}")
     return raw
 
 

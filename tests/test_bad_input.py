@@ -205,6 +205,8 @@ CASES = {
     "--size-range 300 30": (["--size-range", "300", "30"], r"--size-range 300 30 is impossible"),
     "--set key typo": (["--set", "model.chanels=4"], r"unknown config key 'model.chanels'; did you mean "
                        r"'model.channels'\?"),
+    "--set a retired key": (["--set", "train.checkpoint_every=5ep"], r"train.checkpoint_every in --set is no longer "
+                            r"a setting \(a checkpoint is saved at every eval.every snapshot\); delete it"),
     "--config missing": (["--config", "experiments/nope.yaml"], r"config file 'experiments/nope.yaml' does not exist"),
     "--preset smok": (["--preset", "smok"], r"unknown preset 'smok'; available: smoke"),
     "--resume not a sweep": (["--resume", "."], r"\. is not a sweep folder"),
@@ -297,6 +299,9 @@ TRAIN_CASES = {   # python -m diffmem.train (diffmem/cli.py)
                                        r"'\[1' is not valid YAML"),
     "train: --output is a file": (_run_folder_is_a_file, r"--output \S+ cannot be written"),
     "train: argparse": (_train("--sett", "x"), r"unrecognized arguments: --sett x; see python -m diffmem.train --help"),
+    "train: a retired key in the config": (lambda tmp: _file("old.yaml", "train:\n  checkpoint_every: 100ep\n")(tmp)
+                                           + ["--output", str(tmp / "run")],
+                                           r"train.checkpoint_every in config file '\S+' is no longer a setting"),
     "train: empty config": (lambda tmp: _file("e.yaml", "")(tmp) + ["--output", str(tmp / "run")],
                             r"config file '\S+' is empty"),
 }

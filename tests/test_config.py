@@ -67,3 +67,16 @@ def test_a_key_that_never_did_anything_is_gone_and_an_older_config_holding_it_st
     assert from_dict(older).to_dict() == load_config().to_dict()
     with pytest.raises(ConfigError, match="unknown config key 'train.checkpoint_evry'"):
         load_config(None, {"train.checkpoint_evry": "5ep"})
+
+
+def test_a_user_who_sets_a_retired_key_is_told_it_is_gone(tmp_path):
+    """A config file or --set naming train.checkpoint_every is the user's intent, so it is refused with why rather
+    than dropped as a sweep.json's is."""
+    from diffmem.config import parse_override
+    why = r"is no longer a setting \(a checkpoint is saved at every eval.every snapshot\); delete it"
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("train:\n  duration: 8kimg\n  checkpoint_every: 1000ep\n")
+    with pytest.raises(ConfigError, match=rf"^train.checkpoint_every in config file '{mine}' {why}$"):
+        load_config(mine)
+    with pytest.raises(ConfigError, match=rf"^train.checkpoint_every in --set {why}$"):
+        parse_override("train.checkpoint_every=5ep")
