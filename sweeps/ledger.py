@@ -172,7 +172,14 @@ class Ledger:
                                       f"{NEW_PATH}")
                 if row[0] == "3":
                     db.rollback()
-                    _upgrade_from_3(db)
+                    try:
+                        _upgrade_from_3(db)
+                    except sqlite3.OperationalError as e:   # a file (or folder) this process cannot write
+                        if "readonly" not in str(e) and "unable to open" not in str(e):
+                            raise
+                        raise ConfigError(f"ledger {path} has format version 3, which this code upgrades in place "
+                                          f"(its column train_seconds becomes step_seconds), but cannot write it "
+                                          f"(SQLite: {e}); make it writable once, or {NEW_PATH}") from None
                     db.execute("BEGIN")
                     row = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
                 if row[0] != str(LEDGER_VERSION):

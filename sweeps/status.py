@@ -112,7 +112,9 @@ def ledger_seconds(path: str | None) -> list[float]:
         return []
     try:
         with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            return [float(s) for (s,) in db.execute("SELECT step_seconds FROM trainings")]
+            version = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+            column = "train_seconds" if version == ("3",) else "step_seconds"   # read-only: not upgraded here
+            return [float(s) for (s,) in db.execute(f"SELECT {column} FROM trainings")]
     except sqlite3.Error:
         return []
 

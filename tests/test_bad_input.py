@@ -134,6 +134,19 @@ def _read_only_ledger(tmp):
     return ["--ledger", str(tmp / "l" / "ledger.sqlite")]
 
 
+def _read_only_version_3_ledger(tmp):
+    import sqlite3
+
+    from sweeps.ledger import Ledger
+    (tmp / "l").mkdir()
+    Ledger(tmp / "l" / "ledger.sqlite")
+    with sqlite3.connect(tmp / "l" / "ledger.sqlite") as db:   # as the version 3 code wrote it
+        db.execute("ALTER TABLE trainings RENAME COLUMN step_seconds TO train_seconds")
+        db.execute("UPDATE meta SET value = '3' WHERE name = 'version'")
+    _read_only(tmp / "l" / "ledger.sqlite")
+    return ["--ledger", str(tmp / "l" / "ledger.sqlite")]
+
+
 def _ledger_in_read_only_folder(tmp):
     (tmp / "ro").mkdir()
     _read_only(tmp / "ro")
@@ -265,6 +278,9 @@ CASES = {
     "--output an empty read-only folder": (_read_only_empty_output, r"--output \S+ cannot be created or written"),
     "--ledger is a folder": (_ledger_is_a_folder, r"ledger \S+ is a folder, not a ledger file"),
     "--ledger read-only": (_read_only_ledger, r"ledger \S+ is read-only, and a sweep records every training in it"),
+    "--ledger version 3, read-only": (_read_only_version_3_ledger, r"ledger \S+ has format version 3, which this "
+                                      r"code upgrades in place .*, but cannot write it \(SQLite: .*\); make it "
+                                      r"writable once, or pass a --ledger path where no file exists"),
     "--ledger in a read-only folder": (_ledger_in_read_only_folder, r"ledger \S+ is in a read-only folder"),
     "--ledger under /proc": (lambda tmp: ["--ledger", "/proc/diffmem-ledger.sqlite"],
                              r"ledger /proc/diffmem-ledger.sqlite (cannot be created|is in a read-only folder)"),

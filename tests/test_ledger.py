@@ -81,18 +81,33 @@ def test_incompatible_ledger_is_refused(tmp_path):
 
 def test_a_version_3_ledger_is_upgraded_in_place_and_keeps_its_records(tmp_path):
     """Version 3 called the time inside training steps train_seconds; opening it renames the column once."""
-    path = tmp_path / "v3.sqlite"
-    cfg = load_config("experiments/digits.yaml").to_dict()
-    key = training_key(cfg, CONTEXT)
-    Ledger(path).put(key, cfg, CONTEXT, METRICS, 12.5)
-    with sqlite3.connect(path) as db:   # back to version 3, as that code wrote it
-        db.execute("ALTER TABLE trainings RENAME COLUMN step_seconds TO train_seconds")
-        db.execute("UPDATE meta SET value = '3' WHERE name = 'version'")
+    path = _version_3_ledger(tmp_path)
+    key = training_key(load_config("experiments/digits.yaml").to_dict(), CONTEXT)
     ledger = Ledger(path)
     assert len(ledger) == 1 and ledger.get(key)["step_seconds"] == 12.5 and "train_seconds" not in ledger.get(key)
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == ("4",)
     assert Ledger(path).get(key)["best_mem_ratio"] == 0.95   # opened again: nothing to upgrade
+
+
+def test_status_reads_a_version_3_ledgers_step_times_without_upgrading_it(tmp_path):
+    """--status reads a ledger read-only: an older sweep's version 3 ledger gives its times as it is."""
+    from sweeps.status import ledger_seconds
+    path = _version_3_ledger(tmp_path)
+    assert ledger_seconds(str(path)) == [12.5]
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == ("3",)
+
+
+def _version_3_ledger(tmp_path):
+    """A ledger of one record (step time 12.5 s) as the version 3 code wrote it."""
+    path = tmp_path / "v3.sqlite"
+    cfg = load_config("experiments/digits.yaml").to_dict()
+    Ledger(path).put(training_key(cfg, CONTEXT), cfg, CONTEXT, METRICS, 12.5)
+    with sqlite3.connect(path) as db:
+        db.execute("ALTER TABLE trainings RENAME COLUMN step_seconds TO train_seconds")
+        db.execute("UPDATE meta SET value = '3' WHERE name = 'version'")
+    return path
 
 
 def test_searcher_observes_what_the_ledger_holds_instead_of_training():
