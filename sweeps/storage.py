@@ -37,7 +37,7 @@ def check_uri(uri: str) -> str:
     except Exception as e:   # pyarrow raises ArrowInvalid, OSError or ValueError by scheme
         raise ConfigError(f"--storage {uri}: pyarrow cannot open it ({str(e).splitlines()[0][:160]}); give a URI "
                           f"of s3://, gs://, abfs://, hdfs:// or file://") from None
-    return uri.rstrip("/")
+    return join(uri)   # without a trailing slash on its path
 
 
 def root(storage: str | None, output) -> str:
@@ -51,7 +51,9 @@ def experiment(spec: Sweep, output) -> str:
 
 
 def join(location: str, *parts: str) -> str:
-    return "/".join([location.rstrip("/"), *parts])
+    """parts appended to a location's path; a URI's options (s3://bucket/sweeps?endpoint_override=...) stay last."""
+    path, mark, options = location.partition("?")
+    return "/".join([path.rstrip("/"), *parts]) + mark + options
 
 
 def filesystem(location: str):
