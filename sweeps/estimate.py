@@ -183,6 +183,9 @@ def estimate(spec: Sweep, args) -> Estimate:
         lines.append(f"  seeds: {spec.seeds} independent searches per grid point (--seeds), all counted above")
     if gpu and device == "cpu":
         lines.append("  no GPU on this machine: the speed is the CPU's; run --estimate on a GPU node of the cluster")
+    lines.append("  not counted: Ray's start and stop, each training's own start (its process, data and model), "
+                 "slots idle while the searcher waits for answers; bench/sweep.py measures them on this machine "
+                 "('outside trials', 'trial overhead'): they weigh most in short sweeps")
     if args.address and not spec.max_concurrent:
         lines.append("  --address: one training at a time assumed; pass --max-concurrent N (trainings the cluster "
                      "runs at once, e.g. its nodes)")

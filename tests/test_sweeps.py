@@ -1,4 +1,5 @@
 """The sweep layer: factor registry, input validation before Ray starts, and real Ray Tune / Ray Train runs."""
+import os
 import re
 import subprocess
 import sys
@@ -65,9 +66,15 @@ def test_list_factors():
     assert "random_labels" in run.stdout and "this config: ['none', 1, 4, 16, 'unique']" in run.stdout
 
 
+def _ray_sessions() -> set[Path]:
+    import tempfile
+    return set(Path(os.environ.get("RAY_TMPDIR", tempfile.gettempdir()), "ray").glob("session_2*"))
+
+
 def test_estimate_prints_the_cost_and_starts_nothing(tmp_path):
     """--estimate: the searcher simulated and training steps timed on this machine (~10 s on 2 cores), no Ray, no
     output folder (neither --output nor the default results/ under the working directory)."""
+    sessions = _ray_sessions()
     run = _search("--estimate", "--preset", "smoke", "--output", str(tmp_path / "out"), cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     first = run.stdout.splitlines()[0]
@@ -79,7 +86,8 @@ def test_estimate_prints_the_cost_and_starts_nothing(tmp_path):
     median, worst = map(int, re.search(r"(\d+) trainings \(median\) / (\d+)", first).groups())
     assert 2 <= median <= worst <= 2 * 8    # at least one training per grid point, at most every allowed size
     assert "an upper bound: early stopping" in run.stdout and "1 thread per worker" in run.stdout
-    assert "Ray" not in run.stdout + run.stderr
+    assert "not counted: Ray's start and stop" in run.stdout and "bench/sweep.py measures them" in run.stdout
+    assert _ray_sessions() == sessions          # no Ray started (each start makes a session folder)
     assert "estimate: timing random_labels=none's model" in run.stderr   # not silent while it measures (15.2)
     assert list(tmp_path.iterdir()) == []   # nothing written
 
