@@ -1,4 +1,4 @@
-"""The sweep layer: factor registry, input validation before Ray starts, and real Ray Tune / Ray Train runs."""
+"""The sweep layer: factor registry, --estimate, real Ray Tune / Ray Train runs (bad input: test_bad_input.py)."""
 import os
 import re
 import subprocess
