@@ -231,6 +231,12 @@ def _build(cls, raw: dict, prefix: str):
 RETIRED_KEYS = {("train", "checkpoint_every"): "a checkpoint is saved at every eval.every snapshot"}
 
 
+def retired_in(raw: dict) -> list[tuple[str, str]]:
+    """The retired keys a config's sections hold."""
+    return [(section, name) for section, name in RETIRED_KEYS if isinstance(raw.get(section), dict)
+            and name in raw[section]]
+
+
 def check_retired(key: str, where: str) -> None:
     """A retired key given by the user: one line saying why it is gone, rather than ignoring it silently."""
     section, _, name = key.partition(".")
@@ -241,9 +247,8 @@ def check_retired(key: str, where: str) -> None:
 def from_dict(raw: dict) -> Config:
     raw = dict(raw or {})
     raw.pop("sweep", None)   # an experiment file's sweep settings belong to sweeps/, not to one training
-    for section, key in RETIRED_KEYS:
-        if isinstance(raw.get(section), dict) and key in raw[section]:
-            raw[section] = {k: v for k, v in raw[section].items() if k != key}
+    for section, key in retired_in(raw):
+        raw[section] = {k: v for k, v in raw[section].items() if k != key}
     sections = {}
     for name in list(raw):
         if name in SECTIONS:
@@ -321,9 +326,8 @@ def read_yaml(path: str | Path) -> dict:
                           f"epochs per training); write its settings, e.g. start from experiments/digits.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (data, model, train, eval)")
-    for section, name in RETIRED_KEYS:
-        if isinstance(raw.get(section), dict) and name in raw[section]:
-            check_retired(f"{section}.{name}", f"in config file {str(path)!r}")
+    for section, name in retired_in(raw):
+        check_retired(f"{section}.{name}", f"in config file {str(path)!r}")
     return raw
 
 
