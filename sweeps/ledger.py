@@ -46,18 +46,35 @@ SQLITE_MAGIC = b"SQLite format 3\0"
 NEW_PATH = "pass a --ledger path where no file exists (a new ledger is only ever created there)"
 
 
+V3_STEP_COLUMN = "train_seconds"   # version 3's name of the column step_seconds
+
+
 def _upgrade_from_3(db: sqlite3.Connection) -> None:
     """Version 3 -> 4 in one write transaction: the column train_seconds is step_seconds (what it always held).
     The version is read again under the write lock, so two processes opening the ledger at once upgrade it once."""
     db.execute("BEGIN IMMEDIATE")
     try:
         if db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()[0] == "3":
-            db.execute("ALTER TABLE trainings RENAME COLUMN train_seconds TO step_seconds")
+            db.execute(f"ALTER TABLE trainings RENAME COLUMN {V3_STEP_COLUMN} TO step_seconds")
             db.execute("UPDATE meta SET value = '4' WHERE name = 'version'")
         db.commit()
     except BaseException:
         db.rollback()
         raise
+
+
+def recorded_step_seconds(path: str | None) -> list[float]:
+    """The time inside training steps of each training a ledger holds, read-only (--status): a version 3 ledger
+    is read as it is, not upgraded; empty if there is no ledger or it cannot be read."""
+    if not path or not Path(path).is_file():
+        return []
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as db:
+            version = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
+            column = V3_STEP_COLUMN if version == ("3",) else "step_seconds"
+            return [float(s) for (s,) in db.execute(f"SELECT {column} FROM trainings")]
+    except sqlite3.Error:
+        return []
 
 
 SCIENCE = Path(__file__).resolve().parent.parent / "diffmem"
@@ -178,7 +195,7 @@ class Ledger:
                         if "readonly" not in str(e) and "unable to open" not in str(e):
                             raise
                         raise ConfigError(f"ledger {path} has format version 3, which this code upgrades in place "
-                                          f"(its column train_seconds becomes step_seconds), but cannot write it "
+                                          f"(its column {V3_STEP_COLUMN} becomes step_seconds), but cannot write it "
                                           f"(SQLite: {e}); make it writable once, or {NEW_PATH}") from None
                     db.execute("BEGIN")
                     row = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()

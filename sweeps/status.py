@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sweeps.curve import is_curve, status_lines
+from sweeps.ledger import recorded_step_seconds
 from sweeps.results import interval_of, ratio_text, seed_emm_text
 from sweeps.folder import SweepFolder
 from sweeps.spec import read_spec
@@ -104,19 +104,6 @@ def _take_result(record: TrialRecord, result: dict) -> None:
     record.planned_images = result.get("planned_images", record.planned_images)
     record.seconds = result.get("time_total_s", record.seconds)
     record.from_ledger = bool(result.get("from_ledger", False))
-
-
-def ledger_seconds(path: str | None) -> list[float]:
-    """The time inside training steps of each training a ledger holds (empty if there is none)."""
-    if not path or not Path(path).is_file():
-        return []
-    try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            version = db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone()
-            column = "train_seconds" if version == ("3",) else "step_seconds"   # read-only: not upgraded here
-            return [float(s) for (s,) in db.execute(f"SELECT {column} FROM trainings")]
-    except sqlite3.Error:
-        return []
 
 
 def last_activity(experiment: str, output: Path) -> float | None:
@@ -284,7 +271,7 @@ def sweep_status(output: str | Path, now: float | None = None) -> str:
     seconds = [t.seconds for t in done if t.seconds and not t.from_ledger]
     source = "these trainings"
     if not seconds:
-        seconds, source = ledger_seconds(spec.ledger), "the ledger's, training steps alone: a low bound"
+        seconds, source = recorded_step_seconds(spec.ledger), "the ledger's, training steps alone: a low bound"
     mean = sum(seconds) / len(seconds) if seconds else None
     from_ledger = sum(t.from_ledger for t in done) + len(searcher_from_ledger)
     lines.append(f"finished trainings: {len(done) + len(searcher_from_ledger)}"

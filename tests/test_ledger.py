@@ -92,9 +92,9 @@ def test_a_version_3_ledger_is_upgraded_in_place_and_keeps_its_records(tmp_path)
 
 def test_status_reads_a_version_3_ledgers_step_times_without_upgrading_it(tmp_path):
     """--status reads a ledger read-only: an older sweep's version 3 ledger gives its times as it is."""
-    from sweeps.status import ledger_seconds
+    from sweeps.ledger import recorded_step_seconds
     path = _version_3_ledger(tmp_path)
-    assert ledger_seconds(str(path)) == [12.5]
+    assert recorded_step_seconds(str(path)) == [12.5]
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT value FROM meta WHERE name = 'version'").fetchone() == ("3",)
 
