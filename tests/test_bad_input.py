@@ -318,6 +318,11 @@ TRAIN_CASES = {   # python -m diffmem.train (diffmem/cli.py)
     "train: a retired key in the config": (lambda tmp: _file("old.yaml", "train:\n  checkpoint_every: 100ep\n")(tmp)
                                            + ["--output", str(tmp / "run")],
                                            r"train.checkpoint_every in config file '\S+' is no longer a setting"),
+    "train: unknown dataset": (_train("--set", "data.dataset=mnist"), r"unknown dataset 'mnist'; available: digits"),
+    "train: data.size past the data": (_train("--set", "data.size=5000"), r"data.size=5000 is larger than the 1797 "
+                                       r"images of digits; use data.size<=1797"),
+    "train: skip_connections length": (_train("--set", "model.skip_connections=[1,0]"),
+                                       r"model.skip_connections has 2 entries, expected 4"),
     "train: empty config": (lambda tmp: _file("e.yaml", "")(tmp) + ["--output", str(tmp / "run")],
                             r"config file '\S+' is empty"),
 }
